@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the project uses (audio rendering, speech synthesis for checks).
+# Idempotent: does nothing when they are already there; says so and carries on where apt is unavailable.
+set -u
+pkgs=(espeak-ng sox fluidsynth fluid-soundfont-gm)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+  echo "system-deps: cannot install ${missing[*]} (needs root and apt-get); sources that need them are skipped." >&2
+  exit 0
+fi
+echo "system-deps: installing ${missing[*]}"
+apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+  || echo "system-deps: apt-get failed; sources that need ${missing[*]} are skipped." >&2
+exit 0

@@ -1,0 +1,1 @@
+"""Orchestration glue: Dagster Definitions, resources, sensors, jobs, the CLI and dataset sources."""

