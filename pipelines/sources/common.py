@@ -1,0 +1,97 @@
+"""Shared helpers for dataset fetchers: package-registry downloads and concept-level splits.
+
+Fetchers take their material from package registries through their ordinary clients:
+`npm pack NAME@VERSION` for npm and `apt-get download NAME` for Debian. Each download is cached
+under the data cache and unpacked once; a missing client raises SourceUnavailable, which the
+caller reports and skips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class SourceUnavailable(RuntimeError):
+    """A source cannot be fetched here (no npm, no apt, package missing); the message says why."""
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    if shutil.which(cmd[0]) is None:
+        raise SourceUnavailable(f"`{cmd[0]}` is not installed, so this source is skipped")
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SourceUnavailable(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def npm_package(spec: str, cache: Path) -> Path:
+    """Fetches an npm package (`name@version`) with `npm pack` and unpacks it; returns its folder.
+
+    Idempotent: a finished unpack (marked by a `.done` file) is reused.
+    """
+    safe = spec.replace("/", "__").replace("@", "_")
+    dest = cache / "npm" / safe
+    if (dest / ".done").exists():
+        return dest / "package"
+    work = cache / "npm" / (safe + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out = _run(["npm", "pack", spec, "--silent"], cwd=work).strip().splitlines()
+    if not out:
+        raise SourceUnavailable(f"npm pack {spec} produced no archive")
+    with tarfile.open(work / out[-1]) as tar:
+        tar.extractall(work, filter="data")
+    (work / out[-1]).unlink()
+    shutil.rmtree(dest, ignore_errors=True)
+    work.rename(dest)
+    (dest / ".done").touch()
+    return dest / "package"
+
+
+def debian_package(name: str, cache: Path) -> Path:
+    """Fetches a Debian package with `apt-get download` and unpacks it with `dpkg-deb -x`.
+
+    Needs no root: nothing is installed system-wide. Returns the unpacked root folder.
+    """
+    dest = cache / "deb" / name
+    if (dest / ".done").exists():
+        return dest / "root"
+    work = cache / "deb" / (name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    _run(["apt-get", "download", "-q", name], cwd=work)
+    debs = sorted(work.glob("*.deb"))
+    if not debs:
+        raise SourceUnavailable(f"apt-get download {name} produced no .deb")
+    _run(["dpkg-deb", "-x", str(debs[0]), str(work / "root")], cwd=work)
+    debs[0].unlink()
+    shutil.rmtree(dest, ignore_errors=True)
+    work.rename(dest)
+    (dest / ".done").touch()
+    return dest / "root"
+
+
+def concept_splits(
+    concepts: Iterable[str], seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> dict[str, str]:
+    """Assigns whole concepts to train/val/test, so val and test hold concepts never seen in training.
+
+    Deterministic for a seed and independent of input order (concepts are sorted first, then
+    ordered by a seeded hash so that adding a concept does not reshuffle the others).
+    """
+    uniq = sorted(set(concepts))
+    keyed = sorted(uniq, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
+    n = len(keyed)
+    n_test = max(1, round(n * test_fraction)) if n >= 3 else 0
+    n_val = max(1, round(n * val_fraction)) if n >= 3 else 0
+    out = {c: "train" for c in keyed}
+    for c in keyed[:n_test]:
+        out[c] = "test"
+    for c in keyed[n_test : n_test + n_val]:
+        out[c] = "val"
+    return out
