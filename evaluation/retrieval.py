@@ -1,0 +1,392 @@
+"""Cross-modal retrieval metrics with several captions per item (the CLIP_benchmark / LAVIS protocol).
+
+Two directions over one set of items (images, audio clips, ...) and their captions:
+
+- text->item (``t2i``): every caption is a query with exactly one correct item; the candidates are
+  all items, including items that have no caption (they stay in as distractors).
+- item->text (``i2t``): every item that has at least one caption is a query; the candidates are all
+  captions; the query's rank is the best rank among its own captions, so it is a hit at K when ANY of
+  its captions is in the top K. Items with zero captions cannot be scored and are left out of this
+  direction (``RetrievalResult.n_i2t_queries`` says how many remain).
+
+Scores are dot products (cosine similarities when the embeddings are L2-normalised, which the caller
+does or asks for with ``normalize=True``). Ranks are 1-based.
+
+Ties are broken against the query: the rank of a correct candidate is 1 + the number of INCORRECT
+candidates whose score is >= its score (the pessimistic choice). The optimistic choice (count only
+strictly greater scores) would give a collapsed model, whose embeddings are all equal, a perfect
+Recall@1; the pessimistic one gives it the worst rank. With several correct captions the best one
+counts, so the i2t rank is 1 + the number of incorrect captions scoring >= the best correct caption.
+
+``retrieval_metrics`` computes this in chunks of queries: one matmul per chunk gives the similarity
+block [chunk, N_candidates], from which only the correct candidates' scores and a count of the
+candidates scoring at least as high are kept. Neither the full N x N matrix nor a sort is ever made,
+so 100k x 100k fits in about 130 MB with the default chunk of 256 queries (256 x 100k float32 = 100 MB
+plus a 25 MB comparison mask). ``candidate_chunk_size`` also splits the candidate axis (two passes:
+first the best correct score, then the counts; each block is recomputed, so twice the matmul work)
+for candidate sets too large for one block. ``naive_retrieval`` is the full-matrix argsort reference
+the tests compare it with.
+
+Run the benchmark with ``python -m benchmarks.bench_retrieval``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+DEFAULT_CHUNK_SIZE = 256
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    """Retrieval metrics in both directions; recalls are fractions in [0, 1], ranks are 1-based.
+
+    ``t2i_ranks`` [n_texts] is the rank of each caption's item; ``i2t_ranks`` [n_i2t_queries] is the
+    best rank of each captioned item's captions, for the items listed in ``i2t_query_items``.
+    """
+
+    ks: tuple[int, ...]
+    t2i_recall: dict[int, float]
+    i2t_recall: dict[int, float]
+    t2i_mean_rank: float
+    t2i_median_rank: float
+    i2t_mean_rank: float
+    i2t_median_rank: float
+    n_items: int
+    n_texts: int
+    n_i2t_queries: int
+    t2i_ranks: np.ndarray = field(repr=False, compare=False)
+    i2t_ranks: np.ndarray = field(repr=False, compare=False)
+    i2t_query_items: np.ndarray = field(repr=False, compare=False)
+
+    def as_dict(self, prefix: str = "", directions: tuple[str, str] = ("t2i", "i2t")) -> dict[str, float]:
+        """Flat metric names without '@', e.g. ``t2i_recall_at_1``, ``i2t_median_rank``.
+
+        `prefix` is prepended as given (``"test_"`` -> ``test_t2i_recall_at_1``); `directions` renames
+        the two directions for a caller that knows the modality (``("t2a", "a2t")``).
+        """
+        if len(directions) != 2 or not all(isinstance(d, str) and d for d in directions):
+            raise ValueError(f"directions must be two non-empty names, got {directions!r}")
+        t2i, i2t = directions
+        out: dict[str, float] = {}
+        for name, recall in ((t2i, self.t2i_recall), (i2t, self.i2t_recall)):
+            for k in self.ks:
+                out[f"{prefix}{name}_recall_at_{k}"] = recall[k]
+        out[f"{prefix}{t2i}_mean_rank"] = self.t2i_mean_rank
+        out[f"{prefix}{t2i}_median_rank"] = self.t2i_median_rank
+        out[f"{prefix}{i2t}_mean_rank"] = self.i2t_mean_rank
+        out[f"{prefix}{i2t}_median_rank"] = self.i2t_median_rank
+        return out
+
+
+def chance_recall(n_candidates: int, k: int, n_correct: int = 1) -> float:
+    """Expected Recall@k of a uniformly random ranking of `n_candidates` with `n_correct` correct ones.
+
+    With one correct candidate (text->item) this is min(k, n) / n; with several (item->text, where a
+    hit is any correct caption in the top k) it is 1 - C(n - m, k) / C(n, k).
+    """
+    for name, value, low in (("n_candidates", n_candidates, 1), ("k", k, 1), ("n_correct", n_correct, 1)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if n_correct > n_candidates:
+        raise ValueError(f"n_correct ({n_correct}) exceeds n_candidates ({n_candidates})")
+    if k > n_candidates - n_correct:
+        return 1.0
+    # P(no correct one in the top k) as a running product: the binomials overflow floats at 100k.
+    miss = 1.0
+    for i in range(k):
+        miss *= (n_candidates - n_correct - i) / (n_candidates - i)
+    return 1.0 - miss
+
+
+def retrieval_metrics(
+    item_emb: ArrayLike,
+    text_emb: ArrayLike,
+    text_to_item: ArrayLike | Sequence[int],
+    *,
+    ks: Iterable[int] = DEFAULT_KS,
+    normalize: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    candidate_chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> RetrievalResult:
+    """Recall@K, mean and median rank in both directions, computed in chunks of queries.
+
+    item_emb: float [N_items, d]; text_emb: float [N_texts, d]; text_to_item: int [N_texts], the index
+    into item_emb of each caption's item (numpy arrays or torch tensors). Computation is float32 in
+    torch on `device` (default: item_emb's device, CPU for numpy). `normalize` L2-normalises copies of
+    both inputs first (a zero row is an error). `chunk_size` queries are scored per matmul;
+    `candidate_chunk_size` (None: all candidates at once) bounds the candidate axis too, at the cost of
+    computing each block twice. `progress`: tqdm bars (None: only on a terminal).
+
+    Raises ValueError on mismatched or empty shapes, non-finite values, a non-integer text_to_item or
+    one out of range, and bad ks or chunk sizes.
+    """
+    ks_t = _check_ks(ks)
+    _check_chunk("chunk_size", chunk_size)
+    if candidate_chunk_size is not None:
+        _check_chunk("candidate_chunk_size", candidate_chunk_size)
+    if device is None:
+        device = item_emb.device if isinstance(item_emb, torch.Tensor) else torch.device("cpu")
+    items, texts, owner = _prepare(item_emb, text_emb, text_to_item, normalize, torch.device(device))
+    n_items, n_texts = items.shape[0], texts.shape[0]
+
+    # Correct candidates of each query in CSR form: query q owns cols[ptr[q]:ptr[q + 1]].
+    t2i_ptr = torch.arange(n_texts + 1, dtype=torch.int64)
+    t2i_cols = owner.clone()
+    counts = torch.bincount(owner, minlength=n_items)
+    query_items = torch.nonzero(counts > 0).flatten()
+    i2t_ptr = torch.zeros(query_items.numel() + 1, dtype=torch.int64)
+    i2t_ptr[1:] = torch.cumsum(counts[query_items], 0)
+    i2t_cols = torch.argsort(owner, stable=True)
+
+    with torch.no_grad():
+        t2i_ranks = _chunked_ranks(
+            texts,
+            items,
+            t2i_ptr,
+            t2i_cols,
+            None,
+            chunk_size,
+            candidate_chunk_size,
+            progress,
+            "text->item ranks",
+        )
+        i2t_ranks = _chunked_ranks(
+            items,
+            texts,
+            i2t_ptr,
+            i2t_cols,
+            None if query_items.numel() == n_items else query_items,
+            chunk_size,
+            candidate_chunk_size,
+            progress,
+            "item->text ranks",
+        )
+    return _result(ks_t, t2i_ranks, i2t_ranks, query_items.numpy(), n_items, n_texts)
+
+
+def naive_retrieval(
+    item_emb: ArrayLike,
+    text_emb: ArrayLike,
+    text_to_item: ArrayLike | Sequence[int],
+    *,
+    ks: Iterable[int] = DEFAULT_KS,
+    normalize: bool = False,
+) -> RetrievalResult:
+    """Reference: the full [N_texts, N_items] float64 score matrix, each row sorted with numpy.
+
+    Same inputs, tie rule and validation as `retrieval_metrics`; O(N_texts * N_items) memory, so for
+    tests and small sets only. Each row is sorted by descending score with incorrect candidates before
+    correct ones among equal scores, and the rank is the position of the first correct candidate.
+    """
+    ks_t = _check_ks(ks)
+    items_t, texts_t, owner_t = _prepare(item_emb, text_emb, text_to_item, normalize, torch.device("cpu"))
+    items = items_t.numpy().astype(np.float64)
+    texts = texts_t.numpy().astype(np.float64)
+    owner = owner_t.numpy()
+    n_items, n_texts = items.shape[0], texts.shape[0]
+
+    scores = texts @ items.T  # [N_texts, N_items]
+    correct = owner[:, None] == np.arange(n_items)[None, :]  # [N_texts, N_items]
+
+    def first_correct_rank(s: np.ndarray, c: np.ndarray) -> np.ndarray:
+        # lexsort's last key is the primary one: descending score, then incorrect (0) before correct (1).
+        order = np.lexsort((c.astype(np.int8), -s), axis=-1)
+        return np.argmax(np.take_along_axis(c, order, axis=-1), axis=-1).astype(np.int64) + 1
+
+    t2i_ranks = first_correct_rank(scores, correct)
+    query_items = np.flatnonzero(correct.any(axis=0))
+    i2t_ranks = first_correct_rank(scores.T[query_items], correct.T[query_items])
+    return _result(
+        ks_t, torch.from_numpy(t2i_ranks), torch.from_numpy(i2t_ranks), query_items, n_items, n_texts
+    )
+
+
+def _chunked_ranks(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    ptr: torch.Tensor,
+    cols: torch.Tensor,
+    query_rows: torch.Tensor | None,
+    chunk_size: int,
+    candidate_chunk_size: int | None,
+    progress: bool | None,
+    desc: str,
+) -> torch.Tensor:
+    """Best-correct rank of each query.
+
+    queries [M, d], candidates [C, d] float32 on one device; query_rows int64 [Q] (CPU) picks the query
+    rows of `queries` (None: all M, Q = M); ptr [Q + 1] and cols [P] int64 (CPU) list the correct
+    candidates of each query in CSR form, at least one per query. Returns int64 [Q] (CPU).
+    """
+    dev = queries.device
+    n_q = queries.shape[0] if query_rows is None else query_rows.shape[0]
+    n_c = candidates.shape[0]
+    step_c = n_c if candidate_chunk_size is None else min(candidate_chunk_size, n_c)
+    blocks = [(cs, min(cs + step_c, n_c)) for cs in range(0, n_c, step_c)]
+    ranks = torch.empty(n_q, dtype=torch.int64)
+    starts = range(0, n_q, chunk_size)
+    disable = None if progress is None else not progress
+    for s in tqdm(starts, desc=desc, unit="chunk", disable=disable, leave=False):
+        e = min(s + chunk_size, n_q)
+        # Gathering the query rows per chunk keeps a subset of the items from being copied whole.
+        q = queries[s:e] if query_rows is None else queries[query_rows[s:e].to(dev)]
+        p0, p1 = int(ptr[s]), int(ptr[e])
+        rows = torch.repeat_interleave(torch.arange(e - s), ptr[s + 1 : e + 1] - ptr[s:e]).to(dev)
+        pcols = cols[p0:p1].to(dev)
+        vals = torch.empty(p1 - p0, dtype=torch.float32, device=dev)
+
+        # Pass 1: the score of every correct pair, read from the same matmul block that the counts use,
+        # so that a candidate identical to the correct one ties exactly instead of by rounding luck.
+        kept = None
+        for cs, ce in blocks:
+            sim = q @ candidates[cs:ce].T  # [B, ce - cs]
+            inside = (pcols >= cs) & (pcols < ce)
+            vals[inside] = sim[rows[inside], pcols[inside] - cs]
+            if len(blocks) == 1:
+                kept = sim
+        best = torch.full((e - s,), -math.inf, dtype=torch.float32, device=dev)
+        best.scatter_reduce_(0, rows, vals, reduce="amax")
+
+        # Pass 2: how many candidates score at least the best correct score; the correct ones among them
+        # are taken off again, so that what remains is the pessimistic count of incorrect ones.
+        at_least = torch.zeros(e - s, dtype=torch.int64, device=dev)
+        for cs, ce in blocks:
+            sim = kept if kept is not None else q @ candidates[cs:ce].T
+            at_least += (sim >= best[:, None]).sum(dim=1)
+        correct_at_least = torch.zeros(e - s, dtype=torch.int64, device=dev)
+        correct_at_least.index_add_(0, rows, (vals >= best[rows]).to(torch.int64))
+        ranks[s:e] = (at_least - correct_at_least + 1).cpu()
+    return ranks
+
+
+def _prepare(
+    item_emb: ArrayLike,
+    text_emb: ArrayLike,
+    text_to_item: ArrayLike | Sequence[int],
+    normalize: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate and convert: float32 [N_items, d] and [N_texts, d] on `device`, int64 [N_texts] on CPU."""
+    items = _as_float_matrix("item_emb", item_emb, device)
+    texts = _as_float_matrix("text_emb", text_emb, device)
+    if items.shape[1] != texts.shape[1]:
+        raise ValueError(
+            f"embedding dimensions differ: item_emb is {tuple(items.shape)}, text_emb is {tuple(texts.shape)}"
+        )
+    owner = _as_index_vector(text_to_item)
+    if owner.shape[0] != texts.shape[0]:
+        raise ValueError(f"text_to_item has {owner.shape[0]} entries but text_emb has {texts.shape[0]} rows")
+    bad = (owner < 0) | (owner >= items.shape[0])
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"text_to_item[{first}] = {int(owner[first])} is out of range for {items.shape[0]} items "
+            f"({int(bad.sum())} bad entries)"
+        )
+    if normalize:
+        items, texts = _l2_normalize("item_emb", items), _l2_normalize("text_emb", texts)
+    return items, texts, owner
+
+
+def _as_float_matrix(name: str, x: ArrayLike, device: torch.device) -> torch.Tensor:
+    """float32 [N, d] tensor on `device` (no copy when it already is one); rejects other shapes and NaN/inf."""
+    if isinstance(x, np.ndarray):
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ValueError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, torch.Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be a real numeric tensor, got dtype {x.dtype}")
+        t = x.detach()
+    else:
+        raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D [N, d] array, got shape {tuple(t.shape)}")
+    t = t.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t
+
+
+def _as_index_vector(x: ArrayLike | Sequence[int]) -> torch.Tensor:
+    """int64 [N] CPU tensor from an integer array, tensor or sequence; floats and bools are refused."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+    else:
+        arr = np.asarray(x)
+        if not (
+            np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.size == 0
+        ):
+            raise ValueError(f"text_to_item must hold integers, got dtype {arr.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(arr if arr.size else arr.astype(np.int64)))
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"text_to_item must hold integers, got dtype {t.dtype}")
+    if t.ndim != 1:
+        raise ValueError(f"text_to_item must be 1-D [N_texts], got shape {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+def _l2_normalize(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Row-wise L2 normalisation of [N, d]; a zero row has no direction and is an error."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    zero = norms.squeeze(1) == 0
+    if bool(zero.any()):
+        raise ValueError(
+            f"{name} row {int(torch.nonzero(zero)[0, 0])} has zero norm and cannot be normalised"
+        )
+    return x / norms
+
+
+def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
+    values = tuple(ks)
+    if not values:
+        raise ValueError("ks must name at least one K")
+    for k in values:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"every K in ks must be an integer >= 1, got {k!r}")
+    return tuple(sorted({int(k) for k in values}))
+
+
+def _check_chunk(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _result(
+    ks: tuple[int, ...],
+    t2i_ranks: torch.Tensor,
+    i2t_ranks: torch.Tensor,
+    query_items: np.ndarray,
+    n_items: int,
+    n_texts: int,
+) -> RetrievalResult:
+    """Summaries of rank vectors t2i [N_texts] and i2t [N_i2t_queries] (int64, 1-based)."""
+    t2i = t2i_ranks.numpy()
+    i2t = i2t_ranks.numpy()
+    return RetrievalResult(
+        ks=ks,
+        t2i_recall={k: float(np.mean(t2i <= k)) for k in ks},
+        i2t_recall={k: float(np.mean(i2t <= k)) for k in ks},
+        t2i_mean_rank=float(np.mean(t2i)),
+        t2i_median_rank=float(np.median(t2i)),
+        i2t_mean_rank=float(np.mean(i2t)),
+        i2t_median_rank=float(np.median(i2t)),
+        n_items=n_items,
+        n_texts=n_texts,
+        n_i2t_queries=int(i2t.shape[0]),
+        t2i_ranks=t2i,
+        i2t_ranks=i2t,
+        i2t_query_items=np.asarray(query_items, dtype=np.int64),
+    )
