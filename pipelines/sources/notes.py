@@ -1,0 +1,489 @@
+"""The `notes` source: General MIDI instrument notes rendered with FluidSynth, captioned by instrument.
+
+A grid of GM program x pitch x velocity (plus the GM drum kit) is written as Standard MIDI
+Files (written here byte by byte) and rendered with the `fluidsynth` command line and the
+FluidR3 General MIDI soundfont (Debian `fluid-soundfont-gm`) to 16 kHz mono FLAC files in the
+cache. Many notes share one MIDI file and one fluidsynth process (each note in its own time
+slot, all sound cut at the slot end, reverb and chorus off), and the render is cut back into
+one file per note, so the cost of loading the 140 MB soundfont is paid once per batch.
+
+Captions come from the GM instrument names ("a cello playing a low note softly"), three
+phrasings per note. The concept is the instrument: every note of one instrument lands in one
+split. Renders that come out silent go to quarantine with reason "silent".
+
+Run: `python -m pipelines.sources.notes CACHE_DIR [LIMIT]` renders and prints the summary and speed.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from tqdm import tqdm
+
+from fusion.data import Dataset, MediaItem, Pair, content_id
+from pipelines.sources.common import SourceUnavailable, concept_splits, debian_package
+from pipelines.sources.sounds import fetch_sounds, read_copyright, with_article
+
+SOURCE = "notes"
+SAMPLE_RATE = 16_000
+SOUNDFONT_PACKAGE = "fluid-soundfont-gm"
+SYSTEM_SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
+DRUM_CHANNEL = 9
+
+# MIDI timing: 480 ticks per quarter at 120 bpm (500,000 us per quarter) is 960 ticks per second.
+TICKS_PER_QUARTER = 480
+US_PER_QUARTER = 500_000
+TICKS_PER_SECOND = TICKS_PER_QUARTER * 1_000_000 // US_PER_QUARTER
+
+HOLD_SECONDS = 1.5  # key held down
+SLOT_SECONDS = 2.0  # hold + release tail; all sound is cut at the end of the slot
+SILENCE_PEAK = 10 ** (-50 / 20)  # below -50 dBFS peak a render counts as silent
+
+# The 128 General MIDI program names (program numbers from 0), as the GM 1 specification spells them.
+GM_PROGRAMS: tuple[str, ...] = (
+    "Acoustic Grand Piano", "Bright Acoustic Piano", "Electric Grand Piano", "Honky-tonk Piano",
+    "Electric Piano 1", "Electric Piano 2", "Harpsichord", "Clavinet",
+    "Celesta", "Glockenspiel", "Music Box", "Vibraphone", "Marimba", "Xylophone", "Tubular Bells", "Dulcimer",
+    "Drawbar Organ", "Percussive Organ", "Rock Organ", "Church Organ", "Reed Organ", "Accordion", "Harmonica",
+    "Tango Accordion",
+    "Acoustic Guitar (nylon)", "Acoustic Guitar (steel)", "Electric Guitar (jazz)", "Electric Guitar (clean)",
+    "Electric Guitar (muted)", "Overdriven Guitar", "Distortion Guitar", "Guitar Harmonics",
+    "Acoustic Bass", "Electric Bass (finger)", "Electric Bass (pick)", "Fretless Bass", "Slap Bass 1",
+    "Slap Bass 2", "Synth Bass 1", "Synth Bass 2",
+    "Violin", "Viola", "Cello", "Contrabass", "Tremolo Strings", "Pizzicato Strings", "Orchestral Harp",
+    "Timpani",
+    "String Ensemble 1", "String Ensemble 2", "Synth Strings 1", "Synth Strings 2", "Choir Aahs",
+    "Voice Oohs", "Synth Voice", "Orchestra Hit",
+    "Trumpet", "Trombone", "Tuba", "Muted Trumpet", "French Horn", "Brass Section", "Synth Brass 1",
+    "Synth Brass 2",
+    "Soprano Sax", "Alto Sax", "Tenor Sax", "Baritone Sax", "Oboe", "English Horn", "Bassoon", "Clarinet",
+    "Piccolo", "Flute", "Recorder", "Pan Flute", "Blown Bottle", "Shakuhachi", "Whistle", "Ocarina",
+    "Lead 1 (square)", "Lead 2 (sawtooth)", "Lead 3 (calliope)", "Lead 4 (chiff)", "Lead 5 (charang)",
+    "Lead 6 (voice)", "Lead 7 (fifths)", "Lead 8 (bass + lead)",
+    "Pad 1 (new age)", "Pad 2 (warm)", "Pad 3 (polysynth)", "Pad 4 (choir)", "Pad 5 (bowed)",
+    "Pad 6 (metallic)", "Pad 7 (halo)", "Pad 8 (sweep)",
+    "FX 1 (rain)", "FX 2 (soundtrack)", "FX 3 (crystal)", "FX 4 (atmosphere)", "FX 5 (brightness)",
+    "FX 6 (goblins)", "FX 7 (echoes)", "FX 8 (sci-fi)",
+    "Sitar", "Banjo", "Shamisen", "Koto", "Kalimba", "Bagpipe", "Fiddle", "Shanai",
+    "Tinkle Bell", "Agogo", "Steel Drums", "Woodblock", "Taiko Drum", "Melodic Tom", "Synth Drum",
+    "Reverse Cymbal",
+    "Guitar Fret Noise", "Breath Noise", "Seashore", "Bird Tweet", "Telephone Ring", "Helicopter", "Applause",
+    "Gunshot",
+)  # fmt: skip
+
+GM_FAMILIES: tuple[str, ...] = (
+    "piano", "chromatic percussion", "organ", "guitar", "bass", "strings", "ensemble", "brass",
+    "reed", "pipe", "synth lead", "synth pad", "synth effects", "ethnic", "percussive", "sound effects",
+)  # fmt: skip
+
+# How a caption names the instrument where the GM name does not read well in a sentence.
+_CAPTION_NAMES: dict[int, str] = {
+    1: "bright acoustic piano",
+    3: "honky-tonk piano",
+    4: "electric piano",
+    5: "FM electric piano",
+    24: "nylon-string acoustic guitar",
+    25: "steel-string acoustic guitar",
+    26: "jazz electric guitar",
+    27: "clean electric guitar",
+    28: "muted electric guitar",
+    31: "guitar playing harmonics",
+    33: "fingered electric bass",
+    34: "picked electric bass",
+    36: "slap bass",
+    37: "second slap bass",
+    38: "synth bass",
+    39: "second synth bass",
+    44: "string section playing tremolo",
+    45: "string section playing pizzicato",
+    48: "string ensemble",
+    49: "slow string ensemble",
+    50: "synth strings",
+    51: "second synth strings",
+    52: "choir singing aah",
+    53: "voice singing ooh",
+    62: "synth brass",
+    63: "second synth brass",
+    80: "square wave synth lead",
+    81: "sawtooth synth lead",
+    82: "calliope synth lead",
+    83: "chiff synth lead",
+    84: "charang synth lead",
+    85: "voice synth lead",
+    86: "fifths synth lead",
+    87: "bass and lead synth",
+    88: "new age synth pad",
+    89: "warm synth pad",
+    90: "polysynth pad",
+    91: "choir synth pad",
+    92: "bowed synth pad",
+    93: "metallic synth pad",
+    94: "halo synth pad",
+    95: "sweep synth pad",
+    96: "rain synth effect",
+    97: "soundtrack synth effect",
+    98: "crystal synth effect",
+    99: "atmosphere synth effect",
+    100: "brightness synth effect",
+    101: "goblins synth effect",
+    102: "echoes synth effect",
+    103: "sci-fi synth effect",
+    107: "koto",
+    111: "shehnai",
+    112: "tinkle bell",
+    113: "agogo bell",
+    119: "reverse cymbal",
+}
+# Programs that are noises rather than pitched instruments: captions say "the sound of ...".
+_EFFECT_PROGRAMS = frozenset(range(96, 104)) | frozenset(range(119, 128))
+
+# The GM 1 percussion key map on channel 10 (keys 35-81).
+GM_DRUMS: dict[int, str] = {
+    35: "acoustic bass drum", 36: "bass drum", 37: "side stick", 38: "acoustic snare", 39: "hand clap",
+    40: "electric snare", 41: "low floor tom", 42: "closed hi-hat", 43: "high floor tom", 44: "pedal hi-hat",
+    45: "low tom", 46: "open hi-hat", 47: "low-mid tom", 48: "high-mid tom", 49: "crash cymbal",
+    50: "high tom", 51: "ride cymbal", 52: "Chinese cymbal", 53: "ride bell", 54: "tambourine",
+    55: "splash cymbal", 56: "cowbell", 57: "second crash cymbal", 58: "vibraslap", 59: "second ride cymbal",
+    60: "high bongo", 61: "low bongo", 62: "muted high conga", 63: "open high conga", 64: "low conga",
+    65: "high timbale", 66: "low timbale", 67: "high agogo", 68: "low agogo", 69: "cabasa", 70: "maracas",
+    71: "short whistle", 72: "long whistle", 73: "short guiro", 74: "long guiro", 75: "claves",
+    76: "high wood block", 77: "low wood block", 78: "muted cuica", 79: "open cuica", 80: "muted triangle",
+    81: "open triangle",
+}  # fmt: skip
+
+# Pitch grid: MIDI key -> register word. C2..C6 covers every GM melodic instrument's useful range.
+REGISTERS: dict[int, str] = {36: "very low", 48: "low", 60: "middle", 72: "high", 84: "very high"}
+VELOCITIES: tuple[int, ...] = (40, 80, 120)
+_NOTE_LETTERS = ("C", "C sharp", "D", "E flat", "E", "F", "F sharp", "G", "A flat", "A", "B flat", "B")
+
+
+@dataclass(frozen=True, order=True)
+class Note:
+    """One note of the grid: a GM program (0-127) at a MIDI key and velocity, or a drum when `drum`."""
+
+    program: int
+    pitch: int
+    velocity: int
+    drum: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.program <= 127 or not 0 <= self.pitch <= 127 or not 0 <= self.velocity <= 127:
+            raise ValueError(f"MIDI values out of range in {self}")
+        if self.drum and self.pitch not in GM_DRUMS:
+            raise ValueError(f"key {self.pitch} is not in the GM drum map (35-81)")
+
+    @property
+    def key(self) -> str:
+        """File-name key: p042_k060_v080 (program, key, velocity) or drum_k038_v080."""
+        head = "drum" if self.drum else f"p{self.program:03d}"
+        return f"{head}_k{self.pitch:03d}_v{self.velocity:03d}"
+
+    @property
+    def concept(self) -> str:
+        """What a split holds out whole: the instrument (or drum sound)."""
+        return f"drum: {GM_DRUMS[self.pitch]}" if self.drum else instrument_name(self.program)
+
+
+def instrument_name(program: int) -> str:
+    """Caption name of a GM program (0-based): 42 -> "cello", 80 -> "square wave synth lead"."""
+    if not 0 <= program <= 127:
+        raise ValueError(f"GM program must be in 0..127, got {program}")
+    return _CAPTION_NAMES.get(program, GM_PROGRAMS[program].lower())
+
+
+def _dynamics(velocity: int) -> tuple[str, str, str]:
+    """(adverb, adjective, loudness word) for a velocity: 40 -> ("softly", "soft", "quiet")."""
+    if velocity < 56:
+        return "softly", "soft", "quiet"
+    if velocity < 96:
+        return "at medium volume", "moderately loud", "medium loudness"
+    return "loudly", "loud", "loud"
+
+
+def _register(pitch: int) -> str:
+    """Register word of a key: the nearest key of REGISTERS decides (60 -> "middle")."""
+    return REGISTERS[min(REGISTERS, key=lambda k: abs(k - pitch))]
+
+
+def note_name(pitch: int) -> str:
+    """Scientific pitch name of a MIDI key: 60 -> "C4", 61 -> "C sharp 4"."""
+    return f"{_NOTE_LETTERS[pitch % 12]}{pitch // 12 - 1}"
+
+
+def note_captions(note: Note) -> list[str]:
+    """Three phrasings of one note, e.g. program 42, key 48, velocity 40 ->
+    ["a cello playing a low note softly", "a soft low C3 on the cello", "cello, low pitch, quiet"]."""
+    adverb, adjective, loudness = _dynamics(note.velocity)
+    if note.drum:
+        name = GM_DRUMS[note.pitch]
+        return [
+            f"{with_article(name)} hit {adverb}",
+            f"{with_article(adjective)} {name} hit from a drum kit",
+            f"{name}, percussion, {loudness}",
+        ]
+    name = instrument_name(note.program)
+    register = _register(note.pitch)
+    if note.program in _EFFECT_PROGRAMS:
+        return [
+            f"the sound of {with_article(name)}, {register} pitched and {loudness}",
+            f"{with_article(adjective)} {register} {name} sound",
+            f"{name}, {register} pitch, {loudness}",
+        ]
+    return [
+        f"{with_article(name)} playing {with_article(register)} note {adverb}",
+        f"{with_article(adjective)} {register} {note_name(note.pitch)} on the {name}",
+        f"{name}, {register} pitch, {loudness}",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard MIDI File writer
+
+
+def _vlq(value: int) -> bytes:
+    """MIDI variable-length quantity: 7 bits per byte, high bit set on all but the last."""
+    if value < 0 or value > 0x0FFFFFFF:
+        raise ValueError(f"delta time {value} does not fit a MIDI variable-length quantity")
+    out = [value & 0x7F]
+    value >>= 7
+    while value:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    return bytes(reversed(out))
+
+
+def write_smf(notes: Sequence[Note], hold_s: float = HOLD_SECONDS, slot_s: float = SLOT_SECONDS) -> bytes:
+    """A format-0 Standard MIDI File that plays `notes` one per slot of `slot_s` seconds.
+
+    Each slot: program change (melodic notes, channel 1) at its start, note on, note off after
+    `hold_s`, and at the slot end All Sound Off (controller 120) so that no release tail leaks
+    into the next slot. Drums play on channel 10. The track ends one slot after the last note.
+    """
+    if not notes:
+        raise ValueError("write_smf needs at least one note")
+    if not 0 < hold_s < slot_s - 0.025:
+        raise ValueError(f"hold ({hold_s} s) must be positive and shorter than the slot ({slot_s} s)")
+    events: list[tuple[int, bytes]] = [(0, b"\xff\x51\x03" + US_PER_QUARTER.to_bytes(3, "big"))]
+    slot_ticks = round(slot_s * TICKS_PER_SECOND)
+    hold_ticks = round(hold_s * TICKS_PER_SECOND)
+    cut_ticks = round(0.025 * TICKS_PER_SECOND)
+    for i, note in enumerate(notes):
+        start = i * slot_ticks
+        ch = DRUM_CHANNEL if note.drum else 0
+        if not note.drum:
+            events.append((start, bytes([0xC0 | ch, note.program])))
+        events.append((start, bytes([0x90 | ch, note.pitch, note.velocity])))
+        events.append((start + hold_ticks, bytes([0x80 | ch, note.pitch, 0])))
+        # 25 ms before the next slot: fluidsynth acts on events per 64-sample block, and the cut
+        # must land before the next note-on.
+        events.append((start + slot_ticks - cut_ticks, bytes([0xB0 | ch, 120, 0])))
+    events.append((len(notes) * slot_ticks, b"\xff\x2f\x00"))
+    track = bytearray()
+    now = 0
+    for tick, data in events:  # already in time order: appended slot by slot
+        track += _vlq(tick - now) + data
+        now = tick
+    header = b"MThd" + struct.pack(">IHHH", 6, 0, 1, TICKS_PER_QUARTER)
+    return header + b"MTrk" + struct.pack(">I", len(track)) + bytes(track)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def find_soundfont(cache: Path) -> Path:
+    """The FluidR3 GM soundfont: the installed one, else unpacked from the Debian package (no root)."""
+    if SYSTEM_SOUNDFONT.is_file():
+        return SYSTEM_SOUNDFONT
+    root = debian_package(SOUNDFONT_PACKAGE, cache)
+    found = sorted(root.rglob("FluidR3_GM.sf2"))
+    if not found:
+        raise SourceUnavailable(f"{SOUNDFONT_PACKAGE} holds no FluidR3_GM.sf2")
+    return found[0]
+
+
+def soundfont_license(cache: Path, sf2: Path) -> str:
+    """Licence of the soundfont from its Debian copyright file (MIT for FluidR3)."""
+    root = Path("/") if sf2 == SYSTEM_SOUNDFONT else debian_package(SOUNDFONT_PACKAGE, cache)
+    try:
+        return read_copyright(root, SOUNDFONT_PACKAGE).fallback
+    except FileNotFoundError:
+        return read_copyright(debian_package(SOUNDFONT_PACKAGE, cache), SOUNDFONT_PACKAGE).fallback
+
+
+def _fluidsynth() -> str:
+    exe = shutil.which("fluidsynth")
+    if exe is None:
+        raise SourceUnavailable(
+            "the `fluidsynth` command is not installed; it is a declared system dependency "
+            "(Debian: apt-get install fluidsynth)"
+        )
+    return exe
+
+
+def render_batch(notes: Sequence[Note], sf2: Path) -> np.ndarray:
+    """Renders notes in one fluidsynth run.
+
+    Returns float32 array of shape (len(notes), SLOT_SECONDS * SAMPLE_RATE): one mono slot per note.
+    """
+    exe = _fluidsynth()
+    slot = round(SLOT_SECONDS * SAMPLE_RATE)
+    with tempfile.TemporaryDirectory(prefix="fusemix-notes-") as tmp:
+        mid, wav = Path(tmp) / "batch.mid", Path(tmp) / "batch.wav"
+        mid.write_bytes(write_smf(notes))
+        cmd = [exe, "-ni", "-q", "-R", "0", "-C", "0", "-g", "1.0", "-r", str(SAMPLE_RATE), "-F", str(wav)]
+        proc = subprocess.run([*cmd, str(sf2), str(mid)], capture_output=True, text=True)
+        if proc.returncode != 0 or not wav.exists():
+            raise RuntimeError(
+                f"fluidsynth failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-500:]}"
+            )
+        audio, rate = soundfile.read(str(wav), dtype="float32", always_2d=True)
+    if rate != SAMPLE_RATE:
+        raise RuntimeError(f"fluidsynth wrote {rate} Hz, asked for {SAMPLE_RATE}")
+    mono = audio.mean(axis=1)
+    need = slot * len(notes)
+    if mono.shape[0] < need:  # the player may stop a block early: pad the tail with silence
+        mono = np.pad(mono, (0, need - mono.shape[0]))
+    return mono[:need].reshape(len(notes), slot)
+
+
+def _flac_bytes(samples: np.ndarray) -> bytes:
+    """16-bit FLAC of a mono float signal of shape (n,)."""
+    buf = io.BytesIO()
+    soundfile.write(buf, np.clip(samples, -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def render_notes(
+    notes: Sequence[Note], out_dir: Path, sf2: Path, *, batch: int = 64, progress: bool = True
+) -> dict[Note, Path]:
+    """Renders every note whose FLAC is not in `out_dir` yet; returns note -> file for all notes.
+
+    Idempotent: existing files are kept (written atomically, so a file that exists is whole).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {n: out_dir / f"{n.key}.flac" for n in notes}
+    todo = [n for n in notes if not paths[n].exists()]
+    bar = tqdm(total=len(todo), desc="notes:render", unit="note", disable=not progress or not todo)
+    for i in range(0, len(todo), batch):
+        chunk = todo[i : i + batch]
+        for note, samples in zip(chunk, render_batch(chunk, sf2), strict=True):
+            tmp = paths[note].with_suffix(".partial")
+            tmp.write_bytes(_flac_bytes(samples))
+            tmp.replace(paths[note])
+        bar.update(len(chunk))
+    bar.close()
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+
+
+def note_grid(
+    programs: Iterable[int] | None = None,
+    pitches: Iterable[int] = tuple(REGISTERS),
+    velocities: Iterable[int] = VELOCITIES,
+    drums: bool = True,
+) -> list[Note]:
+    """Every (program, pitch, velocity) note plus, with `drums`, every GM drum at each velocity."""
+    progs = range(128) if programs is None else programs
+    pitches, velocities = tuple(pitches), tuple(velocities)
+    grid = [Note(p, k, v) for p in progs for k in pitches for v in velocities]
+    if drums:
+        grid += [Note(0, k, v, drum=True) for k in GM_DRUMS for v in velocities]
+    return grid
+
+
+def pick_concepts(notes: Sequence[Note], limit: int | None, seed: int) -> list[Note]:
+    """Keeps the notes of `limit` concepts, chosen round-robin over GM families (drums are a family).
+
+    So that a small demo still spans pianos, strings, brass, synths and drums; the instrument
+    taken from each family is drawn with `seed`.
+    """
+    if limit is None:
+        return list(notes)
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    by_family: dict[str, list[str]] = {}
+    for n in sorted(notes):
+        fam = "drums" if n.drum else GM_FAMILIES[n.program // 8]
+        members = by_family.setdefault(fam, [])
+        if n.concept not in members:
+            members.append(n.concept)
+    rng = random.Random(seed)
+    for members in by_family.values():
+        rng.shuffle(members)
+    chosen: list[str] = []
+    depth = 0
+    while len(chosen) < limit and any(depth < len(m) for m in by_family.values()):
+        for fam in sorted(by_family):
+            if depth < len(by_family[fam]) and len(chosen) < limit:
+                chosen.append(by_family[fam][depth])
+        depth += 1
+    keep = set(chosen)
+    return [n for n in notes if n.concept in keep]
+
+
+def fetch_notes(
+    cache: Path,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    notes: Sequence[Note] | None = None,
+    sf2: Path | None = None,
+) -> Dataset:
+    """Builds the `notes` dataset: renders (or reuses) one FLAC per note under `cache`/notes/.
+
+    `limit` keeps that many concepts (instruments / drum sounds); `notes` replaces the default
+    grid (note_grid()). Silent renders are quarantined with reason "silent".
+    """
+    cache = Path(cache).resolve()
+    grid = pick_concepts(note_grid() if notes is None else list(notes), limit, seed)
+    sf2 = find_soundfont(cache) if sf2 is None else Path(sf2)
+    lic = f"{soundfont_license(cache, sf2)} (FluidR3_GM soundfont, Debian {SOUNDFONT_PACKAGE})"
+    src = f"fluidsynth:{sf2.name}"
+    paths = render_notes(grid, cache / "notes" / sf2.stem, sf2, progress=progress)
+    ds = Dataset(SOURCE, split_seed=seed)
+    splits = concept_splits({n.concept for n in grid}, seed)
+    for note in tqdm(grid, desc="notes:index", unit="note", disable=not progress):
+        path = paths[note]
+        data = path.read_bytes()
+        samples, _ = soundfile.read(io.BytesIO(data), dtype="float32")
+        peak = float(np.abs(samples).max()) if samples.size else 0.0
+        if peak < SILENCE_PEAK:
+            level = 20 * np.log10(peak) if peak > 0 else float("-inf")
+            ds.reject(SOURCE, note.key, "silent", f"peak {level:.1f} dBFS ({note.concept})")
+            continue
+        mid = ds.add_media(
+            MediaItem(content_id("audio", data), "audio", path=str(path), source=src, license=lic)
+        )
+        for caption in note_captions(note):
+            cap_id = ds.add_text(caption, source=src, license=lic)
+            ds.pairs.append(
+                Pair(mid, cap_id, splits[note.concept], mid, source=src, license=lic, concept=note.concept)
+            )
+    return ds
+
+
+# Merged by the owner into pipelines.sources.SOURCES.
+SOURCES_AUDIO = {"notes": fetch_notes, "sounds": fetch_sounds}
+
+
+if __name__ == "__main__":
+    _t0 = time.perf_counter()
+    _ds = fetch_notes(Path(sys.argv[1]), limit=int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    print(_ds.summary(), _ds.quarantine_counts(), f"{time.perf_counter() - _t0:.1f} s")
