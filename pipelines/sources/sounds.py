@@ -28,9 +28,9 @@ from pipelines.sources.common import concept_splits, debian_package
 
 SOURCE = "sounds"
 AUDIO_SUFFIXES = (".wav", ".ogg", ".oga", ".flac")
-# Clips shorter than a tenth of a second carry too little to caption; long loops and drones are
+# Clips under 50 ms are single-cycle wavetables (lmms shapes/), not sounds to caption; long loops and drones are
 # cut by the encoder's window anyway, so beyond 30 s they only cost decoding time.
-LIMITS = MediaLimits(min_audio_seconds=0.1, max_audio_seconds=30.0)
+LIMITS = MediaLimits(min_audio_seconds=0.05, max_audio_seconds=30.0)
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,9 @@ def split_words(stem: str) -> list[str]:
             words.append(token.lower())
             continue
         lead, letters, trail = m.groups()
+        if lead and len(letters) == 1 and not trail:  # "3d", "2x": one word, not a number and a letter
+            words.append(token.lower())
+            continue
         if len(lead) >= 3:
             words.append(lead)
         if letters and len(trail) >= 3:
@@ -275,6 +278,7 @@ _MODIFIERS = {
     "middle",
     "fat",
     "thick",
+    "old",
 }
 
 
@@ -296,6 +300,13 @@ def clean_name(stem: str, folder: str = "") -> str:
             continue  # a stray letter ("w2_sharp") says nothing
         elif rep := ABBREVIATIONS.get(w, w):
             out.append(rep)
+    # Sonic Pi names lead with a category: "loop_amen" is an amen loop, "drum_bass_hard" a bass drum.
+    if len(out) > 1 and out[0] == "loop":
+        out = out[1:] + ["loop"]
+    elif len(out) > 1 and out[0] == "drum" and "roll" not in out:
+        rest = out[1:]
+        # "drum_tom_lo" -> "low tom drum"; "drum_cymbal_open" -> "open cymbal"; "kick" is "kick drum" already
+        out = rest + ["drum"] if {"bass", "tom", "snare"} & set(rest) else rest
     mods = [w for w in out if w in _MODIFIERS]
     text = " ".join(mods + [w for w in out if w not in _MODIFIERS])
     template = FOLDER_CONTEXT.get(folder.lower())
