@@ -236,9 +236,19 @@ def _chunked_ranks(
     step_c = n_c if candidate_chunk_size is None else min(candidate_chunk_size, n_c)
     blocks = [(cs, min(cs + step_c, n_c)) for cs in range(0, n_c, step_c)]
     ranks = torch.empty(n_q, dtype=torch.int64)
-    starts = range(0, n_q, chunk_size)
+    # One score buffer and one mask buffer for the whole loop: a fresh 100 MB block per chunk costs
+    # page faults comparable to the comparison itself, and `out=` keeps the peak at these two.
+    width = min(chunk_size, n_q) * step_c
+    sim_buf = torch.empty(width, dtype=torch.float32, device=dev)
+    mask_buf = torch.empty(width, dtype=torch.bool, device=dev)
+
+    def block(q: torch.Tensor, cs: int, ce: int) -> torch.Tensor:
+        """Scores [B, ce - cs] of the chunk's queries q [B, d] against candidates cs:ce."""
+        out = sim_buf[: q.shape[0] * (ce - cs)].view(q.shape[0], ce - cs)
+        return torch.mm(q, candidates[cs:ce].T, out=out)
+
     disable = None if progress is None else not progress
-    for s in tqdm(starts, desc=desc, unit="chunk", disable=disable, leave=False):
+    for s in tqdm(range(0, n_q, chunk_size), desc=desc, unit="chunk", disable=disable, leave=False):
         e = min(s + chunk_size, n_q)
         # Gathering the query rows per chunk keeps a subset of the items from being copied whole.
         q = queries[s:e] if query_rows is None else queries[query_rows[s:e].to(dev)]
@@ -249,13 +259,11 @@ def _chunked_ranks(
 
         # Pass 1: the score of every correct pair, read from the same matmul block that the counts use,
         # so that a candidate identical to the correct one ties exactly instead of by rounding luck.
-        kept = None
+        sim = None
         for cs, ce in blocks:
-            sim = q @ candidates[cs:ce].T  # [B, ce - cs]
+            sim = block(q, cs, ce)
             inside = (pcols >= cs) & (pcols < ce)
             vals[inside] = sim[rows[inside], pcols[inside] - cs]
-            if len(blocks) == 1:
-                kept = sim
         best = torch.full((e - s,), -math.inf, dtype=torch.float32, device=dev)
         best.scatter_reduce_(0, rows, vals, reduce="amax")
 
@@ -263,8 +271,12 @@ def _chunked_ranks(
         # are taken off again, so that what remains is the pessimistic count of incorrect ones.
         at_least = torch.zeros(e - s, dtype=torch.int64, device=dev)
         for cs, ce in blocks:
-            sim = kept if kept is not None else q @ candidates[cs:ce].T
-            at_least += (sim >= best[:, None]).sum(dim=1)
+            if len(blocks) > 1:
+                sim = block(q, cs, ce)
+            mask = mask_buf[: sim.numel()].view(sim.shape)
+            torch.ge(sim, best[:, None], out=mask)
+            # An int32 sum is several times faster than the default int64 one; counts stay below 2**31.
+            at_least += mask.sum(dim=1, dtype=torch.int32)
         correct_at_least = torch.zeros(e - s, dtype=torch.int64, device=dev)
         correct_at_least.index_add_(0, rows, (vals >= best[rows]).to(torch.int64))
         ranks[s:e] = (at_least - correct_at_least + 1).cpu()
@@ -315,7 +327,11 @@ def _as_float_matrix(name: str, x: ArrayLike, device: torch.device) -> torch.Ten
     if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty 2-D [N, d] array, got shape {tuple(t.shape)}")
     t = t.to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(t).all()):
+    # In slices of rows: isfinite() on the whole matrix would allocate an N x d boolean copy.
+    rows_per_slice = max(1, 2**22 // t.shape[1])
+    if not all(
+        bool(torch.isfinite(t[i : i + rows_per_slice]).all()) for i in range(0, t.shape[0], rows_per_slice)
+    ):
         raise ValueError(f"{name} contains NaN or infinite values")
     return t
 
