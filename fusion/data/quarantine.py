@@ -1,0 +1,298 @@
+"""Admit or quarantine the rows a dataset reader finds: the shared core of every reader in fusion.data.
+
+A reader turns its format into calls of `DatasetBuilder.add_pair(media, captions, row=...)`; the
+builder checks the path stays inside the dataset root, reads and probes the media (fusion.media),
+validates the captions and rejects duplicates, and puts every refused row into the dataset's
+quarantine with a reason from `REASONS`. A bad row never takes a good one with it: each row is judged
+on its own, and each media file is read and probed once however many rows use it.
+
+Splits: a row may carry one; rows without one get a default assigned per group (all captions of one
+item stay together) from a seeded hash, recorded in `Dataset.split_seed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fusion.data.canonical import Dataset, MediaItem, Pair, content_id
+from fusion.media import (
+    DEFAULT_LIMITS,
+    MediaError,
+    MediaLimits,
+    probe,
+    read_bytes,
+    resolve_under,
+    sniff_modality,
+)
+from fusion.media import REASONS as MEDIA_REASONS
+
+# Quarantine reasons: the media ones (fusion.media.REASONS) plus the row-level ones below.
+ROW_REASONS = {
+    "malformed": "the row or file does not follow the format (bad JSON, missing field, unknown split ...)",
+    "empty_caption": "the caption is empty or only whitespace",
+    "non_text_caption": "the caption is not a string",
+    "duplicate": "the same media content with the same caption was already read",
+    "no_caption": "a media item has no caption at all",
+}
+REASONS = {**MEDIA_REASONS, **ROW_REASONS}
+
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "restval": "train",  # Karpathy splits: the rest of COCO val, used for training
+    "development": "train",  # Clotho
+    "dev": "val",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+    "evaluation": "test",  # Clotho
+}
+
+
+class ReaderError(ValueError):
+    """A dataset that cannot be read at all (missing manifest, unknown column, bad option)."""
+
+
+def normalise_split(value: Any) -> str | None:
+    """ "train"/"val"/"test" for a known split name (case-insensitive, aliases such as restval), else None."""
+    if not isinstance(value, str):
+        return None
+    return SPLIT_ALIASES.get(value.strip().lower())
+
+
+def default_splits(
+    groups: Iterable[str], seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> dict[str, str]:
+    """Assigns whole groups to train/val/test: deterministic for a seed, independent of input order.
+
+    Groups are ordered by a seeded hash; the first round(n*test_fraction) go to test, the next
+    round(n*val_fraction) to val (at least one each once there are 3 groups), the rest to train.
+    """
+    keyed = sorted(set(groups), key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    n = len(keyed)
+    n_test = max(1, round(n * test_fraction)) if n >= 3 and test_fraction > 0 else 0
+    n_val = max(1, round(n * val_fraction)) if n >= 3 and val_fraction > 0 else 0
+    out = dict.fromkeys(keyed, "train")
+    for g in keyed[:n_test]:
+        out[g] = "test"
+    for g in keyed[n_test : n_test + n_val]:
+        out[g] = "val"
+    return out
+
+
+@dataclass
+class _Pending:
+    media_id: str
+    caption_id: str
+    group_id: str
+    split: str | None
+    concept: str
+
+
+class DatasetBuilder:
+    """Collects the rows of one dataset, quarantining the bad ones; `finish()` returns the Dataset.
+
+    root: the dataset folder; every media path is resolved under it and must stay inside it.
+    source / license: written on every media item and pair. modality: "image" or "audio", or None to
+    sniff each file. probe: decode each media file once (fusion.media.probe) so undecodable files are
+    quarantined at ingest rather than failing an encoder later. extract_to: where inline payloads
+    (e.g. tar members) are written so that items carry a path; None keeps them as inline bytes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str | Path,
+        *,
+        source: str | None = None,
+        license: str = "unknown",
+        modality: str | None = None,
+        limits: MediaLimits | None = None,
+        probe: bool = True,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        extract_to: str | Path | None = None,
+    ) -> None:
+        if modality not in (None, "image", "audio"):
+            raise ReaderError(f"modality must be 'image', 'audio' or None (sniffed), not {modality!r}")
+        self.dataset = Dataset(name=name)
+        self.root = Path(root).resolve()
+        self.source = source if source is not None else name
+        self.license = license
+        self.modality = modality
+        self.limits = limits or DEFAULT_LIMITS
+        self.probe = probe
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.extract_to = Path(extract_to).resolve() if extract_to is not None else None
+        self._media_cache: dict[str, str | MediaError] = {}
+        self._seen: dict[tuple[str, str], str] = {}
+        self._pending: list[_Pending] = []
+
+    # -------------------------------------------------------------------------------------- rejects
+
+    def reject(self, row: str, reason: str, detail: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown quarantine reason {reason!r}")
+        self.dataset.reject(self.source, row, reason, detail)
+
+    # -------------------------------------------------------------------------------------- media
+
+    def _admit_media(self, key: str, data: bytes, modality: str | None, path: Path | None, ext: str) -> str:
+        """Checks decoded media; returns its id (raises MediaError)."""
+        mod = modality or self.modality or sniff_modality(data)
+        if mod not in ("image", "audio"):
+            raise MediaError(key, "unsupported_format", "neither an image nor audio by its magic bytes")
+        if self.probe:
+            probe(data, mod, key, self.limits)
+        mid = content_id(mod, data)
+        if mid not in self.dataset.media:
+            if path is None and self.extract_to is not None:
+                self.extract_to.mkdir(parents=True, exist_ok=True)
+                path = self.extract_to / f"{mid}{ext}"
+                if not path.exists():
+                    tmp = path.with_suffix(path.suffix + ".part")
+                    tmp.write_bytes(data)
+                    tmp.replace(path)
+            item = (
+                MediaItem(mid, mod, path=str(path), source=self.source, license=self.license)
+                if path is not None
+                else MediaItem(mid, mod, data=data, source=self.source, license=self.license)
+            )
+            self.dataset.add_media(item)
+        return mid
+
+    def media_from_path(self, rel: Any, modality: str | None = None) -> str:
+        """Id of the media file at `rel` under the root, read and probed once (raises MediaError)."""
+        if not isinstance(rel, str) or not rel.strip():
+            raise MediaError(str(rel), "missing", f"no media path given ({rel!r})")
+        cached = self._media_cache.get(rel)
+        if cached is None:
+            try:
+                path = resolve_under(self.root, rel, rel)
+                data = read_bytes(path, rel, self.limits)
+                cached = self._admit_media(rel, data, modality, path, path.suffix.lower())
+            except MediaError as e:
+                cached = e
+            self._media_cache[rel] = cached
+        if isinstance(cached, MediaError):
+            raise cached
+        return cached
+
+    def media_from_bytes(self, key: str, data: bytes, modality: str | None = None, ext: str = "") -> str:
+        """Id of an inline payload (e.g. a tar member), probed (raises MediaError)."""
+        data = read_bytes(data, key, self.limits)
+        return self._admit_media(key, data, modality, None, ext)
+
+    # -------------------------------------------------------------------------------------- rows
+
+    def add_pair(
+        self,
+        media: Any,
+        captions: Any,
+        *,
+        row: str,
+        media_id: str | None = None,
+        split: Any = None,
+        group: Any = None,
+        concept: Any = "",
+        modality: str | None = None,
+    ) -> int:
+        """Adds the pairs of one row: `media` is a path under the root, or pass `media_id` from media_from_*.
+
+        `captions` is a string or a list of strings (one pair each). Returns the number of pairs added;
+        every refused part is quarantined under the label `row`.
+        """
+        if split is not None and not (isinstance(split, str) and split.strip() == ""):
+            norm = normalise_split(split)
+            if norm is None:
+                self.reject(row, "malformed", f"unknown split {split!r}")
+                return 0
+            split = norm
+        else:
+            split = None
+        if media_id is not None:
+            mid = media_id
+        elif media is None or isinstance(media, str):
+            try:
+                mid = self.media_from_path(media, modality)
+            except MediaError as e:
+                self.reject(row, e.reason, str(e))
+                return 0
+        else:
+            self.reject(row, "malformed", f"media path is a {type(media).__name__}, not a string")
+            return 0
+        caps = captions if isinstance(captions, list | tuple) else [captions]
+        if not caps:
+            self.reject(row, "no_caption", f"no caption for {media}")
+            return 0
+        if group is not None and not isinstance(group, str):
+            group = str(group)
+        group_id = group.strip() if isinstance(group, str) and group.strip() else mid
+        concept = str(concept).strip() if concept is not None else ""
+        added = 0
+        for i, cap in enumerate(caps):
+            label = row if len(caps) == 1 else f"{row}#caption{i}"
+            if not isinstance(cap, str):
+                self.reject(label, "non_text_caption", f"caption is {type(cap).__name__}: {cap!r:.80}")
+                continue
+            text = cap.strip()
+            if not text:
+                self.reject(label, "empty_caption", f"caption {cap!r:.80}")
+                continue
+            cid = content_id("text", text)
+            first = self._seen.get((mid, cid))
+            if first is not None:
+                self.reject(label, "duplicate", f"same media and caption as {first}")
+                continue
+            self._seen[(mid, cid)] = label
+            self.dataset.add_text(text, source=self.source, license=self.license)
+            self._pending.append(_Pending(mid, cid, group_id, split, concept))
+            added += 1
+        return added
+
+    def finish(self) -> Dataset:
+        """Assigns default splits by group to rows without one and returns the Dataset."""
+        ds = self.dataset
+        explicit: dict[str, str] = {}
+        for p in self._pending:
+            if p.split is not None:
+                explicit.setdefault(p.group_id, p.split)
+        missing = {p.group_id for p in self._pending if p.split is None and p.group_id not in explicit}
+        assigned = (
+            default_splits(missing, self.seed, self.val_fraction, self.test_fraction) if missing else {}
+        )
+        if assigned:
+            ds.split_seed = self.seed
+        ds.pairs = [
+            Pair(
+                media_id=p.media_id,
+                caption_id=p.caption_id,
+                split=p.split or explicit.get(p.group_id) or assigned[p.group_id],  # type: ignore[arg-type]
+                group_id=p.group_id,
+                source=self.source,
+                license=self.license,
+                concept=p.concept,
+            )
+            for p in self._pending
+        ]
+        return ds
+
+
+def progress_bar(
+    iterable: Iterable[Any], *, desc: str, enabled: bool, total: int | None = None, unit: str = "row"
+):
+    """tqdm over `iterable` (on stderr), or the iterable itself when progress is off."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False)
