@@ -17,6 +17,7 @@ Run: `python -m pipelines.sources.notes CACHE_DIR [LIMIT]` renders and prints th
 from __future__ import annotations
 
 import io
+import os
 import random
 import shutil
 import struct
@@ -380,7 +381,8 @@ def render_notes(
     for i in range(0, len(todo), batch):
         chunk = todo[i : i + batch]
         for note, samples in zip(chunk, render_batch(chunk, sf2), strict=True):
-            tmp = paths[note].with_suffix(".partial")
+            # per-process temporary name: two fetches sharing a cache never write one file together
+            tmp = paths[note].with_name(f".{paths[note].name}.{os.getpid()}.partial")
             tmp.write_bytes(_flac_bytes(samples))
             tmp.replace(paths[note])
         bar.update(len(chunk))
