@@ -64,16 +64,18 @@ def _not_text(payload: Any, media_id: str) -> Exception:
     )
 
 
-def is_hub_id(model: str) -> bool:
-    """True when `model` looks like a hub id ("org/name" or "name") rather than an existing local path."""
-    return not Path(model).expanduser().exists()
+def looks_like_path(model: str) -> bool:
+    """True for absolute, home- or dot-relative paths and existing paths; hub ids are "org/name" or "name"."""
+    return model.startswith(("/", "~", ".")) or os.sep + os.sep in model or Path(model).expanduser().exists()
 
 
 def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
     """A local folder for `model`: the folder itself, or the hub snapshot (downloaded when the network
     and HF_HUB_OFFLINE allow, else taken from the local hub cache). Raises EncoderUnavailable."""
     path = Path(model).expanduser()
-    if path.exists():
+    if looks_like_path(model):
+        if not path.is_dir():
+            raise EncoderUnavailable(f"model folder {path} does not exist")
         if not (path / "config.json").is_file():
             raise EncoderUnavailable(f"{path} is not a transformers model folder (no config.json)")
         return path.resolve()
@@ -514,6 +516,9 @@ class ClapEncoder(_TorchEncoder):
             self.feature_extractor = _load_auto("ClapFeatureExtractor", model_dir)
             self.sample_rate = int(self.feature_extractor.sampling_rate)
             self.max_seconds = float(self.feature_extractor.nb_max_samples) / self.sample_rate
+            # An unfused model takes one 10-s mel; "fusion" stacks 4 views and only suits fused checkpoints.
+            fused = bool(getattr(model.config.audio_config, "enable_fusion", False))
+            self.truncation = "fusion" if fused else "rand_trunc"
             self.towers = torch.nn.ModuleList([model.audio_model, model.audio_projection])
         else:
             self.tokenizer = _load_auto("AutoTokenizer", model_dir)
@@ -554,7 +559,9 @@ class ClapEncoder(_TorchEncoder):
 
             return self._run(run_text)
         # Clips are cut to the first window in prepare, so the extractor never crops at random.
-        feats = self.feature_extractor(list(prepared), sampling_rate=self.sample_rate, return_tensors="pt")
+        feats = self.feature_extractor(
+            list(prepared), sampling_rate=self.sample_rate, truncation=self.truncation, return_tensors="pt"
+        )
 
         def run_audio():
             out = model(
@@ -597,7 +604,9 @@ def build_hf_encoder(spec: EncoderSpec, device: str = "cpu", cache_dir: Path | N
 def hf_status(spec: EncoderSpec) -> tuple[bool, str]:
     """Cheap availability check for source hf: no model is loaded."""
     path = Path(spec.model).expanduser()
-    if path.exists():
+    if looks_like_path(spec.model):
+        if not path.is_dir():
+            return False, f"model folder {path} does not exist"
         if (path / "config.json").is_file():
             return True, f"local folder {path}"
         return False, f"{path} has no config.json"
@@ -605,7 +614,10 @@ def hf_status(spec: EncoderSpec) -> tuple[bool, str]:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover
         return False, "huggingface_hub is not installed"
-    cached = try_to_load_from_cache(spec.model, "config.json")
+    try:
+        cached = try_to_load_from_cache(spec.model, "config.json")
+    except ValueError as exc:  # huggingface_hub's HFValidationError: not a well-formed hub id
+        return False, f"{spec.model!r} is neither a local folder nor a valid hub id ({exc})"
     if isinstance(cached, str):
         return True, "in the local hub cache"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):

@@ -58,11 +58,10 @@ def _read_yaml(path: Path) -> dict:
         raise EncoderConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
         return {"encoders": {}}
-    if not isinstance(data, dict) or not isinstance(data.get("encoders", {}), dict):
+    if isinstance(data, dict) and data.get("encoders") is None:
+        data["encoders"] = {}  # "encoders:" with nothing under it is an empty registry
+    if not isinstance(data, dict) or not isinstance(data["encoders"], dict):
         raise EncoderConfigError(f"{path}: expected a top-level mapping 'encoders: {{name: {{...}}}}'")
-    data.setdefault("encoders", {})
-    if data["encoders"] is None:
-        data["encoders"] = {}
     return data
 
 
