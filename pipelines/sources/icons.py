@@ -84,7 +84,7 @@ def read_mdi(pkg: Path) -> list[IconRecord]:
     out = []
     for row in meta:
         tags = [part.strip() for tag in row.get("tags", ()) for part in str(tag).split("/")]
-        aliases = [name_to_words(a) for a in row.get("aliases", ())]
+        aliases = [icon_concept(a) for a in row.get("aliases", ())]
         out.append(IconRecord(row["name"], "mdi", pkg / "svg" / f"{row['name']}.svg", tuple(aliases + tags)))
     return out
 

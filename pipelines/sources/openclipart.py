@@ -44,6 +44,7 @@ LICENSE = "CC-PDDC"
 COLLECTION_TITLE_MIN = 4
 # A tag on more than this fraction of drawings ("hash", "icons") tells nothing about one of them.
 COMMON_TAG_FRACTION = 0.02
+COMMON_TAG_MIN = 10  # ...and on at least this many, so a small package keeps its tags
 # Falling back to a file name is a weaker caption than the author's own title.
 FILENAME_PENALTY = 0.7
 MAX_DESCRIPTION_WORDS = 25
@@ -198,7 +199,9 @@ def fetch_openclipart(
     titles = Counter(clean_caption(m.title) for m in metas)
     collection_titles = {t for t, n in titles.items() if t and n >= COLLECTION_TITLE_MIN}
     tag_counts = Counter(t for m in metas for t in {clean_caption(s) for s in m.subjects})
-    common_tags = {t for t, n in tag_counts.items() if n > COMMON_TAG_FRACTION * max(1, len(metas))}
+    common_tags = {
+        t for t, n in tag_counts.items() if n > max(COMMON_TAG_MIN, COMMON_TAG_FRACTION * len(metas))
+    }
     common_tags.add("")
     descriptions = Counter(clean_caption(m.description) for m in metas)
     boilerplate = frozenset(d for d, n in descriptions.items() if d and n >= COLLECTION_TITLE_MIN)

@@ -36,9 +36,9 @@ def clean_caption(raw: str) -> str:
     """
     text = html.unescape(_TAG_RE.sub(" ", raw))
     text = _URL_RE.sub(" ", text)
+    text = re.sub(r"\.(svg|png|jpe?g|gif|ai|eps)\b", " ", text, flags=re.IGNORECASE)
     text = _CAMEL_RE.sub(" ", text)
     text = _SEP_RE.sub(" ", text)
-    text = re.sub(r"\.(svg|png|jpe?g|gif|ai|eps)\b", " ", text, flags=re.IGNORECASE)
     text = re.sub(r"[^\w\s,;:!?'()&]", " ", text)
     text = " ".join(text.lower().split())
     text = _TRAILING_ID_RE.sub("", text)
@@ -53,7 +53,7 @@ def article(phrase: str) -> str:
 def join_terms(terms: Iterable[str], exclude: str = "", max_terms: int = 6) -> list[str]:
     """Distinct cleaned terms in order, without those already contained in `exclude`, at most max_terms."""
     seen: set[str] = set()
-    excluded = set(exclude.lower().split())
+    excluded = set(re.findall(r"\w+", exclude.lower()))
     out: list[str] = []
     for term in terms:
         t = clean_caption(str(term))
