@@ -20,6 +20,7 @@ A reference (`ref`) is either the bytes of the file or a path (`str` or `Path`).
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import math
@@ -202,25 +203,58 @@ def _gunzip(data: bytes, max_out: int, media_id: str, limits: MediaLimits | None
 # ----------------------------------------------------------------------------------------------- images
 
 
-def _svg_aspect(text: str) -> float | None:
+_SVG_NS = "http://www.w3.org/2000/svg"
+_XLINK_NS = "http://www.w3.org/1999/xlink"
+
+
+def _svg_aspect(root: ET.Element) -> float | None:
     """Height/width of an SVG from the root's viewBox or width/height attributes, or None if unknown."""
+    vb = root.get("viewBox")
+    if vb:
+        try:
+            parts = [float(p) for p in re.split(r"[\s,]+", vb.strip())]
+        except ValueError:
+            parts = []
+        if len(parts) == 4 and parts[2] > 0 and parts[3] > 0:
+            return parts[3] / parts[2]
+    num = re.compile(r"^\s*([0-9.eE+-]+)\s*(px|pt|mm|cm|in|pc)?\s*$")
+    w, h = num.match(root.get("width", "")), num.match(root.get("height", ""))
     try:
-        parser = ET.XMLPullParser(events=("start",))
-        parser.feed(text[:65536])
-        for _, elem in parser.read_events():
-            vb = elem.get("viewBox")
-            if vb:
-                parts = [float(p) for p in re.split(r"[\s,]+", vb.strip())]
-                if len(parts) == 4 and parts[2] > 0 and parts[3] > 0:
-                    return parts[3] / parts[2]
-            num = re.compile(r"^\s*([0-9.eE+-]+)\s*(px|pt|mm|cm|in|pc)?\s*$")
-            w, h = num.match(elem.get("width", "")), num.match(elem.get("height", ""))
-            if w and h and (w.group(2) or "px") == (h.group(2) or "px") and float(w.group(1)) > 0:
-                return float(h.group(1)) / float(w.group(1))
-            return None
-    except (ET.ParseError, ValueError):
+        if w and h and (w.group(2) or "px") == (h.group(2) or "px") and float(w.group(1)) > 0:
+            return float(h.group(1)) / float(w.group(1))
+    except ValueError:
         return None
     return None
+
+
+def _sanitise_svg(root: ET.Element, media_id: str, limits: MediaLimits) -> None:
+    """Removes references to files outside the SVG and refuses embedded rasters over the pixel limit.
+
+    resvg would otherwise read any path an <image> names (a local file leaking into a dataset, or
+    /dev/zero hanging ingest), and decode an embedded data: image of any declared size.
+    """
+    for elem in root.iter():
+        for attr in [a for a in elem.attrib if a == "href" or a.endswith("}href")]:
+            ref = elem.attrib[attr].strip()
+            if ref.startswith("#"):
+                continue
+            if ref.startswith("data:"):
+                header, _, payload = ref.partition(",")
+                if header.startswith("data:image/") and ";base64" in header and "svg" not in header:
+                    try:
+                        with Image.open(io.BytesIO(base64.b64decode(payload, validate=False))) as inner:
+                            w, h = inner.size
+                    except Image.DecompressionBombError as e:
+                        raise MediaError(
+                            media_id, "decompression_bomb", f"SVG embeds an image: {e}"
+                        ) from None
+                    except Exception:  # Pillow raises many types for junk; resvg skips such images anyway
+                        del elem.attrib[attr]
+                        continue
+                    if w * h > limits.max_pixels:
+                        raise MediaError(media_id, "decompression_bomb", f"SVG embeds a {w}x{h} image")
+                    continue
+            del elem.attrib[attr]
 
 
 def _decode_svg(data: bytes, media_id: str, limits: MediaLimits) -> Image.Image:
@@ -229,10 +263,17 @@ def _decode_svg(data: bytes, media_id: str, limits: MediaLimits) -> Image.Image:
     if data[:2] == b"\x1f\x8b":  # .svgz
         data = _gunzip(data, limits.max_bytes, media_id, limits)
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise MediaError(media_id, "undecodable", f"SVG is not UTF-8: {e}") from None
-    aspect = _svg_aspect(text)
+        # expat (>= 2.4) refuses billion-laughs entity expansion and never fetches external entities.
+        root = ET.fromstring(data)
+    except ET.ParseError as e:
+        raise MediaError(media_id, "undecodable", f"SVG is not well-formed XML: {e}") from None
+    if root.tag not in ("svg", f"{{{_SVG_NS}}}svg"):
+        raise MediaError(media_id, "undecodable", f"root element is {root.tag!r}, not svg")
+    _sanitise_svg(root, media_id, limits)
+    aspect = _svg_aspect(root)
+    ET.register_namespace("", _SVG_NS)
+    ET.register_namespace("xlink", _XLINK_NS)
+    text = ET.tostring(root, encoding="unicode")
     size = limits.svg_size
     # Fix the long side so that the render is bounded however large the SVG claims to be.
     kwargs = {"height": size} if aspect is not None and aspect > 1 else {"width": size}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import os
@@ -187,7 +188,28 @@ def test_svg_renders_long_side_on_white(tmp_path):
     assert decode_image(SVG_TALL, limits=MediaLimits(svg_size=32)).size == (8, 32)
 
 
+def _svg_with_image(href: str) -> bytes:
+    return (
+        '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="10" height="10">'
+        f'<image width="10" height="10" xlink:href="{href}"/></svg>'
+    ).encode()
+
+
+def test_svg_never_reads_files_it_names(tmp_path):
+    red = tmp_path / "red.png"
+    red.write_bytes(image_bytes((255, 0, 0), (10, 10)))
+    # resvg alone would paint the local file (and hang on /dev/zero); the reference is dropped instead.
+    for href in (str(red), f"file://{red}", "/dev/zero", "red.png"):
+        assert decode_image(_svg_with_image(href)).getpixel((128, 128)) == (255, 255, 255), href
+    inline = "data:image/png;base64," + base64.b64encode(red.read_bytes()).decode()
+    assert decode_image(_svg_with_image(inline)).getpixel((128, 128)) == (255, 0, 0)
+    bomb = "data:image/png;base64," + base64.b64encode(png_header_only(50_000, 50_000)).decode()
+    assert reason_of(decode_image, _svg_with_image(bomb), "svg-bomb") == "decompression_bomb"
+
+
 def test_bad_svg_is_undecodable():
+    assert reason_of(decode_image, b"<svg><html></html>", "s") == "undecodable"
+    assert reason_of(decode_image, b'<html xmlns="x"><svg/></html>', "s") == "undecodable"
     assert reason_of(decode_image, b"<svg xmlns='http://www.w3.org/2000/svg'><rect", "s") == "undecodable"
 
 
