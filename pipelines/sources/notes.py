@@ -269,8 +269,8 @@ def write_smf(notes: Sequence[Note], hold_s: float = HOLD_SECONDS, slot_s: float
     """A format-0 Standard MIDI File that plays `notes` one per slot of `slot_s` seconds.
 
     Each slot: program change (melodic notes, channel 1) at its start, note on, note off after
-    `hold_s`, and at the slot end All Sound Off (controller 120) so that no release tail leaks
-    into the next slot. Drums play on channel 10. The track ends one slot after the last note.
+    `hold_s`, and 25 ms before the slot ends All Sound Off (controller 120) so that no release
+    tail leaks into the next slot. Drums play on channel 10. The track ends one slot after the last note.
     """
     if not notes:
         raise ValueError("write_smf needs at least one note")
@@ -315,13 +315,15 @@ def find_soundfont(cache: Path) -> Path:
     return found[0]
 
 
-def soundfont_license(cache: Path, sf2: Path) -> str:
-    """Licence of the soundfont from its Debian copyright file (MIT for FluidR3)."""
-    root = Path("/") if sf2 == SYSTEM_SOUNDFONT else debian_package(SOUNDFONT_PACKAGE, cache)
-    try:
-        return read_copyright(root, SOUNDFONT_PACKAGE).fallback
-    except FileNotFoundError:
-        return read_copyright(debian_package(SOUNDFONT_PACKAGE, cache), SOUNDFONT_PACKAGE).fallback
+def soundfont_license(cache: Path) -> str:
+    """Licence of FluidR3_GM from the Debian copyright file of fluid-soundfont-gm (MIT).
+
+    Read from the installed package, or from the downloaded one where the system has no copy
+    (minimal images often drop /usr/share/doc).
+    """
+    installed = Path("/usr/share/doc") / SOUNDFONT_PACKAGE / "copyright"
+    root = Path("/") if installed.is_file() else debian_package(SOUNDFONT_PACKAGE, cache)
+    return read_copyright(root, SOUNDFONT_PACKAGE).fallback
 
 
 def _fluidsynth() -> str:
@@ -334,6 +336,18 @@ def _fluidsynth() -> str:
     return exe
 
 
+# Reverb and chorus off: their tails would outlive the All Sound Off that ends each slot.
+# Gain 1.0 (fluidsynth's default is 0.2) puts the loudest GM notes near -2 dBFS without clipping.
+_SYNTH_FLAGS = ("-R", "0", "-C", "0", "-g", "1.0")
+
+
+def _render_tag(sf2: Path) -> str:
+    """Cache folder name for a soundfont and the render settings: a change to either renders anew."""
+    st = sf2.stat()
+    key = f"{sf2.name}:{st.st_size}:{SAMPLE_RATE}:{HOLD_SECONDS}:{SLOT_SECONDS}:{' '.join(_SYNTH_FLAGS)}"
+    return f"{sf2.stem}-{content_id('settings', key)[:8]}"
+
+
 def render_batch(notes: Sequence[Note], sf2: Path) -> np.ndarray:
     """Renders notes in one fluidsynth run.
 
@@ -344,7 +358,7 @@ def render_batch(notes: Sequence[Note], sf2: Path) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="fusemix-notes-") as tmp:
         mid, wav = Path(tmp) / "batch.mid", Path(tmp) / "batch.wav"
         mid.write_bytes(write_smf(notes))
-        cmd = [exe, "-ni", "-q", "-R", "0", "-C", "0", "-g", "1.0", "-r", str(SAMPLE_RATE), "-F", str(wav)]
+        cmd = [exe, "-ni", "-q", *_SYNTH_FLAGS, "-r", str(SAMPLE_RATE), "-F", str(wav)]
         proc = subprocess.run([*cmd, str(sf2), str(mid)], capture_output=True, text=True)
         if proc.returncode != 0 or not wav.exists():
             raise RuntimeError(
@@ -447,18 +461,25 @@ def fetch_notes(
     progress: bool = True,
     notes: Sequence[Note] | None = None,
     sf2: Path | None = None,
+    sf2_license: str | None = None,
 ) -> Dataset:
     """Builds the `notes` dataset: renders (or reuses) one FLAC per note under `cache`/notes/.
 
     `limit` keeps that many concepts (instruments / drum sounds); `notes` replaces the default
-    grid (note_grid()). Silent renders are quarantined with reason "silent".
+    grid (note_grid()). `sf2` renders with another soundfont, whose licence `sf2_license`
+    must then name. Silent renders are quarantined with reason "silent".
     """
     cache = Path(cache).resolve()
     grid = pick_concepts(note_grid() if notes is None else list(notes), limit, seed)
-    sf2 = find_soundfont(cache) if sf2 is None else Path(sf2)
-    lic = f"{soundfont_license(cache, sf2)} (FluidR3_GM soundfont, Debian {SOUNDFONT_PACKAGE})"
+    if sf2 is None:
+        sf2 = find_soundfont(cache)
+        lic = f"{soundfont_license(cache)} (FluidR3_GM soundfont, Debian {SOUNDFONT_PACKAGE})"
+    elif sf2_license:
+        sf2, lic = Path(sf2).resolve(), sf2_license
+    else:
+        raise ValueError(f"fetch_notes with a custom soundfont ({sf2}) needs sf2_license")
     src = f"fluidsynth:{sf2.name}"
-    paths = render_notes(grid, cache / "notes" / sf2.stem, sf2, progress=progress)
+    paths = render_notes(grid, cache / "notes" / _render_tag(sf2), sf2, progress=progress)
     ds = Dataset(SOURCE, split_seed=seed)
     splits = concept_splits({n.concept for n in grid}, seed)
     for note in tqdm(grid, desc="notes:index", unit="note", disable=not progress):

@@ -341,6 +341,11 @@ def test_notes_cache_is_idempotent(tmp_path):
     assert second.media == first.media
 
 
+def test_custom_soundfont_needs_a_licence(tmp_path):
+    with pytest.raises(ValueError, match="sf2_license"):
+        fetch_notes(tmp_path, notes=[Note(0, 60, 80)], sf2=find_soundfont(tmp_path), progress=False)
+
+
 def test_limit_picks_concepts_across_families():
     grid = note_grid(pitches=(60,), velocities=(80,))
     picked = pick_concepts(grid, 17, seed=0)
