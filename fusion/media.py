@@ -352,8 +352,15 @@ def decode_image(ref: Ref, media_id: str = "", limits: MediaLimits | None = None
 # ----------------------------------------------------------------------------------------------- audio
 
 
-def _load_audio(ref: Ref, media_id: str, limits: MediaLimits) -> tuple[np.ndarray, int]:
-    """Reads audio at its own rate, mixed to mono: (float32 [T], sample rate)."""
+# Beyond these, a small compressed file could inflate to gigabytes of samples (a silent 1000-channel FLAC).
+MAX_AUDIO_CHANNELS = 32
+MAX_SAMPLE_RATE = 384_000
+
+
+def _load_audio(
+    ref: Ref, media_id: str, limits: MediaLimits, max_seconds: float | None = None
+) -> tuple[np.ndarray, int]:
+    """Reads audio at its own rate, mixed to mono: (float32 [T], sample rate); at most max_seconds of it."""
     data = read_bytes(ref, media_id, limits)
     try:
         f = sf.SoundFile(io.BytesIO(data))
@@ -361,9 +368,15 @@ def _load_audio(ref: Ref, media_id: str, limits: MediaLimits) -> tuple[np.ndarra
         reason = "unsupported_format" if sniff_modality(data) == "image" else "undecodable"
         raise MediaError(media_id, reason, f"soundfile cannot open it: {e}") from None
     with f:
-        sr, frames = int(f.samplerate), int(f.frames)
-        if sr <= 0:
-            raise MediaError(media_id, "undecodable", f"sample rate {sr}")
+        sr, frames, channels = int(f.samplerate), int(f.frames), int(f.channels)
+        if sr <= 0 or channels <= 0:
+            raise MediaError(media_id, "undecodable", f"sample rate {sr}, {channels} channels")
+        if sr > MAX_SAMPLE_RATE or channels > MAX_AUDIO_CHANNELS:
+            raise MediaError(
+                media_id,
+                "unsupported_format",
+                f"{sr} Hz x {channels} channels (limits {MAX_SAMPLE_RATE} Hz, {MAX_AUDIO_CHANNELS} channels)",
+            )
         if frames <= 0:
             raise MediaError(media_id, "empty", "no audio frames")
         seconds = frames / sr
@@ -371,23 +384,27 @@ def _load_audio(ref: Ref, media_id: str, limits: MediaLimits) -> tuple[np.ndarra
             raise MediaError(media_id, "too_long", f"{seconds:.1f} s > {limits.max_audio_seconds} s")
         if seconds < limits.min_audio_seconds:
             raise MediaError(media_id, "too_short", f"{seconds:.4f} s < {limits.min_audio_seconds} s")
+        want = frames if max_seconds is None else min(frames, int(math.ceil(max_seconds * sr)))
+        mono = np.empty(want, dtype=np.float32)
+        got = 0
         try:
-            # frames+1 caps the read at what the header declared (plus one, to notice a lying header).
-            wav = f.read(
-                frames=min(frames + 1, int(limits.max_audio_seconds * sr) + 1),
-                dtype="float32",
-                always_2d=True,
-            )
+            # Mixed to mono block by block, so memory is one channel's worth whatever the channel count.
+            while got < want:
+                block = f.read(frames=min(1 << 20, want - got), dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                mono[got : got + block.shape[0]] = block.mean(axis=1) if channels > 1 else block[:, 0]
+                got += block.shape[0]
         except (sf.SoundFileError, RuntimeError, ValueError) as e:
             raise MediaError(media_id, "undecodable", f"audio stream is corrupt: {e}") from None
-    if wav.shape[0] == 0:
+    mono = mono[:got]
+    if got == 0:
         raise MediaError(media_id, "empty", "no audio frames could be decoded")
-    if wav.shape[0] / sr < limits.min_audio_seconds:
-        raise MediaError(media_id, "too_short", f"only {wav.shape[0]} frames decode")
-    mono = wav.mean(axis=1, dtype=np.float32) if wav.shape[1] > 1 else wav[:, 0]
+    if got < want and got / sr < limits.min_audio_seconds:
+        raise MediaError(media_id, "too_short", f"only {got} frames decode")
     if not np.isfinite(mono).all():
         raise MediaError(media_id, "undecodable", "audio contains NaN or infinite samples")
-    return np.ascontiguousarray(mono, dtype=np.float32), sr
+    return mono, sr
 
 
 def _kaiser(u: np.ndarray, beta: float) -> np.ndarray:
@@ -397,13 +414,18 @@ def _kaiser(u: np.ndarray, beta: float) -> np.ndarray:
     return np.where(inside, np.i0(beta * arg) / np.i0(beta), 0.0)
 
 
+# Above this many phases (L of the reduced L/M ratio) a tap table would be larger than computing taps per output.
+_POLYPHASE_MAX_PHASES = 4096
+
+
 def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zero_crossings: int = 16) -> np.ndarray:
     """Band-limited resampling of a mono signal x [T] from orig_sr to target_sr -> float32 [ceil(T*target/orig)].
 
     A Kaiser-windowed sinc low-pass (cut at 0.945 of the lower Nyquist, `zero_crossings` lobes per side)
     is evaluated at each output instant. Rates are reduced to L/M by their gcd; output n sits at input
-    time n*M/L, so the fractional offsets repeat with period L and the filter taps are tabulated once per
-    phase when L is small, computed per output otherwise.
+    time n*M/L, so the fractional offsets repeat with period L: when L is small the taps are tabulated
+    once per phase and each phase is one strided matrix-vector product; otherwise they are computed per
+    output.
     """
     if orig_sr <= 0 or target_sr <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
@@ -427,27 +449,53 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zero_crossings: int
         h = 2 * fc * np.sinc(2 * fc * d) * _kaiser(d / span, beta)
         return (h / h.sum(axis=1, keepdims=True)).astype(np.float32)  # unit DC gain per phase
 
-    table = taps(np.arange(up) / up) if up <= 4096 else None
-    xp = np.concatenate([np.zeros(k, np.float32), x, np.zeros(k + 1, np.float32)])
+    xp = np.concatenate([np.zeros(k, np.float32), x, np.zeros(k + 1 + down, np.float32)])
     out = np.empty(n_out, dtype=np.float32)
-    chunk = max(1, 2_000_000 // (2 * k))
-    for start in range(0, n_out, chunk):
-        n = np.arange(start, min(n_out, start + chunk), dtype=np.int64)
+    block = max(1, 1_000_000 // (2 * k))  # rows per matrix product: bounds the temporary to ~4 MB
+    if up <= _POLYPHASE_MAX_PHASES:
+        # Polyphase: outputs p, p+L, p+2L ... share one tap vector and start M input samples apart,
+        # so each phase is a strided window view times a vector (no gather, ~10x faster).
+        table = taps(np.arange(up) / up)
+        windows = np.lib.stride_tricks.sliding_window_view(xp, 2 * k)
+        for p in range(min(up, n_out)):
+            count = len(range(p, n_out, up))
+            first = (p * down) // up + 1  # window of output p starts at floor(p*M/L) - k + 1, +k padding
+            h = table[(p * down) % up]
+            for j in range(0, count, block):
+                c = min(block, count - j)
+                start = first + j * down
+                out[p + j * up : p + (j + c) * up : up] = (
+                    windows[start : start + (c - 1) * down + 1 : down] @ h
+                )
+        return out
+    for start in range(0, n_out, block):
+        n = np.arange(start, min(n_out, start + block), dtype=np.int64)
         pos = n * down
         base, phase = pos // up, pos % up
-        w = table[phase] if table is not None else taps(phase / up)
         idx = base[:, None] + offsets[None, :] + k  # +k for the left padding
-        out[start : start + n.size] = np.einsum("ij,ij->i", xp[idx], w)
+        out[start : start + n.size] = np.einsum("ij,ij->i", xp[idx], taps(phase / up))
     return out
 
 
 def decode_audio(
-    ref: Ref, sample_rate: int, media_id: str = "", limits: MediaLimits | None = None
+    ref: Ref,
+    sample_rate: int,
+    media_id: str = "",
+    limits: MediaLimits | None = None,
+    *,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
-    """Decodes audio to float32 mono [T] at `sample_rate`, T = ceil(frames * sample_rate / native rate)."""
+    """Decodes audio to float32 mono [T] at `sample_rate`, T = ceil(frames * sample_rate / native rate).
+
+    max_seconds: decode and resample only the start (T <= ceil(max_seconds * sample_rate)); for encoders
+    that look at a fixed window. The duration limits still apply to the whole file.
+    """
     limits = limits or DEFAULT_LIMITS
-    mono, sr = _load_audio(ref, media_id, limits)
-    return resample(mono, sr, int(sample_rate)) if sr != sample_rate else mono
+    mono, sr = _load_audio(ref, media_id, limits, max_seconds)
+    out = resample(mono, sr, int(sample_rate)) if sr != sample_rate else mono
+    if max_seconds is not None:
+        out = out[: int(math.ceil(max_seconds * sample_rate))]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- probe

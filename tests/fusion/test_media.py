@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from fusion import media
 from fusion.media import (
     DEFAULT_LIMITS,
     MediaError,
@@ -288,6 +289,16 @@ def test_resample_removes_what_cannot_be_represented():
     assert np.sqrt(np.mean(y[1600:-1600] ** 2)) < 1e-3
 
 
+@pytest.mark.parametrize(("orig", "target"), [(44100, 16000), (48000, 16000), (8000, 12000)])
+def test_resample_polyphase_matches_per_output_taps(orig, target, monkeypatch):
+    x = np.random.default_rng(0).standard_normal(orig // 5).astype(np.float32)
+    fast = resample(x, orig, target)
+    monkeypatch.setattr(media, "_POLYPHASE_MAX_PHASES", 0)  # force the per-output path
+    slow = resample(x, orig, target)
+    assert fast.shape == slow.shape
+    np.testing.assert_allclose(fast, slow, atol=1e-5)
+
+
 def test_resample_identity_and_errors():
     x = sine(100.0, 1000, 0.1)
     np.testing.assert_array_equal(resample(x, 1000, 1000), x)
@@ -302,6 +313,29 @@ def test_decode_audio_resamples():
     x = decode_audio(data, 16000)
     assert x.size == 16000
     assert abs(dominant_hz(x, 16000) - 1000.0) < 0.5
+
+
+def test_decode_audio_max_seconds_reads_only_the_start():
+    data = audio_bytes(freq=500.0, sr=44100, seconds=3.0, fmt="FLAC")
+    full = decode_audio(data, 16000)
+    head = decode_audio(data, 16000, max_seconds=1.0)
+    assert full.size == 48000 and head.size == 16000
+    # Away from the cut (where the full decode sees the samples that follow), both agree.
+    np.testing.assert_allclose(head[:15000], full[:15000], atol=1e-4)
+    assert reason_of(
+        decode_audio, data, 16000, limits=MediaLimits(max_audio_seconds=2.0), max_seconds=1.0
+    ) == ("too_long")
+
+
+def test_audio_decompression_limits():
+    buf = io.BytesIO()
+    # 40 channels: as a compressed file of silence this is tiny, decoded it is 40x one channel.
+    sf.write(buf, np.zeros((1600, 40), np.float32), 16000, format="WAV")
+    assert reason_of(decode_audio, buf.getvalue(), 16000, "many") == "unsupported_format"
+    many = np.stack([sine(200.0, 8000, 0.5)] * 6, axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, many, 8000, format="WAV", subtype="FLOAT")
+    np.testing.assert_allclose(decode_audio(buf.getvalue(), 8000), many[:, 0], atol=1e-6)
 
 
 def test_audio_duration_limits():
