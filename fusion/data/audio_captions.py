@@ -102,23 +102,31 @@ def read_audiocaps(
         missing = [c for c in AUDIOCAPS_COLUMNS if c not in csv_header(path)]
         if missing:
             raise ReaderError(f"{path.name} lacks AudioCaps columns {missing}")
-        for label, row, detail in progress_bar(iter_csv(path), desc=f"read {name} {s}", enabled=progress):
+
+        def rel_of(row: dict[str, str] | None, s: str = s) -> str | None:
+            """The clip's path under root, or None for a row without a usable id and start time."""
+            if row is None:
+                return None
+            yid, start = (row.get("youtube_id") or "").strip(), _start_time(row.get("start_time", ""))
+            if not yid or start is None or "/" in yid or "\\" in yid:
+                return None
+            fields = {
+                "youtube_id": yid,
+                "start_time": start,
+                "audiocap_id": (row.get("audiocap_id") or "").strip(),
+            }
+            return _template(f"{audio_dir}/{filename}", split=s, **fields)
+
+        rows = progress_bar(iter_csv(path), desc=f"read {name} {s}", enabled=progress)
+        for label, row, detail in builder.prefetched(rows, lambda t: rel_of(t[1])):
             if row is None:
                 builder.reject(label, "malformed", detail)
                 continue
-            yid, start = (row.get("youtube_id") or "").strip(), _start_time(row.get("start_time", ""))
-            if not yid or start is None or "/" in yid or "\\" in yid:
-                builder.reject(
-                    label, "malformed", f"youtube_id {yid!r} / start_time {row.get('start_time')!r}"
-                )
+            rel = rel_of(row)
+            if rel is None:
+                what = f"youtube_id {row.get('youtube_id')!r} / start_time {row.get('start_time')!r}"
+                builder.reject(label, "malformed", what)
                 continue
-            rel = _template(
-                f"{audio_dir}/{filename}",
-                split=s,
-                youtube_id=yid,
-                start_time=start,
-                audiocap_id=(row.get("audiocap_id") or "").strip(),
-            )
             builder.add_pair(rel, row.get("caption"), row=label, split=s)
     return builder.finish()
 
@@ -169,7 +177,11 @@ def read_clotho(
         if "file_name" not in header or not cap_cols:
             raise ReaderError(f"{path.name} lacks Clotho columns file_name, caption_1..caption_5")
         folder = _template(audio_dir, part=part, split=s)
-        for label, row, detail in progress_bar(iter_csv(path), desc=f"read {name} {part}", enabled=progress):
+        rows = progress_bar(iter_csv(path), desc=f"read {name} {part}", enabled=progress)
+        prefix = f"{folder}/" if folder else ""
+        for label, row, detail in builder.prefetched(
+            rows, lambda t, prefix=prefix: prefix + t[1]["file_name"]
+        ):
             if row is None:
                 builder.reject(label, "malformed", detail)
                 continue

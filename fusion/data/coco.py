@@ -91,7 +91,8 @@ def _read_coco_file(
         files[im["id"]] = str(Path(images_dir) / im["file_name"]) if images_dir else im["file_name"]
     captioned: set[Any] = set()
     anns = obj["annotations"]
-    for i, ann in enumerate(progress_bar(anns, desc=f"read {path.name}", enabled=progress, total=len(anns))):
+    bar = progress_bar(enumerate(anns), desc=f"read {path.name}", enabled=progress, total=len(anns))
+    for i, ann in builder.prefetched(bar, lambda t: files[t[1]["image_id"]]):
         label = f"{path.name}:annotations[{i}]"
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             builder.reject(label, "malformed", "an annotation needs 'image_id' and 'caption'")
@@ -146,6 +147,10 @@ def read_coco(
     return builder.finish()
 
 
+def _karpathy_path(images_dir: str, im: dict[str, Any]) -> str:
+    return str(Path(images_dir or ".") / (im.get("filepath") or "") / im["filename"])
+
+
 def read_karpathy(
     root: str | Path,
     *,
@@ -187,7 +192,8 @@ def read_karpathy(
         builder.reject(path.name, "malformed", "no 'images' list")
         return builder.finish()
     images = obj["images"]
-    for i, im in enumerate(progress_bar(images, desc=f"read {name}", enabled=progress, total=len(images))):
+    bar = progress_bar(enumerate(images), desc=f"read {name}", enabled=progress, total=len(images))
+    for i, im in builder.prefetched(bar, lambda t: _karpathy_path(images_dir, t[1])):
         label = f"{path.name}:images[{i}]"
         if not isinstance(im, dict) or not isinstance(im.get("filename"), str):
             builder.reject(label, "malformed", "an image needs a string 'filename'")
@@ -206,6 +212,6 @@ def read_karpathy(
         if not isinstance(filepath, str):
             builder.reject(label, "malformed", f"'filepath' is a {type(filepath).__name__}")
             continue
-        rel = str(Path(images_dir or ".") / filepath / im["filename"])
+        rel = _karpathy_path(images_dir, im)
         builder.add_pair(rel, captions, row=label, split=im_split if im_split is not None else want)
     return builder.finish()

@@ -221,7 +221,8 @@ def read_manifest(
     if modality is None and media_column in ("image", "audio"):
         modality = media_column
     builder = DatasetBuilder(name, root, modality=modality, **common)
-    for label, row, detail in progress_bar(iter_manifest(path), desc=f"read {name}", enabled=progress):
+    rows = progress_bar(iter_manifest(path), desc=f"read {name}", enabled=progress)
+    for label, row, detail in builder.prefetched(rows, lambda r: r[1][media_column]):
         if row is None:
             builder.reject(label, "malformed", detail)
             continue

@@ -13,8 +13,10 @@ item stay together) from a seeded hash, recorded in `Dataset.split_seed`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,13 @@ def default_splits(
     return out
 
 
+@dataclass(frozen=True)
+class _Checked:
+    media_id: str
+    modality: str
+    path: str
+
+
 @dataclass
 class _Pending:
     media_id: str
@@ -103,6 +112,7 @@ class DatasetBuilder:
     sniff each file. probe: decode each media file once (fusion.media.probe) so undecodable files are
     quarantined at ingest rather than failing an encoder later. extract_to: where inline payloads
     (e.g. tar members) are written so that items carry a path; None keeps them as inline bytes.
+    workers: threads that read and probe files ahead of the rows (readers call `prefetch`).
     """
 
     def __init__(
@@ -119,6 +129,7 @@ class DatasetBuilder:
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         extract_to: str | Path | None = None,
+        workers: int = 1,
     ) -> None:
         if modality not in (None, "image", "audio"):
             raise ReaderError(f"modality must be 'image', 'audio' or None (sniffed), not {modality!r}")
@@ -133,7 +144,9 @@ class DatasetBuilder:
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.extract_to = Path(extract_to).resolve() if extract_to is not None else None
-        self._media_cache: dict[str, str | MediaError] = {}
+        self.workers = max(1, int(workers))
+        self._pool: ThreadPoolExecutor | None = None
+        self._media_cache: dict[str, _Checked | MediaError] = {}
         self._seen: dict[tuple[str, str], str] = {}
         self._pending: list[_Pending] = []
 
@@ -146,29 +159,57 @@ class DatasetBuilder:
 
     # -------------------------------------------------------------------------------------- media
 
-    def _admit_media(self, key: str, data: bytes, modality: str | None, path: Path | None, ext: str) -> str:
-        """Checks decoded media; returns its id (raises MediaError)."""
+    def _check(self, key: str, data: bytes, modality: str | None) -> tuple[str, str]:
+        """(media id, modality) of a payload that passes the probe; raises MediaError. Thread-safe."""
         mod = modality or self.modality or sniff_modality(data)
         if mod not in ("image", "audio"):
             raise MediaError(key, "unsupported_format", "neither an image nor audio by its magic bytes")
         if self.probe:
             probe(data, mod, key, self.limits)
-        mid = content_id(mod, data)
-        if mid not in self.dataset.media:
-            if path is None and self.extract_to is not None:
-                self.extract_to.mkdir(parents=True, exist_ok=True)
-                path = self.extract_to / f"{mid}{ext}"
-                if not path.exists():
-                    tmp = path.with_suffix(path.suffix + ".part")
-                    tmp.write_bytes(data)
-                    tmp.replace(path)
-            item = (
-                MediaItem(mid, mod, path=str(path), source=self.source, license=self.license)
-                if path is not None
-                else MediaItem(mid, mod, data=data, source=self.source, license=self.license)
-            )
-            self.dataset.add_media(item)
-        return mid
+        return content_id(mod, data), mod
+
+    def _check_path(self, rel: str, modality: str | None) -> _Checked | MediaError:
+        """Resolves, reads and probes one file; no shared state is touched, so workers may run it."""
+        try:
+            path = resolve_under(self.root, rel, rel)
+            mid, mod = self._check(rel, read_bytes(path, rel, self.limits), modality)
+            return _Checked(mid, mod, str(path))
+        except MediaError as e:
+            return e
+
+    def prefetch(self, rels: Iterable[Any], modality: str | None = None) -> None:
+        """Checks the not-yet-seen paths among `rels` on `workers` threads (Pillow, soundfile and
+        hashlib release the GIL), so the add_pair calls that follow find them done."""
+        if self.workers <= 1:
+            return
+        todo = list(
+            dict.fromkeys(r for r in rels if isinstance(r, str) and r.strip() and r not in self._media_cache)
+        )
+        if len(todo) < 2:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="probe")
+        for rel, result in zip(
+            todo, self._pool.map(lambda r: self._check_path(r, modality), todo), strict=True
+        ):
+            self._media_cache[rel] = result
+
+    def prefetched(
+        self, items: Iterable[Any], rel_of: Callable[[Any], Any], size: int = 256
+    ) -> Iterator[Any]:
+        """Yields `items` unchanged, prefetching a chunk's media paths (`rel_of(item)`) before yielding it."""
+        if self.workers <= 1:
+            yield from items
+            return
+        for chunk in chunks(items, size):
+            rels = []
+            for item in chunk:
+                try:
+                    rels.append(rel_of(item))
+                except (KeyError, TypeError, AttributeError, ValueError):
+                    continue  # a malformed row: the reader rejects it when it gets there
+            self.prefetch(rels)
+            yield from chunk
 
     def media_from_path(self, rel: Any, modality: str | None = None) -> str:
         """Id of the media file at `rel` under the root, read and probed once (raises MediaError)."""
@@ -176,21 +217,44 @@ class DatasetBuilder:
             raise MediaError(str(rel), "missing", f"no media path given ({rel!r})")
         cached = self._media_cache.get(rel)
         if cached is None:
-            try:
-                path = resolve_under(self.root, rel, rel)
-                data = read_bytes(path, rel, self.limits)
-                cached = self._admit_media(rel, data, modality, path, path.suffix.lower())
-            except MediaError as e:
-                cached = e
-            self._media_cache[rel] = cached
+            cached = self._media_cache[rel] = self._check_path(rel, modality)
         if isinstance(cached, MediaError):
             raise cached
-        return cached
+        # Items are added here, in row order, not by the workers: the Dataset comes out the same either way.
+        if cached.media_id not in self.dataset.media:
+            self.dataset.add_media(
+                MediaItem(
+                    cached.media_id,
+                    cached.modality,
+                    path=cached.path,
+                    source=self.source,
+                    license=self.license,
+                )  # type: ignore[arg-type]
+            )
+        return cached.media_id
 
     def media_from_bytes(self, key: str, data: bytes, modality: str | None = None, ext: str = "") -> str:
-        """Id of an inline payload (e.g. a tar member), probed (raises MediaError)."""
+        """Id of an inline payload (e.g. a tar member), probed (raises MediaError).
+
+        With `extract_to`, the payload is written there as `{media id}{ext}` and the item carries that path.
+        """
         data = read_bytes(data, key, self.limits)
-        return self._admit_media(key, data, modality, None, ext)
+        mid, mod = self._check(key, data, modality)
+        if mid not in self.dataset.media:
+            path: Path | None = None
+            if self.extract_to is not None:
+                self.extract_to.mkdir(parents=True, exist_ok=True)
+                path = self.extract_to / f"{mid}{ext}"
+                if not path.exists():
+                    tmp = path.with_suffix(path.suffix + ".part")
+                    tmp.write_bytes(data)
+                    tmp.replace(path)
+            self.dataset.add_media(
+                MediaItem(mid, mod, path=str(path), source=self.source, license=self.license)  # type: ignore[arg-type]
+                if path is not None
+                else MediaItem(mid, mod, data=data, source=self.source, license=self.license)  # type: ignore[arg-type]
+            )
+        return mid
 
     # -------------------------------------------------------------------------------------- rows
 
@@ -261,6 +325,9 @@ class DatasetBuilder:
 
     def finish(self) -> Dataset:
         """Assigns default splits by group to rows without one and returns the Dataset."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         ds = self.dataset
         explicit: dict[str, str] = {}
         for p in self._pending:
@@ -296,3 +363,10 @@ def progress_bar(
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False)
+
+
+def chunks(iterable: Iterable[Any], size: int = 256) -> Iterator[list[Any]]:
+    """Consecutive lists of up to `size` items: rows are prefetched a chunk at a time."""
+    it = iter(iterable)
+    while chunk := list(islice(it, size)):
+        yield chunk

@@ -57,7 +57,8 @@ def read_dataset(
     split: for formats that carry splits, read only that one; otherwise every pair gets it (without
     it, pairs with no split get a default by group, seeded by `seed`). modality: "image"/"audio" or
     None (from the format, else sniffed per file). options: license (default "unknown"), source,
-    seed, probe, val_fraction, test_fraction, extract_to, plus the format's own (file, annotations,
+    seed, probe, workers (threads that read and probe files ahead), val_fraction, test_fraction,
+    extract_to, plus the format's own (file, annotations,
     images_dir, shards, csv_files, audio_dir, filename, column names ...).
     """
     key = ALIASES.get(kind, kind)

@@ -492,3 +492,40 @@ def test_clotho(tmp_path: Path):
 
 def test_readers_registry():
     assert set(READERS) >= {"manifest", "coco", "karpathy", "webdataset", "audiocaps", "clotho"}
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def test_workers_give_the_same_dataset(manifest_root: Path, audiocaps_root: Path, tmp_path: Path):
+    """Probing on threads changes nothing in the result: same media (same order), pairs and quarantine."""
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    shutil.copy(FIXTURES / "captions_val2017.json", coco / "captions_val2017.json")
+    for i in (1, 2, 3, 5):
+        write_image(coco / "val2017" / f"{i:012d}.jpg", colour(i), fmt="JPEG")
+    cases = [
+        ("manifest", manifest_root, {"limits": MediaLimits(max_bytes=20_000)}),
+        ("audiocaps", audiocaps_root, {}),
+        ("coco", coco, {}),
+    ]
+    for kind, root, kw in cases:
+        one = read_dataset(kind, root, name="w", progress=False, **kw)
+        many = read_dataset(kind, root, name="w", progress=False, workers=4, **kw)
+        assert list(many.media) == list(one.media), kind
+        assert many == one, kind
+        assert len(one.pairs) > 0 and len(one.quarantine) > 0
+
+
+def test_prefetch_chunks_many_rows(tmp_path: Path):
+    root = tmp_path / "many"
+    lines = ["image,caption"]
+    for i in range(300):  # more than one prefetch chunk
+        if i % 3 == 0:
+            write_image(root / f"{i}.png", colour(i))
+        lines.append(f"{i // 3 * 3}.png,caption {i}")
+    lines.append("../escape.png,out")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    ds = read_dataset("manifest", root, name="m", workers=3, progress=False)
+    assert media_count(ds, "image") == 100 and len(ds.pairs) == 300
+    assert ds.quarantine_counts() == {"outside_root": 1}
