@@ -103,7 +103,10 @@ def resolve_under(root: str | Path, rel: str | Path, media_id: str = "") -> Path
         raise MediaError(media_id, "missing", "empty path")
     if os.path.isabs(rel_s) or re.match(r"^[A-Za-z]:[\\/]", rel_s):
         raise MediaError(media_id, "outside_root", f"absolute path {rel_s!r} is not allowed")
-    target = (root_r / rel_s).resolve()
+    try:
+        target = (root_r / rel_s).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL byte in the name ...
+        raise MediaError(media_id, "unreadable", f"{rel_s!r} cannot be resolved: {e}") from None
     if not target.is_relative_to(root_r):
         raise MediaError(media_id, "outside_root", f"{rel_s!r} resolves to {target}, outside {root_r}")
     return target
@@ -133,7 +136,7 @@ def read_bytes(
         st = path.stat()
     except FileNotFoundError:
         raise MediaError(media_id, "missing", f"no file at {path}") from None
-    except OSError as e:  # permission on a parent, broken symlink loop, name too long ...
+    except (OSError, ValueError) as e:  # permission on a parent, symlink loop, name too long, NUL byte ...
         raise MediaError(media_id, "unreadable", f"{path}: {e}") from None
     if not path.is_file():
         raise MediaError(media_id, "unreadable", f"{path} is not a regular file")
@@ -168,7 +171,9 @@ def sniff_modality(data: bytes) -> str | None:
     """ "image", "audio" or None, from the magic bytes at the start of `data`."""
     if len(data) < 4:
         return None
-    if data.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")):
+    if data.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")):
+        return "image"
+    if data[:2] == b"BM" and len(data) >= 26 and data[6:10] == b"\0\0\0\0":  # BMP: reserved words are zero
         return "image"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image"

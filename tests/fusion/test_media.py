@@ -93,6 +93,10 @@ def test_resolve_under_refuses_escapes(tmp_path):
     for bad in ("../secret.png", str(tmp_path / "secret.png"), "link.png", "sub/../../secret.png"):
         assert reason_of(resolve_under, root, bad) == "outside_root", bad
     assert reason_of(read_bytes, "../secret.png", root=root) == "outside_root"
+    os.symlink(root / "loop_b", root / "loop_a")
+    os.symlink(root / "loop_a", root / "loop_b")
+    assert reason_of(read_bytes, "loop_a", root=root) in ("unreadable", "missing")
+    assert reason_of(read_bytes, "nul\0byte.png", root=root) == "unreadable"
     assert read_bytes("sub/a.png", root=root) == b"x"
 
 
@@ -106,6 +110,7 @@ def test_sniff_modality():
     for fmt in ("WAV", "FLAC", "OGG", "MP3"):
         assert sniff_modality(audio_bytes(fmt=fmt)) == "audio", fmt
     assert sniff_modality(b"hello, world") is None
+    assert sniff_modality(b"BMW cars are fast, says the caption") is None
     assert sniff_modality(b"") is None
 
 
