@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,8 @@ def find_manifest(root: Path, file: str | Path | None) -> Path:
     return found[0]
 
 
-def _peek_columns(path: Path) -> list[str]:
+def _peek_columns(path: Path, sample: int = 100) -> list[str]:
+    """Column names: the header of a CSV/Parquet file, the keys of the first `sample` JSON rows."""
     if path.suffix.lower() in (".csv", ".tsv"):
         return csv_header(path, "\t" if path.suffix.lower() == ".tsv" else ",")
     if path.suffix.lower() == ".parquet":
@@ -173,10 +175,11 @@ def _peek_columns(path: Path) -> list[str]:
             return list(pq.read_schema(path).names)
         except Exception as e:  # ArrowInvalid, OSError ...
             raise ReaderError(f"{path} is not a readable Parquet file: {e}") from None
-    for _, row, _ in iter_manifest(path):
+    keys: dict[str, None] = {}
+    for _, row, _ in islice(iter_manifest(path), sample):
         if row is not None:
-            return list(row)
-    return []
+            keys.update(dict.fromkeys(row))
+    return list(keys)
 
 
 def read_manifest(
@@ -221,18 +224,25 @@ def read_manifest(
     if modality is None and media_column in ("image", "audio"):
         modality = media_column
     builder = DatasetBuilder(name, root, modality=modality, **common)
+
+    def wanted(row: dict[str, Any]) -> bool:
+        """False for a row of another split than the one asked for (unknown names are rejected later)."""
+        norm = normalise_split(row.get(split_column))
+        return want is None or norm is None or norm == want
+
     rows = progress_bar(iter_manifest(path), desc=f"read {name}", enabled=progress)
-    for label, row, detail in builder.prefetched(rows, lambda r: r[1][media_column]):
+    for label, row, detail in builder.prefetched(
+        rows, lambda r: r[1][media_column] if wanted(r[1]) else None
+    ):
         if row is None:
             builder.reject(label, "malformed", detail)
             continue
         if media_column not in row or caption_column not in row:
             builder.reject(label, "malformed", f"missing {media_column!r} or {caption_column!r}")
             continue
+        if not wanted(row):
+            continue  # not bad, just not asked for
         row_split = row.get(split_column)
-        row_norm = normalise_split(row_split)
-        if want is not None and row_norm is not None and row_norm != want:
-            continue  # another split's row: not bad, just not asked for (unknown names are rejected below)
         builder.add_pair(
             row[media_column],
             row[caption_column],

@@ -95,7 +95,7 @@ def test_resolve_under_refuses_escapes(tmp_path):
     assert reason_of(read_bytes, "../secret.png", root=root) == "outside_root"
     os.symlink(root / "loop_b", root / "loop_a")
     os.symlink(root / "loop_a", root / "loop_b")
-    assert reason_of(read_bytes, "loop_a", root=root) in ("unreadable", "missing")
+    assert reason_of(read_bytes, "loop_a", root=root) == "unreadable"
     assert reason_of(read_bytes, "nul\0byte.png", root=root) == "unreadable"
     assert read_bytes("sub/a.png", root=root) == b"x"
 

@@ -137,6 +137,7 @@ def test_manifest_jsonl_sniffs_modality_and_handles_bad_lines(tmp_path: Path):
     write_audio(root / "c.flac", freq=880.0, fmt="FLAC")
     (root / "notes.txt").write_text("plain text is neither an image nor audio")
     lines = [
+        json.dumps({"media": "a.png", "note": "the first row has no caption; later ones do"}),
         json.dumps({"media": "a.png", "caption": "red", "split": "train"}),
         json.dumps({"media": "b.wav", "caption": ["a beep", "a tone"], "group": "tones"}),
         json.dumps({"media": "c.flac", "caption": "a higher tone", "group": "tones"}),
@@ -156,7 +157,7 @@ def test_manifest_jsonl_sniffs_modality_and_handles_bad_lines(tmp_path: Path):
     assert {p.group_id for p in ds.pairs if ds.media[p.media_id].modality == "audio"} == {"tones"}
     # the audio rows share a group, so they share a default split
     assert len({p.split for p in ds.pairs if p.group_id == "tones"}) == 1
-    assert ds.quarantine_counts() == {"malformed": 4, "non_text_caption": 1, "unsupported_format": 1}
+    assert ds.quarantine_counts() == {"malformed": 5, "non_text_caption": 1, "unsupported_format": 1}
 
 
 def test_manifest_parquet_and_file_as_root(tmp_path: Path):
