@@ -323,7 +323,7 @@ def _special_ids(tokenizer) -> dict[str, int]:
     ids = {}
     for key, token in names.items():
         token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id and key != "eot":
+        if token_id is None or (token_id == tokenizer.unk_token_id and key != "eot"):
             raise CT2FormatError(f"tokenizer lacks Whisper special token {token}")
         ids[key] = int(token_id)
     return ids
