@@ -210,6 +210,9 @@ def _gunzip(data: bytes, max_out: int, media_id: str, limits: MediaLimits | None
 
 _SVG_NS = "http://www.w3.org/2000/svg"
 _XLINK_NS = "http://www.w3.org/1999/xlink"
+# Serialise sanitised SVGs with the usual prefixes rather than ns0:, once, not per (threaded) call.
+ET.register_namespace("", _SVG_NS)
+ET.register_namespace("xlink", _XLINK_NS)
 
 
 def _svg_aspect(root: ET.Element) -> float | None:
@@ -276,8 +279,6 @@ def _decode_svg(data: bytes, media_id: str, limits: MediaLimits) -> Image.Image:
         raise MediaError(media_id, "undecodable", f"root element is {root.tag!r}, not svg")
     _sanitise_svg(root, media_id, limits)
     aspect = _svg_aspect(root)
-    ET.register_namespace("", _SVG_NS)
-    ET.register_namespace("xlink", _XLINK_NS)
     text = ET.tostring(root, encoding="unicode")
     size = limits.svg_size
     # Fix the long side so that the render is bounded however large the SVG claims to be.

@@ -48,7 +48,7 @@ def _is_karpathy(obj: Any) -> bool:
 
 def _split_from_name(stem: str) -> str | None:
     for word in re.split(r"[^a-z]+", stem.lower()):
-        if normalise_split(word) is not None and word not in ("dev",):
+        if normalise_split(word) is not None:
             return normalise_split(word)
     return None
 
