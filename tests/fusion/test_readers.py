@@ -260,6 +260,30 @@ def test_default_split_keeps_a_group_together(tmp_path: Path):
     assert [p.split for p in again.pairs] == [p.split for p in ds.pairs]
 
 
+def test_explicit_split_of_a_group_wins_over_the_default(tmp_path: Path):
+    root = tmp_path / "g"
+    for i in range(4):
+        write_image(root / f"{i}.png", colour(i))
+    rows = [
+        "image,caption,split,group",
+        "0.png,zero,test,g0",
+        "1.png,one,,g0",
+        "2.png,two,,g1",
+        "3.png,three,,g2",
+    ]
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    ds = read_dataset("manifest", root, name="g", progress=False)
+    assert {p.split for p in ds.pairs if p.group_id == "g0"} == {"test"}
+    assert len({p.group_id for p in ds.pairs}) == 3
+
+
+def test_probe_off_only_reads_and_hashes(manifest_root: Path):
+    ds = read_dataset("manifest", manifest_root, name="c", probe=False, progress=False)
+    # broken.png is admitted unprobed (sniffed as an image by its PNG signature); the rest is unchanged.
+    assert "undecodable" not in ds.quarantine_counts() and media_count(ds, "image") == 5  # +broken, +big
+    assert ds.quarantine_counts()["outside_root"] == 3
+
+
 def test_builder_rejects_unknown_reason(tmp_path: Path):
     b = DatasetBuilder("x", tmp_path)
     with pytest.raises(ValueError):
