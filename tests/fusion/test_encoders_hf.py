@@ -3,6 +3,7 @@ fingerprints."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -285,3 +286,23 @@ def test_unknown_hub_id_offline_is_unavailable(monkeypatch, tmp_path):
 def test_folder_without_config_is_unavailable(tmp_path):
     with pytest.raises(EncoderUnavailable, match="config.json"):
         build_encoder(EncoderSpec(name="x", modality="text", source="hf", model=str(tmp_path)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_autocast_is_close_to_cpu(dirs, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    clips = [wav(16000 * 3), wav(5000, seed=1)]
+    for model, modality, payloads, options in [
+        (dirs["bert"], "text", SENTENCES, {}),
+        (dirs["vit"], "image", [picture(0), picture(1)], {}),
+        (dirs["whisper"], "audio", clips, {"short_clip": True}),
+    ]:
+        s = spec(model, modality, pooling="cls" if modality == "image" else "mean", options=options)
+        cpu = build_encoder(s).encode(payloads)
+        gpu_enc = build_encoder(dataclasses.replace(s, dtype=dtype), device="cuda")
+        gpu = gpu_enc.encode(payloads)
+        assert gpu.dtype == np.float32 and np.isfinite(gpu).all()
+        np.testing.assert_allclose(gpu, cpu, atol=0.05, rtol=0.05)
+        np.testing.assert_allclose(gpu[1], gpu_enc.encode([payloads[1]])[0], atol=0.02)

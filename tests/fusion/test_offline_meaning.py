@@ -128,3 +128,17 @@ def test_speech_is_closer_to_speech_than_to_noise(tmp_path, short_clip):
     for noise in ("white", "brown"):
         for s in ("speech0", "speech1"):
             assert speech > cos(vecs[s], vecs[noise]), (short_clip, s, noise)
+
+
+@pytest.mark.parametrize("name", ["minilm", "mpnet"])
+def test_text_latents_match_sentence_transformers(name):
+    st = pytest.importorskip("sentence_transformers")
+    enc = encoder(name)
+    from fusion.encoders import offline_pack
+
+    model = st.SentenceTransformer(str(offline_pack.materialise(enc.spec.model)), device="cpu")
+    texts = [t for triple in TRIPLES for t in triple]
+    ours = enc.encode(texts)
+    ref = model.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    # sentence-transformers may add a Normalize module; the encoder keeps latents raw, so compare directions.
+    np.testing.assert_allclose(ours / np.linalg.norm(ours, axis=1, keepdims=True), ref, atol=1e-4)
