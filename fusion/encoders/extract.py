@@ -38,9 +38,17 @@ class ExtractBatch:
 
 
 def configure_threads(device: str) -> int:
-    """On CPU, caps torch's intra-op threads at the cores this process may use (containers and
-    taskset often allow fewer than torch's default, and oversubscription is much slower). Returns it."""
+    """On CPU, sets torch's intra-op threads: $FUSEMIX_TORCH_THREADS when set (several extraction
+    processes side by side should split the cores), else at most the cores this process may use
+    (containers and taskset often allow fewer than torch's default, and oversubscription is much
+    slower). Returns the thread count."""
     if not device.startswith("cpu"):
+        return torch.get_num_threads()
+    wanted = os.environ.get("FUSEMIX_TORCH_THREADS", "").strip()
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise ValueError(f"FUSEMIX_TORCH_THREADS must be a positive integer, got {wanted!r}")
+        torch.set_num_threads(int(wanted))
         return torch.get_num_threads()
     try:
         allowed = len(os.sched_getaffinity(0))

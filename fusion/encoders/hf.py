@@ -132,6 +132,8 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _load_auto(kind: str, model_dir: Path, **kwargs):
+    """transformers.<kind>.from_pretrained; models pass use_safetensors=True because nothing is
+    unpickled from disk (a folder with only pytorch_model.bin is reported as unavailable)."""
     import transformers
 
     cls = getattr(transformers, kind)
@@ -201,7 +203,7 @@ class HFTextEncoder(_TorchEncoder):
         st = sentence_transformers_settings(model_dir)
         self.pooling = st.get("pooling", spec.pooling)
         self.tokenizer = _load_auto("AutoTokenizer", model_dir)
-        self.model = _freeze(_load_auto("AutoModel", model_dir), device)
+        self.model = _freeze(_load_auto("AutoModel", model_dir, use_safetensors=True), device)
         self.max_length = _text_max_length(spec, self.tokenizer, config, st.get("max_length"))
         hidden = config.get("hidden_size") or config.get("d_model") or config.get("dim")
         if not isinstance(hidden, int):
@@ -308,7 +310,7 @@ class HFImageEncoder(_ImageEncoder):
             self.mean = tuple(spec.preprocessing.get("mean") or IMAGENET_MEAN)
             self.std = tuple(spec.preprocessing.get("std") or IMAGENET_STD)
             effective.update(image_size=self.size, mean=self.mean, std=self.std)
-        model = _load_auto("AutoModel", model_dir)
+        model = _load_auto("AutoModel", model_dir, use_safetensors=True)
         self.model = _freeze(model, device).to(memory_format=torch.channels_last)
         hidden = config.get("hidden_size")
         if isinstance(hidden, list):  # conv nets list one size per stage; the last one is the output
@@ -395,7 +397,8 @@ class _AudioEncoder(_TorchEncoder):
         if isinstance(payload, np.ndarray):
             wave = payload.astype(np.float32, copy=False).reshape(-1)
         else:
-            wave = _media().decode_audio(payload, self.sample_rate, media_id)
+            # Decoding only the window the encoder sees keeps long recordings cheap.
+            wave = _media().decode_audio(payload, self.sample_rate, media_id, max_seconds=self.max_seconds)
         if wave.size == 0:
             raise _media().MediaError(media_id, "empty", "the audio has no samples")
         # Only the first window is encoded, so keep only that much in the engine's buffer.
@@ -428,7 +431,7 @@ class WhisperAudioEncoder(_AudioEncoder):
         else:  # a converted checkpoint without one: Whisper's standard front end for its mel-bin count
             self.feature_extractor = WhisperFeatureExtractor(feature_size=int(config.get("num_mel_bins", 80)))
         try:
-            whisper = WhisperModel.from_pretrained(str(model_dir))
+            whisper = WhisperModel.from_pretrained(str(model_dir), use_safetensors=True)
         except (OSError, ValueError, KeyError) as exc:
             raise EncoderUnavailable(f"cannot load a Whisper model from {model_dir}: {exc}") from exc
         self.encoder = _freeze(whisper.get_encoder(), device)
@@ -509,7 +512,7 @@ class ClapEncoder(_TorchEncoder):
                 f"encoder {spec.name!r}: tower {self.tower!r} != modality {spec.modality!r}"
             )
         try:
-            model = ClapModel.from_pretrained(str(model_dir))
+            model = ClapModel.from_pretrained(str(model_dir), use_safetensors=True)
         except (OSError, ValueError, KeyError) as exc:
             raise EncoderUnavailable(f"cannot load a CLAP model from {model_dir}: {exc}") from exc
         if self.tower == "audio":

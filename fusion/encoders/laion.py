@@ -83,7 +83,7 @@ class LaionClapEncoder(FrozenEncoder):
         wave = (
             payload
             if isinstance(payload, np.ndarray)
-            else media.decode_audio(payload, _SAMPLE_RATE, media_id)
+            else media.decode_audio(payload, _SAMPLE_RATE, media_id, max_seconds=_MAX_SECONDS)
         )
         return np.asarray(wave, np.float32).reshape(-1)[: int(_MAX_SECONDS * _SAMPLE_RATE)]
 

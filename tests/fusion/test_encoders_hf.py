@@ -306,3 +306,13 @@ def test_cuda_autocast_is_close_to_cpu(dirs, dtype):
         assert gpu.dtype == np.float32 and np.isfinite(gpu).all()
         np.testing.assert_allclose(gpu, cpu, atol=0.05, rtol=0.05)
         np.testing.assert_allclose(gpu[1], gpu_enc.encode([payloads[1]])[0], atol=0.02)
+
+
+def test_pickled_only_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    d = make_tiny_bert(tmp_path / "bin-only")
+    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(EncoderUnavailable, match="safetensors"):
+        build_encoder(spec(d))

@@ -4,6 +4,7 @@ isolated as failures, every id comes back exactly once."""
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +16,24 @@ from fusion.encoders.base import EncoderSpec
 from fusion.media import MediaError
 from tests.tiny_models import write_tiny_registry
 
-WORDS = ["a", "the", "cat", "dog", "sits", "runs", "on", "over", "red", "blue", "big", "small", "sofa", "street", "park", "table"]
+WORDS = [
+    "a",
+    "the",
+    "cat",
+    "dog",
+    "sits",
+    "runs",
+    "on",
+    "over",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "sofa",
+    "street",
+    "park",
+    "table",
+]
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +170,22 @@ def test_progress_bar_and_spec_batch_size(encoders, capsys):
     batches = list(extract(enc, items, progress=True, total=len(items)))
     assert max(len(b.media_ids) for b in batches) == enc.spec.batch_size == 8
     assert "10/10" in capsys.readouterr().err
+
+
+def test_thread_setting(monkeypatch):
+    import torch
+
+    from fusion.encoders.extract import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("FUSEMIX_TORCH_THREADS", "1")
+        assert configure_threads("cpu") == 1
+        monkeypatch.setenv("FUSEMIX_TORCH_THREADS", "lots")
+        with pytest.raises(ValueError, match="FUSEMIX_TORCH_THREADS"):
+            configure_threads("cpu")
+        monkeypatch.delenv("FUSEMIX_TORCH_THREADS")
+        torch.set_num_threads(64)
+        assert 1 <= configure_threads("cpu") <= (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
