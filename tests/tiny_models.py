@@ -10,6 +10,7 @@ Nothing here reaches a model hub: tokenizers are built from vocabularies written
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -95,6 +96,24 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _quiet(fn):
+    """Hides transformers' "Writing model shards" bar while a tiny model is saved."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from transformers.utils import logging as hf_logging
+
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
+
+    return wrapper
+
+
 def tiny_bert_vocab() -> list[str]:
     """The WordPiece vocabulary of the tiny BERT (specials first, so [PAD] is id 0)."""
     vocab = BERT_SPECIALS + _PUNCT + _LETTERS + [f"##{c}" for c in _LETTERS]
@@ -104,6 +123,7 @@ def tiny_bert_vocab() -> list[str]:
     return vocab
 
 
+@_quiet
 def make_tiny_bert(directory: str | Path, seed: int = 0, st_pooling: str | None = None) -> Path:
     """A 2-layer BERT (hidden 32) with a WordPiece tokenizer, saved to `directory`.
 
@@ -165,6 +185,7 @@ def make_tiny_bert(directory: str | Path, seed: int = 0, st_pooling: str | None 
     return out
 
 
+@_quiet
 def make_tiny_vit(directory: str | Path, seed: int = 0, with_processor: bool = True) -> Path:
     """A 2-layer ViT (hidden 32, 32x32 images, 8x8 patches) with a pooler, saved to `directory`.
 
@@ -191,6 +212,7 @@ def make_tiny_vit(directory: str | Path, seed: int = 0, with_processor: bool = T
     return out
 
 
+@_quiet
 def make_tiny_whisper(directory: str | Path, seed: int = 0) -> Path:
     """A Whisper with a 2-layer encoder (d_model 32, the real 80 mel bins and 30-s window), saved with
     its WhisperFeatureExtractor config (16 kHz)."""
@@ -240,6 +262,7 @@ def _byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
+@_quiet
 def make_tiny_clap(directory: str | Path, seed: int = 0) -> Path:
     """A tiny CLAP (RoBERTa text tower, HTSAT audio tower, 32-d projection) with a byte-level BPE
     tokenizer and a ClapFeatureExtractor (48 kHz, 10-s window), saved to `directory`."""

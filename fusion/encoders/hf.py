@@ -131,6 +131,20 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """Hides transformers' per-load "Loading weights" bar (the extraction bar is the one that matters)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_auto(kind: str, model_dir: Path, **kwargs):
     """transformers.<kind>.from_pretrained; models pass use_safetensors=True because nothing is
     unpickled from disk (a folder with only pytorch_model.bin is reported as unavailable)."""
@@ -138,7 +152,8 @@ def _load_auto(kind: str, model_dir: Path, **kwargs):
 
     cls = getattr(transformers, kind)
     try:
-        return cls.from_pretrained(str(model_dir), **kwargs)
+        with _quiet_loading():
+            return cls.from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise EncoderUnavailable(f"cannot load {kind} from {model_dir}: {exc}") from exc
 
@@ -431,7 +446,8 @@ class WhisperAudioEncoder(_AudioEncoder):
         else:  # a converted checkpoint without one: Whisper's standard front end for its mel-bin count
             self.feature_extractor = WhisperFeatureExtractor(feature_size=int(config.get("num_mel_bins", 80)))
         try:
-            whisper = WhisperModel.from_pretrained(str(model_dir), use_safetensors=True)
+            with _quiet_loading():
+                whisper = WhisperModel.from_pretrained(str(model_dir), use_safetensors=True)
         except (OSError, ValueError, KeyError) as exc:
             raise EncoderUnavailable(f"cannot load a Whisper model from {model_dir}: {exc}") from exc
         self.encoder = _freeze(whisper.get_encoder(), device)
@@ -512,7 +528,8 @@ class ClapEncoder(_TorchEncoder):
                 f"encoder {spec.name!r}: tower {self.tower!r} != modality {spec.modality!r}"
             )
         try:
-            model = ClapModel.from_pretrained(str(model_dir), use_safetensors=True)
+            with _quiet_loading():
+                model = ClapModel.from_pretrained(str(model_dir), use_safetensors=True)
         except (OSError, ValueError, KeyError) as exc:
             raise EncoderUnavailable(f"cannot load a CLAP model from {model_dir}: {exc}") from exc
         if self.tower == "audio":
