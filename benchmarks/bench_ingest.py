@@ -72,8 +72,8 @@ def bench_sources(
                     row
                     | summary
                     | {
-                        "cold_s": round(cold, 2),
-                        "warm_s": round(warm, 2),
+                        "cold_s": round(cold, 3),
+                        "warm_s": round(warm, 3),
                         "pairs_per_s_cold": round(summary["pairs"] / cold, 1),
                         "pairs_per_s_warm": round(summary["pairs"] / warm, 1),
                         "cold_over_warm": round(cold / warm, 1),

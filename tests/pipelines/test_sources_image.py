@@ -634,3 +634,30 @@ def test_real_openclipart(tmp_path, monkeypatch):
     assert quality[0] < 0.5 < quality[-1]  # the noise the quality ablation needs is there
     _no_commands(monkeypatch)
     assert fetch_openclipart(tmp_path, limit=200, progress=False).pairs == ds.pairs
+
+
+def test_bench_sources_reports_cold_and_warm_rows(tmp_path):
+    from benchmarks.bench_ingest import bench_sources
+
+    def fetch_fixture_icons(cache, *, limit=None, seed=0, progress=True):
+        # A fresh cache per (source, limit) as the benchmark makes it; the packages are laid out there.
+        if not (cache / "npm").exists():
+            for spec, files in icon_packages().items():
+                unpacked_npm(cache, spec, files)
+        return fetch_icons(cache, limit=limit, seed=seed, progress=progress)
+
+    def unavailable(cache, **kw):
+        raise SourceUnavailable("no registry here")
+
+    rows = bench_sources(
+        ["icons", "gone"], limits=[2, None], registry={"icons": fetch_fixture_icons, "gone": unavailable}
+    )
+    assert [(r["source"], r["limit"]) for r in rows] == [
+        ("icons", 2),
+        ("icons", "full"),
+        ("gone", 2),
+        ("gone", "full"),
+    ]
+    assert rows[0]["concepts"] == 2 and rows[1]["concepts"] == 4
+    assert {"cold_s", "warm_s", "pairs_per_s_cold", "cold_over_warm"} <= set(rows[1])
+    assert rows[2]["error"] == "no registry here"
