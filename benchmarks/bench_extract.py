@@ -28,7 +28,47 @@ import numpy as np
 from fusion.encoders import EncoderSpec, FrozenEncoder, build_encoder, encoder_status, extract, load_registry
 from fusion.encoders.extract import configure_threads
 
-_WORDS = ["a", "the", "of", "and", "to", "in", "on", "with", "cat", "dog", "bird", "car", "man", "woman", "child", "red", "blue", "green", "big", "small", "sits", "runs", "plays", "over", "under", "near", "table", "street", "park", "music", "piano", "sound", "photo", "picture", "drawing", "sky", "water", "tree", "house"]
+_WORDS = [
+    "a",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "on",
+    "with",
+    "cat",
+    "dog",
+    "bird",
+    "car",
+    "man",
+    "woman",
+    "child",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+    "sits",
+    "runs",
+    "plays",
+    "over",
+    "under",
+    "near",
+    "table",
+    "street",
+    "park",
+    "music",
+    "piano",
+    "sound",
+    "photo",
+    "picture",
+    "drawing",
+    "sky",
+    "water",
+    "tree",
+    "house",
+]
 
 
 # ------------------------------------------------------------------------------------------ models

@@ -62,6 +62,10 @@ class EncoderSpec:
         object.__setattr__(self, "options", _frozen(self.options))
         validate_spec(self)
 
+    def __hash__(self) -> int:
+        # The mapping fields are read-only proxies, which do not hash; hash their canonical JSON instead.
+        return hash((self.name, json.dumps(self.to_dict(), sort_keys=True, default=_json_default)))
+
     def to_dict(self) -> dict[str, Any]:
         """The YAML form of the entry (without the name), defaults left out."""
         out: dict[str, Any] = {"modality": self.modality, "source": self.source, "model": self.model}

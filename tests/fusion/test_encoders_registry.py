@@ -82,6 +82,9 @@ def test_spec_is_immutable():
         s.preprocessing["image_size"] = 64  # type: ignore[index]
     with pytest.raises(AttributeError):
         s.model = "other"  # type: ignore[misc]
+    same = EncoderSpec("a", "image", "hf", "m", preprocessing={"image_size": 32})
+    assert s == same and hash(s) == hash(same) and len({s, same}) == 1
+    assert s != EncoderSpec("a", "image", "hf", "m", preprocessing={"image_size": 64})
 
 
 def test_add_encoder_creates_updates_and_keeps_others(tmp_path):
