@@ -21,8 +21,8 @@ counts, so the i2t rank is 1 + the number of incorrect captions scoring >= the b
 ``retrieval_metrics`` computes this in chunks of queries: one matmul per chunk gives the similarity
 block [chunk, N_candidates], from which only the correct candidates' scores and a count of the
 candidates scoring at least as high are kept. Neither the full N x N matrix nor a sort is ever made,
-so 100k x 100k fits in about 130 MB with the default chunk of 256 queries (256 x 100k float32 = 100 MB
-plus a 25 MB comparison mask). ``candidate_chunk_size`` also splits the candidate axis (two passes:
+so 100k x 100k needs about 100 MB (one 256 x 100k float32 block, the default chunk of 256 queries)
+plus a few MB for counting in column slices. ``candidate_chunk_size`` also splits the candidate axis (two passes:
 first the best correct score, then the counts; each block is recomputed, so twice the matmul work)
 for candidate sets too large for one block. ``naive_retrieval`` is the full-matrix argsort reference
 the tests compare it with.
@@ -42,6 +42,8 @@ from tqdm.auto import tqdm
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 DEFAULT_CHUNK_SIZE = 256
+# Elements per comparison slice when counting (1 MB of mask, 4 MB once summed as int32).
+_COUNT_SLICE = 2**20
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -240,7 +242,7 @@ def _chunked_ranks(
     # page faults comparable to the comparison itself, and `out=` keeps the peak at these two.
     width = min(chunk_size, n_q) * step_c
     sim_buf = torch.empty(width, dtype=torch.float32, device=dev)
-    mask_buf = torch.empty(width, dtype=torch.bool, device=dev)
+    mask_buf = torch.empty(min(width, max(_COUNT_SLICE, min(chunk_size, n_q))), dtype=torch.bool, device=dev)
 
     def block(q: torch.Tensor, cs: int, ce: int) -> torch.Tensor:
         """Scores [B, ce - cs] of the chunk's queries q [B, d] against candidates cs:ce."""
@@ -273,10 +275,15 @@ def _chunked_ranks(
         for cs, ce in blocks:
             if len(blocks) > 1:
                 sim = block(q, cs, ce)
-            mask = mask_buf[: sim.numel()].view(sim.shape)
-            torch.ge(sim, best[:, None], out=mask)
-            # An int32 sum is several times faster than the default int64 one; counts stay below 2**31.
-            at_least += mask.sum(dim=1, dtype=torch.int32)
+            # Column slices: sum() casts the boolean mask to an integer copy, which over the whole block
+            # would be as large as the block itself. int32 because counts stay below 2**31.
+            n_rows, n_cols = sim.shape
+            step = max(1, _COUNT_SLICE // n_rows)
+            for a in range(0, n_cols, step):
+                b = min(a + step, n_cols)
+                mask = mask_buf[: n_rows * (b - a)].view(n_rows, b - a)
+                torch.ge(sim[:, a:b], best[:, None], out=mask)
+                at_least += mask.sum(dim=1, dtype=torch.int32)
         correct_at_least = torch.zeros(e - s, dtype=torch.int64, device=dev)
         correct_at_least.index_add_(0, rows, (vals >= best[rows]).to(torch.int64))
         ranks[s:e] = (at_least - correct_at_least + 1).cpu()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation import retrieval
 from evaluation.retrieval import (
     RetrievalResult,
     chance_recall,
@@ -110,6 +111,17 @@ def test_candidate_chunking_does_not_change_ranks():
     whole = retrieval_metrics(items, texts, owner, chunk_size=50)
     for step in (1, 7, 64, 119, 120, 500):
         assert_same(retrieval_metrics(items, texts, owner, chunk_size=33, candidate_chunk_size=step), whole)
+
+
+@pytest.mark.parametrize("count_slice", [1, 5, 64, 1000])
+def test_counting_in_column_slices_matches_naive(monkeypatch, count_slice):
+    # The real slice (1M elements) never splits a block at test sizes; a tiny one splits every block,
+    # including into single columns when a chunk has more rows than the slice has elements.
+    monkeypatch.setattr(retrieval, "_COUNT_SLICE", count_slice)
+    items, texts, owner = multi_caption_data(13, 45, 8, levels=4)
+    naive = naive_retrieval(items, texts, owner)
+    assert_same(retrieval_metrics(items, texts, owner, chunk_size=9), naive)
+    assert_same(retrieval_metrics(items, texts, owner, chunk_size=16, candidate_chunk_size=10), naive)
 
 
 def test_exact_ties_are_pessimistic_and_match_naive():
