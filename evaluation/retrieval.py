@@ -22,10 +22,10 @@ counts, so the i2t rank is 1 + the number of incorrect captions scoring >= the b
 block [chunk, N_candidates], from which only the correct candidates' scores and a count of the
 candidates scoring at least as high are kept. Neither the full N x N matrix nor a sort is ever made,
 so 100k x 100k needs about 100 MB (one 256 x 100k float32 block, the default chunk of 256 queries)
-plus a few MB for counting in column slices. ``candidate_chunk_size`` also splits the candidate axis (two passes:
-first the best correct score, then the counts; each block is recomputed, so twice the matmul work)
-for candidate sets too large for one block. ``naive_retrieval`` is the full-matrix argsort reference
-the tests compare it with.
+plus a few MB for counting in column slices. ``candidate_chunk_size`` also splits the candidate axis
+(two passes: first the best correct score, then the counts; each block is recomputed, so twice the
+matmul work) for candidate sets too large for one block. ``naive_retrieval`` is the full-matrix
+argsort reference the tests compare it with.
 
 Run the benchmark with ``python -m benchmarks.bench_retrieval``.
 """
@@ -320,7 +320,7 @@ def _prepare(
 
 
 def _as_float_matrix(name: str, x: ArrayLike, device: torch.device) -> torch.Tensor:
-    """float32 [N, d] tensor on `device` (no copy when it already is one); rejects other shapes and NaN/inf."""
+    """float32 [N, d] tensor on `device` (no copy when it already is one); refuses other shapes, NaN, inf."""
     if isinstance(x, np.ndarray):
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise ValueError(f"{name} must be a numeric array, got dtype {x.dtype}")

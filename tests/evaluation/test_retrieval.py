@@ -55,7 +55,8 @@ def test_hand_computed_example():
     #   t2 (.5,.5)  caption of i1               .5    .5    .5     -> three-way tie: rank 3 (pessimistic)
     #   t3 (1, .5)  caption of i2               1     .5    .75    -> i2 rank 2
     # item->text, best correct caption vs incorrect captions scoring >= it:
-    #   i0: best t0 = 1, t3 ties at 1 -> rank 2;  i1: t2 = .5, t1 (1) and t3 (.5) -> rank 3;  i2: t3 = .75 -> 1
+    #   i0: best t0 = 1, t3 ties at 1 -> rank 2;  i1: t2 = .5, t1 (1) and t3 (.5) -> rank 3;
+    #   i2: t3 = .75, nothing else as high -> rank 1
     items = np.array([[1, 0], [0, 1], [0.5, 0.5]], dtype=np.float32)
     texts = np.array([[1, 0], [0, 1], [0.5, 0.5], [1, 0.5]], dtype=np.float32)
     owner = np.array([0, 0, 1, 2])
