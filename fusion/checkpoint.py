@@ -1,0 +1,87 @@
+"""Checkpoint I/O: adapters as safetensors plus a JSON config; nothing is unpickled.
+
+    save_checkpoint(dir, model, adapter_cfg, extra={...})
+    model = load_checkpoint(dir, expect={"image": EncoderRef("effnet-lite0", fp, 1280), ...})
+
+Loading checks the encoders a checkpoint was trained on: a model is only meaningful on latents of
+the exact frozen encoders (same weights, preprocessing and pooling) that produced its training data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from fusion.adapters import Adapter, EncoderRef, FusedModel
+from fusion.config import AdapterConfig, from_dict
+
+FORMAT_VERSION = 1
+WEIGHTS = "adapters.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not fit the encoders or dimensions it is being used with."""
+
+
+def save_checkpoint(
+    directory: str | Path, model: FusedModel, adapter_cfg: AdapterConfig, extra: dict | None = None
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Write to temporary names first, so a crash never leaves a half checkpoint that looks complete.
+    tmp_w, tmp_c = directory / (WEIGHTS + ".tmp"), directory / (CONFIG + ".tmp")
+    save_file(tensors, str(tmp_w))
+    config = {
+        "format_version": FORMAT_VERSION,
+        "sides": list(model.sides),
+        "encoders": {s: asdict(model.encoders[s]) for s in model.sides},
+        "adapter": asdict(adapter_cfg),
+        "extra": extra or {},
+    }
+    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp_w.replace(directory / WEIGHTS)
+    tmp_c.replace(directory / CONFIG)
+    return directory
+
+
+def read_config(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {directory} (missing {CONFIG})")
+    config = json.loads(path.read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointMismatch(f"checkpoint format {config.get('format_version')} is not {FORMAT_VERSION}")
+    return config
+
+
+def load_checkpoint(
+    directory: str | Path, expect: dict[str, EncoderRef] | None = None, device: str = "cpu"
+) -> FusedModel:
+    """Loads a FusedModel bit-for-bit. `expect` maps side -> the encoder whose latents will be fed;
+    a different fingerprint or dimension raises CheckpointMismatch naming both."""
+    config = read_config(directory)
+    adapter_cfg = from_dict(AdapterConfig, config["adapter"])
+    encoders = {s: EncoderRef(**config["encoders"][s]) for s in config["sides"]}
+    for side, want in (expect or {}).items():
+        if side not in encoders:
+            raise CheckpointMismatch(f"checkpoint has sides {config['sides']}, not {side!r}")
+        have = encoders[side]
+        if have.dim != want.dim:
+            raise CheckpointMismatch(
+                f"side {side!r}: checkpoint expects {have.dim}-d latents from {have.name}, got {want.dim}-d from {want.name}"
+            )
+        if have.fingerprint != want.fingerprint:
+            raise CheckpointMismatch(
+                f"side {side!r}: checkpoint was trained on encoder {have.name} (fingerprint {have.fingerprint}), "
+                f"not {want.name} (fingerprint {want.fingerprint}); re-extract latents or retrain"
+            )
+    adapters = {s: Adapter(encoders[s].dim, adapter_cfg) for s in config["sides"]}
+    model = FusedModel(adapters, encoders)
+    state = load_file(str(Path(directory) / WEIGHTS), device=device)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,148 @@
+"""Frozen configs for the math: adapter shape, FuseMix augmentation, and training.
+
+Launch-time knobs live in the pipeline's `dg.Config` classes; these dataclasses are what the
+library takes. Named presets are at the bottom (`PRESETS`), so nothing scatters dictionaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+FuseMixMode = Literal["fusemix", "none", "independent", "permutation"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Schedule = Literal["cosine", "constant"]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """One adapter: `depth` pre-LN residual MLP blocks of width `expansion * d`, then LN + Linear."""
+
+    depth: int = 4
+    expansion: int = 4
+    dropout: float = 0.6
+    output_dim: int = 512
+
+    def __post_init__(self) -> None:
+        _check(self.depth >= 0, f"depth must be >= 0, got {self.depth}")
+        _check(self.expansion >= 1, f"expansion must be >= 1, got {self.expansion}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.output_dim >= 1, f"output_dim must be >= 1, got {self.output_dim}")
+
+
+@dataclass(frozen=True)
+class FuseMixConfig:
+    """Latent mixup.
+
+    mode:
+      fusemix      one lambda ~ Beta(alpha, alpha) per mixed pair, shared by both modalities; a shuffled
+                   batch is split in halves and only the mixed pairs are trained on (the reference).
+      none         no augmentation.
+      independent  like fusemix but a separate lambda per modality (breaks the pairing; an ablation).
+      permutation  each pair mixed with a random partner from the full batch; batch size is kept.
+    lambda_per: "pair" draws a lambda for every mixed pair, "batch" one for the whole batch.
+    """
+
+    mode: FuseMixMode = "fusemix"
+    alpha: float = 1.0
+    lambda_per: Literal["pair", "batch"] = "pair"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.mode in ("fusemix", "none", "independent", "permutation"),
+            f"unknown FuseMix mode {self.mode!r}; use fusemix, none, independent or permutation",
+        )
+        _check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        _check(
+            self.lambda_per in ("pair", "batch"), f"lambda_per must be pair or batch, got {self.lambda_per!r}"
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. Give `steps`, or `epochs` (steps are then derived from the data size)."""
+
+    batch_size: int = 1024
+    epochs: int | None = 20
+    steps: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    schedule: Schedule = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    precision: Precision = "fp32"
+    temperature_init: float = 0.07
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+    eval_every: int | None = None  # steps between validations; None: once per epoch
+    val_batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
+        _check(self.epochs is not None or self.steps is not None, "give epochs or steps")
+        _check(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(
+            self.precision in ("fp32", "bf16", "fp16"),
+            f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
+        )
+        _check(
+            self.schedule in ("cosine", "constant"),
+            f"schedule must be cosine or constant, got {self.schedule!r}",
+        )
+        _check(
+            0 < self.temperature_min <= self.temperature_init <= self.temperature_max,
+            "need 0 < temperature_min <= temperature_init <= temperature_max",
+        )
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Builds a config from a dict, rejecting unknown keys with a clear message."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class Preset:
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    fusemix: FuseMixConfig = field(default_factory=FuseMixConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper's reference run: very large batches, needs a GPU and millions of pairs.
+    "reference": Preset(
+        AdapterConfig(depth=4, expansion=4, dropout=0.6, output_dim=512),
+        FuseMixConfig("fusemix", 1.0),
+        TrainConfig(batch_size=40960, epochs=500, lr=1e-3, weight_decay=0.1, warmup_steps=100),
+    ),
+    # Thousands of pairs on a laptop CPU: smaller adapters and batches, a short warm-up.
+    "cpu-small": Preset(
+        AdapterConfig(depth=2, expansion=2, dropout=0.5, output_dim=256),
+        FuseMixConfig("fusemix", 1.0),
+        TrainConfig(batch_size=512, epochs=60, lr=1e-3, weight_decay=0.1, warmup_steps=20),
+    ),
+}
+
+
+def preset(name: str, **train_overrides: Any) -> Preset:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    p = PRESETS[name]
+    return replace(p, train=replace(p.train, **train_overrides)) if train_overrides else p
