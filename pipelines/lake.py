@@ -1,0 +1,124 @@
+"""The Lance lake: one folder (or object-store prefix) of Lance tables, one per dataset and stage.
+
+Table names:
+    media__{dataset}                 one row per unique item (image, audio or text), key media_id
+    pairs__{dataset}                 media_id <-> caption_id, split, group, concept, source, license
+    quarantine__{dataset}            every rejected input with its reason
+    latents__{dataset}__{encoder}    media_id, vector (fixed-size list<float32>), fingerprint
+    curated__{experiment}            the selected pair ids of an experiment
+    metrics                          one row per (experiment, metric) evaluation
+
+Writes are atomic per call (a Lance commit); appends in batches make long jobs resumable: a kill
+loses at most the batch in flight, and a rerun skips what is already committed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def table_name(*parts: str) -> str:
+    """Joins name parts with '__' after checking each is a safe identifier (no path tricks)."""
+    for p in parts:
+        if not _NAME.match(p) or "__" in p:
+            raise ValueError(f"invalid table name part {p!r}: letters, digits, '_', '-', '.' only, no '__'")
+    return "__".join(parts)
+
+
+def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """[n, d] float array -> fixed_size_list<float32>[d]."""
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    if v.ndim != 2:
+        raise ValueError(f"vectors must be 2-D, got shape {v.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), type=pa.float32()), v.shape[1])
+
+
+def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """fixed_size_list<float32>[d] column -> [n, d] float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
+    d = column.type.list_size
+    if len(column) == 0:
+        return np.zeros((0, d), dtype=np.float32)
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
+
+
+class Lake:
+    """Reads and writes Lance tables under one root URI (a local path, s3:// or gs://)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = str(root)
+        if "://" not in self.root:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def uri(self, table: str) -> str:
+        return f"{self.root.rstrip('/')}/{table}.lance"
+
+    def exists(self, table: str) -> bool:
+        try:
+            lance.dataset(self.uri(table))
+        except (ValueError, FileNotFoundError, OSError):
+            return False
+        return True
+
+    def open(self, table: str) -> lance.LanceDataset:
+        try:
+            return lance.dataset(self.uri(table))
+        except (ValueError, FileNotFoundError, OSError) as err:
+            raise LookupError(f"lake table {table!r} does not exist at {self.uri(table)}; materialise it first") from err
+
+    def version(self, table: str) -> int | None:
+        return self.open(table).version if self.exists(table) else None
+
+    def count(self, table: str, filter: str | None = None) -> int:
+        return self.open(table).count_rows(filter) if self.exists(table) else 0
+
+    def read(self, table: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
+        return self.open(table).to_table(columns=columns, filter=filter)
+
+    def overwrite(self, table: str, data: pa.Table) -> int:
+        """Replaces the table's contents in one commit (older versions stay readable)."""
+        return lance.write_dataset(data, self.uri(table), mode="overwrite").version
+
+    def append(self, table: str, data: pa.Table) -> int:
+        """Appends rows in one commit, creating the table if needed."""
+        mode = "append" if self.exists(table) else "create"
+        return lance.write_dataset(data, self.uri(table), mode=mode).version
+
+    def upsert(self, table: str, data: pa.Table, key: str) -> int:
+        """Inserts rows whose key is new and updates the others, in one commit."""
+        if not self.exists(table):
+            return self.append(table, data)
+        ds = self.open(table)
+        ds.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(data)
+        return lance.dataset(self.uri(table)).version
+
+    def delete(self, table: str, predicate: str) -> int | None:
+        if not self.exists(table):
+            return None
+        ds = self.open(table)
+        ds.delete(predicate)
+        return lance.dataset(self.uri(table)).version
+
+    def ids(self, table: str, column: str = "media_id", filter: str | None = None) -> set[str]:
+        if not self.exists(table):
+            return set()
+        return set(self.read(table, [column], filter).column(column).to_pylist())
+
+    def tables(self) -> list[str]:
+        if "://" in self.root:
+            raise NotImplementedError("listing tables is supported for local lakes only")
+        return sorted(p.name[: -len(".lance")] for p in Path(self.root).glob("*.lance") if p.is_dir())
+
+    def versions(self, tables: Iterable[str]) -> dict[str, int]:
+        """The current Lance version of each existing table: recorded wherever a table is read."""
+        return {t: v for t in tables if (v := self.version(t)) is not None}
