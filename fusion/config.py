@@ -91,6 +91,18 @@ class TrainConfig:
         _check(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"grad_clip must be None or > 0, got {self.grad_clip}",
+        )
+        _check(
+            self.eval_every is None or self.eval_every >= 1,
+            f"eval_every must be None or >= 1, got {self.eval_every}",
+        )
+        _check(self.val_batch_size >= 2, f"val_batch_size must be >= 2, got {self.val_batch_size}")
         _check(
             self.precision in ("fp32", "bf16", "fp16"),
             f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
