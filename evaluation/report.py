@@ -1,0 +1,643 @@
+"""Evaluation report of one experiment: a markdown file with its plots beside it.
+
+The evaluate asset calls these pure functions and attaches the result to the Dagster asset and to the
+MLflow run; nothing here knows about either. ``write_report`` writes ``report.md`` and three PNGs
+(``loss.png``, ``recall_at_k.png``, ``shared_space.png``) into one folder, linked relatively so that
+the folder can be moved or uploaded as one artifact.
+
+Conventions:
+
+- Recalls are fractions in [0, 1] everywhere in the API and are SHOWN as percentages with one decimal
+  (0.4567 -> ``45.7``); a recall outside [0, 1] is refused rather than guessed at. Ranks are shown
+  with one decimal.
+- Figures are made with ``matplotlib.figure.Figure`` directly (the Agg canvas, no pyplot): nothing is
+  registered in pyplot's global figure list, so nothing leaks and no GUI backend is ever chosen, even
+  when a caller has set one. Fixed sizes (6 x 4 in) and dpi (120); same inputs and seed, same bytes.
+- Bad input (empty history, mismatched dimensions, NaN embeddings, ...) raises ``ValueError`` before
+  any file is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+FIGSIZE = (6.0, 4.0)
+DPI = 120
+_DIRECTION_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+# Metric names as RetrievalResult.as_dict writes them: [prefix_]direction_(recall_at_K|mean_rank|median_rank).
+_METRIC_RE = re.compile(
+    r"^(?:(?P<prefix>.+)_)?(?P<direction>[A-Za-z0-9]+)_(?P<what>recall_at_(?P<k>\d+)|mean_rank|median_rank)$"
+)
+_TABLE_FIXED = ("experiment", "direction")
+_RANK_COLUMNS = ("mean rank", "median rank")
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+
+def format_percent(value: float | None) -> str:
+    """A recall fraction in [0, 1] as a percentage with one decimal: 0.4567 -> '45.7'."""
+    if value is None:
+        return "–"
+    v = float(value)
+    if math.isnan(v):
+        return "NaN"
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"a recall must be a fraction in [0, 1], got {value!r} (was it given in percent?)")
+    return f"{100.0 * v:.1f}"
+
+
+def format_number(value: object) -> str:
+    """Cells that are not recalls: integers as they are, floats with up to 4 significant digits."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v == int(v) and abs(v) < 1e15:
+            return str(int(v))
+        return f"{v:.4g}"
+    return str(value)
+
+
+def _format_chance(value: float) -> str:
+    """Chance recalls are often far below 0.1 %, where one decimal would print 0.0."""
+    pct = 100.0 * float(value)
+    return format_percent(value) if pct >= 1.0 or pct == 0.0 else f"{pct:.2g}"
+
+
+def _format_rank(value: object) -> str:
+    if value is None:
+        return "–"
+    v = float(value)
+    return "NaN" if math.isnan(v) else f"{v:.1f}"
+
+
+def _one_line(value: object) -> str:
+    return " ".join(str(value).split())
+
+
+def _cell(value: object) -> str:
+    """Text safe inside a markdown table cell: one line, pipes escaped."""
+    return _one_line(value).replace("|", "\\|")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool]) -> str:
+    """A padded GitHub markdown table; `numeric` columns are right-aligned. Cells are already strings."""
+    if any(len(r) != len(header) for r in rows):
+        raise ValueError("every table row must have one cell per header column")
+    cells = [[_cell(h) for h in header]] + [[_cell(c) for c in r] for r in rows]
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)]
+        return "| " + " | ".join(parts) + " |"
+
+    rule = (
+        "| "
+        + " | ".join(
+            ("-" * (w - 1) + ":") if num else "-" * w for w, num in zip(widths, numeric, strict=True)
+        )
+        + " |"
+    )
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+def split_retrieval_metrics(metrics: Mapping[str, float]) -> tuple[list[dict], dict[str, float]]:
+    """Flat metric names -> table rows, plus the metrics that are not retrieval metrics.
+
+    ``{"t2i_recall_at_1": .4, "test_i2t_mean_rank": 3.0, "val_loss": 1.2}`` gives one row per
+    (prefix, direction) in first-seen order, e.g. ``{"experiment": "", "direction": "t2i", "R@1": .4}``
+    (the prefix, without its trailing '_', goes in ``experiment``), and ``{"val_loss": 1.2}``.
+    """
+    rows: dict[tuple[str, str], dict] = {}
+    other: dict[str, float] = {}
+    for name, value in metrics.items():
+        m = _METRIC_RE.match(str(name))
+        if m is None:
+            other[name] = value
+            continue
+        key = (m["prefix"] or "", m["direction"])
+        row = rows.setdefault(key, {"experiment": key[0], "direction": key[1]})
+        what = m["what"]
+        col = f"R@{int(m['k'])}" if m["k"] else what.replace("_", " ")
+        row[col] = value
+    return list(rows.values()), other
+
+
+def retrieval_table_markdown(rows: list[dict] | Mapping[str, float]) -> str:
+    """Markdown table of retrieval metrics, recalls in percent with one decimal.
+
+    `rows`: dicts with keys ``experiment`` (optional), ``direction``, ``R@K`` (fractions in [0, 1],
+    any K), ``mean rank``, ``median rank`` (and any further keys, shown after these); or one flat dict
+    of metric names -> value as ``RetrievalResult.as_dict`` gives (``t2i_recall_at_1``, ...), whose
+    non-retrieval metrics are left out here (``write_report`` lists them separately).
+
+    Raises ValueError on no rows, a recall outside [0, 1] or a non-dict row.
+    """
+    if isinstance(rows, Mapping):
+        rows, _ = split_retrieval_metrics(rows)
+        if not rows:
+            raise ValueError("no retrieval metrics (names like 't2i_recall_at_1') among the metrics given")
+    if not rows:
+        raise ValueError("retrieval_table_markdown needs at least one row")
+    if not all(isinstance(r, Mapping) for r in rows):
+        raise ValueError("every row must be a dict of column name -> value")
+    seen: list[str] = []
+    for r in rows:
+        seen.extend(c for c in r if c not in seen)
+    ks = sorted(int(c[2:]) for c in seen if re.fullmatch(r"R@\d+", c))
+    columns = [c for c in _TABLE_FIXED if any(r.get(c) not in (None, "") for r in rows)]
+    columns += [f"R@{k}" for k in ks] + [c for c in _RANK_COLUMNS if c in seen]
+    columns += [c for c in seen if c not in columns and c not in _TABLE_FIXED]
+
+    def fmt(col: str, value: object) -> str:
+        if col.startswith("R@") and col[2:].isdigit():
+            return format_percent(value)
+        if col in _RANK_COLUMNS:
+            return _format_rank(value)
+        return format_number(value)
+
+    header = [f"{c} (%)" if c.startswith("R@") else c for c in columns]
+    body = [[fmt(c, r.get(c)) for c in columns] for r in rows]
+    numeric = [c not in _TABLE_FIXED and not all(isinstance(r.get(c), str) for r in rows) for c in columns]
+    return markdown_table(header, body, numeric)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _check_history(history: object, val_history: object) -> None:
+    if not isinstance(history, Sequence) or isinstance(history, str) or len(history) == 0:
+        raise ValueError("history is empty: there is no training step to plot")
+    for i, row in enumerate(history):
+        if not isinstance(row, Mapping) or "step" not in row or "loss" not in row:
+            raise ValueError(f"history[{i}] must be a dict with at least 'step' and 'loss', got {row!r}")
+    for i, row in enumerate(val_history or []):
+        if not isinstance(row, Mapping) or "step" not in row or "score" not in row:
+            raise ValueError(f"val_history[{i}] must be a dict with 'step' and 'score', got {row!r}")
+
+
+def _check_curves(curves: object, chance: object) -> None:
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError("curves must be a non-empty dict of direction -> {K: recall}")
+    for name, curve in curves.items():
+        _check_curve(f"curves[{name!r}]", curve)
+    if chance is None:
+        return
+    if not isinstance(chance, Mapping) or not chance:
+        raise ValueError("chance must be a non-empty dict {K: recall} or {direction: {K: recall}}")
+    if all(isinstance(v, Mapping) for v in chance.values()):
+        for name, curve in chance.items():
+            _check_curve(f"chance[{name!r}]", curve)
+    else:
+        _check_curve("chance", chance)
+
+
+def _check_curve(name: str, curve: object) -> None:
+    if not isinstance(curve, Mapping) or not curve:
+        raise ValueError(f"{name} must be a non-empty dict {{K: recall}}, got {curve!r}")
+    for k, v in curve.items():
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"{name} has K = {k!r}; K must be an integer >= 1")
+        if isinstance(v, bool) or not isinstance(v, int | float | np.number) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name}[{k}] = {v!r}; a recall must be a fraction in [0, 1]")
+
+
+def _as_embeddings(name: str, x: object) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D [N, d] array, got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def _check_space(
+    item_emb: object, text_emb: object, labels: object, text_to_item: object
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    items = _as_embeddings("item_emb", item_emb)
+    texts = _as_embeddings("text_emb", text_emb)
+    if items.shape[1] != texts.shape[1]:
+        raise ValueError(f"embedding dimensions differ: item_emb is {items.shape}, text_emb is {texts.shape}")
+    if items.shape[1] < 2:
+        raise ValueError(f"a 2-D map needs embeddings with d >= 2, got d = {items.shape[1]}")
+    if labels is not None and len(labels) != items.shape[0]:
+        raise ValueError(
+            f"labels has {len(labels)} entries but item_emb has {items.shape[0]} rows (one per item)"
+        )
+    owner = None
+    if text_to_item is not None:
+        owner = np.asarray(text_to_item)
+        if owner.shape != (texts.shape[0],) or not np.issubdtype(owner.dtype, np.integer):
+            raise ValueError(
+                f"text_to_item must be int [N_texts = {texts.shape[0]}], got {owner.dtype} {owner.shape}"
+            )
+        if owner.size and (owner.min() < 0 or owner.max() >= items.shape[0]):
+            raise ValueError(f"text_to_item has indices outside [0, {items.shape[0]})")
+    elif items.shape[0] == texts.shape[0]:
+        # Row-aligned pairs are the common case (one caption per item); other shapes get no pair lines.
+        owner = np.arange(texts.shape[0])
+    return items, texts, owner
+
+
+def _check_examples(examples: object) -> None:
+    if examples is None:
+        return
+    if not isinstance(examples, Sequence):
+        raise ValueError("examples must be a list of {'query': str, 'results': [...]} dicts")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Mapping) or "query" not in ex or not isinstance(ex.get("results"), Sequence):
+            raise ValueError(f"examples[{i}] must be a dict with 'query' and a list 'results', got {ex!r}")
+        for j, hit in enumerate(ex["results"]):
+            if not isinstance(hit, Mapping) or "caption" not in hit or "score" not in hit:
+                raise ValueError(f"examples[{i}]['results'][{j}] needs 'caption' and 'score', got {hit!r}")
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target and renamed, so a reader never sees half a PNG.
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _running_mean(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean of y [N] over `window` steps (shorter at the start), NaN-aware; [N]."""
+    ok = np.isfinite(y)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, y, 0.0))])
+    n = np.concatenate([[0], np.cumsum(ok)])
+    idx = np.arange(1, len(y) + 1)
+    lo = np.maximum(0, idx - window)
+    count = n[idx] - n[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (c[idx] - c[lo]) / np.maximum(count, 1), np.nan)
+
+
+def _column(rows: Sequence[Mapping], key: str) -> np.ndarray:
+    return np.array([float(r[key]) if r.get(key) is not None else np.nan for r in rows], dtype=np.float64)
+
+
+def plot_loss(history: list[dict], val_history: list[dict] | None, path: Path) -> Path:
+    """Training curves: loss (top) and temperature (bottom) against step, validation scores as markers.
+
+    history: rows {step, loss, temperature?, ...} as ``TrainResult.history``; val_history: rows
+    {step, score} (drawn on a right-hand axis of the loss panel) or None. Long runs also get a running
+    mean of the loss, since per-step contrastive losses are noisy. Returns `path`.
+    Raises ValueError on an empty history or rows without step/loss.
+    """
+    _check_history(history, val_history)
+    steps = _column(history, "step")
+    loss = _column(history, "loss")
+    temp = _column(history, "temperature")
+    has_temp = bool(np.isfinite(temp).any())
+
+    fig = Figure(figsize=FIGSIZE)
+    if has_temp:
+        ax, ax_t = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    else:
+        ax, ax_t = fig.subplots(1, 1), None
+    smooth = len(loss) >= 50
+    ax.plot(steps, loss, color="tab:blue", lw=0.8, alpha=0.35 if smooth else 1.0, label="loss")
+    if smooth:
+        window = max(2, len(loss) // 50)
+        ax.plot(
+            steps, _running_mean(loss, window), color="tab:blue", lw=1.6, label=f"loss (mean of {window})"
+        )
+    ax.set_ylabel("InfoNCE loss")
+    ax.set_title("Training loss and temperature" if has_temp else "Training loss")
+    ax.grid(alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    if val_history:
+        ax_v = ax.twinx()
+        ax_v.plot(
+            _column(val_history, "step"),
+            _column(val_history, "score"),
+            "o--",
+            color="tab:red",
+            ms=4,
+            lw=0.8,
+            label="validation score",
+        )
+        ax_v.set_ylabel("validation score", color="tab:red")
+        h, n = ax_v.get_legend_handles_labels()
+        handles, names = handles + h, names + n
+    ax.legend(handles, names, loc="center right", fontsize=8, framealpha=0.7)
+    if ax_t is not None:
+        ax_t.plot(steps, temp, color="tab:green", lw=1.2)
+        ax_t.set_ylabel("temperature")
+        ax_t.grid(alpha=0.3)
+        ax_t.set_xlabel("step")
+    else:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_recall_at_k(
+    curves: dict[str, dict[int, float]],
+    path: Path,
+    chance: dict[int, float] | dict[str, dict[int, float]] | None = None,
+) -> Path:
+    """Recall (%) against K, one line per direction, chance level dashed.
+
+    curves: {"t2i": {1: 0.31, 5: 0.62, 10: 0.74}, "i2t": {...}} with fractions in [0, 1]; chance: one
+    {K: recall} for all directions, or one per direction ({"t2i": {...}, ...}, drawn in its colour).
+    Returns `path`. Raises ValueError on empty curves, K < 1 or a recall outside [0, 1].
+    """
+    _check_curves(curves, chance)
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    colour = {name: _DIRECTION_COLOURS[i % len(_DIRECTION_COLOURS)] for i, name in enumerate(curves)}
+    all_k: set[int] = set()
+    for name, curve in curves.items():
+        ks = sorted(int(k) for k in curve)
+        all_k.update(ks)
+        ax.plot(ks, [100 * float(curve[k]) for k in ks], "o-", color=colour[name], label=name)
+    if chance is not None:
+        per_direction = all(isinstance(v, Mapping) for v in chance.values())
+        for name, curve in chance.items() if per_direction else [("", chance)]:
+            ks = sorted(int(k) for k in curve)
+            all_k.update(ks)
+            ax.plot(
+                ks,
+                [100 * float(curve[k]) for k in ks],
+                "--",
+                color=colour.get(name, "grey"),
+                alpha=0.8,
+                label=f"chance ({name})" if name else "chance",
+            )
+    ax.set_xticks(sorted(all_k))
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K (%)")
+    ax.set_title("Cross-modal retrieval: Recall@K")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def pca_project(x: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Principal-component projection by SVD of the centred data.
+
+    x: [N, d] -> (projection [N, n_components], explained variance ratio [n_components]). Each
+    component's sign is fixed (its largest-magnitude loading is positive), so the map does not flip
+    between runs or platforms. Components beyond the data's rank are zero. Raises ValueError when
+    n_components > d or N < 1.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"pca_project needs a non-empty [N, d] array, got shape {x.shape}")
+    if not 1 <= n_components <= x.shape[1]:
+        raise ValueError(f"n_components must be in [1, d = {x.shape[1]}], got {n_components}")
+    centred = x - x.mean(axis=0, keepdims=True)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    comps = np.zeros((n_components, x.shape[1]))
+    k = min(n_components, vt.shape[0])
+    comps[:k] = vt[:k]
+    signs = np.sign(comps[np.arange(n_components), np.argmax(np.abs(comps), axis=1)])
+    comps *= np.where(signs == 0, 1.0, signs)[:, None]
+    var = np.zeros(n_components)
+    var[:k] = s[:k] ** 2
+    total = float((s**2).sum())
+    return centred @ comps.T, (var / total if total > 0 else var)
+
+
+def plot_shared_space(
+    item_emb: np.ndarray,
+    text_emb: np.ndarray,
+    path: Path,
+    labels: list[str] | None = None,
+    max_points: int = 2000,
+    seed: int = 0,
+    *,
+    text_to_item: np.ndarray | None = None,
+    n_annotate: int = 6,
+    n_lines: int = 12,
+) -> Path:
+    """2-D PCA map of the shared space: items and captions as two marker sets, a few pairs joined.
+
+    item_emb: [N_items, d]; text_emb: [N_texts, d] (the adapters' outputs); labels: one string per item
+    (e.g. its first caption), a few of which are written next to their points. Matched pairs come from
+    `text_to_item` int [N_texts], or, when it is None and N_items == N_texts, from row order; otherwise
+    no lines are drawn. At most `max_points` items and `max_points` captions are drawn, drawn with
+    `seed` (captions first, then their items, so that joined pairs survive the sampling); the PCA is fitted on
+    the points drawn. Returns `path`. Raises ValueError on mismatched dimensions, non-finite values,
+    d < 2 or labels of the wrong length.
+    """
+    items, texts, owner = _check_space(item_emb, text_emb, labels, text_to_item)
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+        raise ValueError(f"max_points must be an integer >= 1, got {max_points!r}")
+    rng = np.random.default_rng(seed)
+    n_i, n_t = items.shape[0], texts.shape[0]
+    t_idx = np.sort(rng.choice(n_t, max_points, replace=False)) if n_t > max_points else np.arange(n_t)
+    if owner is not None:
+        wanted = np.unique(owner[t_idx])
+        if len(wanted) > max_points:
+            wanted = np.sort(rng.choice(wanted, max_points, replace=False))
+        rest = np.setdiff1d(np.arange(n_i), wanted)
+        extra = max(0, min(max_points - len(wanted), len(rest)))
+        i_idx = np.sort(np.concatenate([wanted, rng.choice(rest, extra, replace=False)]).astype(np.int64))
+    else:
+        i_idx = np.sort(rng.choice(n_i, max_points, replace=False)) if n_i > max_points else np.arange(n_i)
+
+    proj, ratio = pca_project(np.concatenate([items[i_idx], texts[t_idx]]), 2)
+    pi, pt = proj[: len(i_idx)], proj[len(i_idx) :]
+
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.subplots()
+    size = 14 if len(proj) < 500 else 5
+    ax.scatter(pi[:, 0], pi[:, 1], s=size, marker="o", c="tab:blue", alpha=0.6, label=f"items ({len(i_idx)})")
+    ax.scatter(
+        pt[:, 0], pt[:, 1], s=size, marker="^", c="tab:orange", alpha=0.6, label=f"captions ({len(t_idx)})"
+    )
+
+    if owner is not None:
+        pos_of_item = {int(j): p for p, j in enumerate(i_idx)}
+        pairs = [(p, pos_of_item[int(owner[t])]) for p, t in enumerate(t_idx) if int(owner[t]) in pos_of_item]
+        if pairs:
+            pick = rng.choice(len(pairs), min(n_lines, len(pairs)), replace=False)
+            for q in np.sort(pick):
+                tp, ip = pairs[q]
+                ax.plot([pt[tp, 0], pi[ip, 0]], [pt[tp, 1], pi[ip, 1]], color="grey", lw=0.7, alpha=0.8)
+            ax.plot([], [], color="grey", lw=0.7, label="matched pairs")
+    if labels is not None and n_annotate > 0:
+        for p in np.sort(rng.choice(len(i_idx), min(n_annotate, len(i_idx)), replace=False)):
+            text = str(labels[int(i_idx[p])])
+            text = text if len(text) <= 28 else text[:27] + "…"
+            ax.annotate(text, (pi[p, 0], pi[p, 1]), xytext=(3, 3), textcoords="offset points", fontsize=6)
+    ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% of variance)")
+    ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}% of variance)")
+    ax.set_title("Shared embedding space (PCA of items and captions)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _examples_markdown(examples: Sequence[Mapping]) -> str:
+    parts = []
+    for ex in examples:
+        parts.append(f"**Query:** {_one_line(ex['query'])}\n")
+        rows = []
+        for rank, hit in enumerate(ex["results"], start=1):
+            mark = "–" if hit.get("hit") is None else ("yes" if hit["hit"] else "no")
+            rows.append([str(rank), str(hit["caption"]), f"{float(hit['score']):.3f}", mark])
+        if rows:
+            parts.append(
+                markdown_table(["rank", "retrieved item", "score", "hit"], rows, [True, False, True, False])
+            )
+        else:
+            parts.append("_(nothing retrieved)_")
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_report(
+    out_dir: Path,
+    *,
+    title: str,
+    metrics: dict[str, float],
+    history: list[dict],
+    val_history: list[dict] | None,
+    curves: dict[str, dict[int, float]],
+    chance: dict[int, float],
+    item_emb: np.ndarray,
+    text_emb: np.ndarray,
+    labels: list[str] | None = None,
+    params: dict | None = None,
+    examples: list[dict] | None = None,
+    text_to_item: np.ndarray | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write ``out_dir/report.md`` with loss.png, recall_at_k.png and shared_space.png beside it.
+
+    metrics: flat names -> value (``t2i_recall_at_1`` ... as ``RetrievalResult.as_dict``; others are
+    listed as they are); history / val_history: ``TrainResult.history`` / ``.val_history``; curves and
+    chance: as `plot_recall_at_k`; item_emb [N_items, d], text_emb [N_texts, d], labels, text_to_item:
+    as `plot_shared_space`; params: run parameters shown as a table; examples: a few text queries with
+    their top retrieved items, ``[{"query": str, "results": [{"caption", "score", "hit"}, ...]}]``.
+    All inputs are checked before anything is written. Returns the path of report.md.
+    """
+    if not isinstance(title, str) or not title.strip():
+        raise ValueError("title must be a non-empty string")
+    if not isinstance(metrics, Mapping):
+        raise ValueError("metrics must be a dict of metric name -> value")
+    _check_history(history, val_history)
+    _check_curves(curves, chance)
+    _check_space(item_emb, text_emb, labels, text_to_item)
+    _check_examples(examples)
+    retrieval_rows, other = split_retrieval_metrics(metrics)
+    retrieval_md = retrieval_table_markdown(retrieval_rows) if retrieval_rows else None
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_loss(history, val_history, out_dir / "loss.png")
+    plot_recall_at_k(curves, out_dir / "recall_at_k.png", chance)
+    plot_shared_space(
+        item_emb, text_emb, out_dir / "shared_space.png", labels, seed=seed, text_to_item=text_to_item
+    )
+
+    md = [f"# {' '.join(title.split())}", ""]
+    md += ["## Retrieval", ""]
+    md += (
+        [retrieval_md, "", "Recall@K in percent; ranks are 1-based (lower is better)."]
+        if retrieval_md
+        else ["_No retrieval metrics were given._"]
+    )
+    chance_flat = chance if not all(isinstance(v, Mapping) for v in chance.values()) else None
+    if chance_flat is not None:
+        ks = sorted(chance_flat)
+        md.append("Chance level: " + ", ".join(f"R@{k} {_format_chance(chance_flat[k])}" for k in ks) + ".")
+    else:
+        for name, curve in chance.items():
+            md.append(
+                f"Chance level ({name}): "
+                + ", ".join(f"R@{k} {_format_chance(curve[k])}" for k in sorted(curve))
+                + "."
+            )
+    md += ["", "![Recall@K](recall_at_k.png)", ""]
+    if other:
+        md += [
+            "### Other metrics",
+            "",
+            markdown_table(
+                ["metric", "value"], [[k, format_number(v)] for k, v in other.items()], [False, True]
+            ),
+            "",
+        ]
+
+    last = history[-1]
+    md += ["## Training", ""]
+    summary = [
+        f"{len(history)} logged steps, last step {format_number(last['step'])}",
+        f"final loss {format_number(float(last['loss']))}",
+    ]
+    if last.get("temperature") is not None:
+        summary.append(f"final temperature {format_number(float(last['temperature']))}")
+    if val_history:
+        best = max(
+            val_history, key=lambda r: float(r["score"]) if math.isfinite(float(r["score"])) else -math.inf
+        )
+        summary.append(
+            f"best validation score {format_number(float(best['score']))} at step {format_number(best['step'])}"
+        )
+    md += ["; ".join(summary) + ".", "", "![Loss and temperature](loss.png)", ""]
+
+    n_i, n_t = np.asarray(item_emb).shape[0], np.asarray(text_emb).shape[0]
+    md += [
+        "## Shared space",
+        "",
+        f"{n_i} items and {n_t} captions, projected on their first two principal components.",
+        "",
+    ]
+    md += ["![Shared space](shared_space.png)", ""]
+    if examples:
+        md += ["## Example queries", "", _examples_markdown(examples)]
+    if params:
+        md += [
+            "## Parameters",
+            "",
+            markdown_table(
+                ["parameter", "value"],
+                [[str(k), format_number(v)] for k, v in params.items()],
+                [False, False],
+            ),
+            "",
+        ]
+
+    path = out_dir / "report.md"
+    tmp = out_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
