@@ -1,0 +1,208 @@
+"""Evaluate: partition (experiment) -> Recall@1/5/10 both ways on the held-out test split, rows in
+the Lance `metrics` table, MLflow metrics on the training run, and a markdown report with plots."""
+
+import json
+from datetime import UTC, datetime
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from evaluation.report import write_report
+from evaluation.retrieval import chance_recall, retrieval_metrics
+from fusion.adapters import EncoderRef
+from fusion.checkpoint import load_checkpoint, read_config
+from pipelines.lake import table_name
+from pipelines.partitions import Partitions
+from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, PipelinePaths
+from pipelines.tracking import RunLogger
+from pipelines.training import checkpoint_dir, embed_split
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("experiment", pa.string()),
+        ("family", pa.string()),
+        ("variable", pa.string()),
+        ("dataset", pa.string()),
+        ("split", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("mlflow_run_id", pa.string()),
+        ("inputs_hash", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("fingerprint_media", pa.string()),
+        ("fingerprint_text", pa.string()),
+    ]
+)
+
+
+class EvaluateConfig(dg.Config):
+    force: bool = Field(default=False, description="Recompute even if metrics for this checkpoint exist")
+    examples: int = Field(default=3, description="Text queries shown with their top-5 items in the report")
+
+
+def _texts(lk, dataset: str, ids: list[str]) -> dict[str, str]:
+    if not ids:
+        return {}
+    quoted = ", ".join("'" + i + "'" for i in ids)
+    rows = lk.read(table_name("media", dataset), ["media_id", "text"], f"media_id IN ({quoted})")
+    return dict(zip(rows["media_id"].to_pylist(), rows["text"].to_pylist(), strict=True))
+
+
+def build(parts: Partitions) -> list:
+    @dg.asset(
+        name="retrieval_metrics",
+        group_name="evaluate",
+        partitions_def=parts.experiment,
+        deps=["adapters"],
+        kinds={"lance", "mlflow"},
+        description="Cross-modal retrieval on the test split (unseen concepts)",
+    )
+    def retrieval_metrics_asset(
+        context: dg.AssetExecutionContext,
+        config: EvaluateConfig,
+        lake: LanceLake,
+        encoders: EncoderBank,
+        tracking: MlflowTracking,
+        paths: PipelinePaths,
+    ):
+        exp = parts.experiments[context.partition_key]
+        lk = lake.lake()
+        ckpt = checkpoint_dir(paths.models_dir, exp.name)
+        extra = read_config(ckpt)["extra"]
+        media_enc, text_enc = encoders.get(exp.media_encoder), encoders.get(exp.text_encoder)
+        media_side = extra["media_side"]
+        model = load_checkpoint(
+            ckpt,
+            expect={
+                media_side: EncoderRef(exp.media_encoder, media_enc.fingerprint, media_enc.dim),
+                "text": EncoderRef(exp.text_encoder, text_enc.fingerprint, text_enc.dim),
+            },
+        )
+        run_id = extra["summary"]["mlflow_run_id"]
+        if not config.force and lk.exists("metrics"):
+            old = lk.read(
+                "metrics", filter=f"experiment = '{exp.name}' AND inputs_hash = '{extra['inputs_hash']}'"
+            )
+            if len(old):
+                values = dict(zip(old["metric"].to_pylist(), old["value"].to_pylist(), strict=True))
+                context.log.info(f"{exp.name}: metrics for this checkpoint exist; not recomputing")
+                return dg.MaterializeResult(metadata={**values, "skipped": True, "mlflow_run_id": run_id})
+
+        curated = lk.read(table_name("curated", exp.name))
+        test = curated.filter(pc.equal(curated["split"], "test"))
+        if len(test) == 0:
+            raise dg.Failure(f"experiment {exp.name}: the test split is empty; nothing to evaluate")
+        item_emb, text_emb, owner = embed_split(lk, exp, model, test)
+        result = retrieval_metrics(item_emb, text_emb, owner, progress=False)
+        metrics = result.as_dict()
+        n_items = len(item_emb)
+        chance = {k: chance_recall(n_items, min(k, n_items)) for k in result.ks}
+        metrics["chance_recall_at_1"] = chance[1]
+        metrics["test_items"], metrics["test_captions"] = float(n_items), float(len(text_emb))
+
+        now = datetime.now(UTC)
+        rows = pa.table(
+            {
+                "experiment": [exp.name] * len(metrics),
+                "family": [exp.family] * len(metrics),
+                "variable": [exp.variable] * len(metrics),
+                "dataset": [exp.dataset] * len(metrics),
+                "split": ["test"] * len(metrics),
+                "metric": list(metrics),
+                "value": [float(v) for v in metrics.values()],
+                "mlflow_run_id": [run_id] * len(metrics),
+                "inputs_hash": [extra["inputs_hash"]] * len(metrics),
+                "created_at": [now] * len(metrics),
+                "fingerprint_media": [media_enc.fingerprint] * len(metrics),
+                "fingerprint_text": [text_enc.fingerprint] * len(metrics),
+            },
+            schema=METRICS_SCHEMA,
+        )
+        lk.delete("metrics", f"experiment = '{exp.name}'")
+        version = lk.append("metrics", rows)
+
+        # A few text queries with their top-5 items, to see what the numbers mean.
+        captions = test["caption_id"].to_pylist()
+        items = list(dict.fromkeys(test["media_id"].to_pylist()))
+        texts = _texts(lk, exp.dataset, captions)
+        # Items are shown by their first test caption (an image or a sound has no text of its own).
+        item_caption = {}
+        for m, c in zip(test["media_id"].to_pylist(), captions, strict=True):
+            item_caption.setdefault(m, texts.get(c, c))
+        rng = np.random.default_rng(0)
+        examples = []
+        for q in rng.choice(len(captions), size=min(config.examples, len(captions)), replace=False):
+            scores = item_emb @ text_emb[q]
+            top = np.argsort(-scores)[:5]
+            examples.append(
+                {
+                    "query": texts.get(captions[q], captions[q]),
+                    "results": [
+                        {
+                            "item": item_caption[items[j]],
+                            "score": float(scores[j]),
+                            "hit": bool(j == owner[q]),
+                        }
+                        for j in top
+                    ],
+                }
+            )
+        history_file = ckpt / "history.json"
+        hist = (
+            json.loads(history_file.read_text())
+            if history_file.exists()
+            else {"history": [], "val_history": []}
+        )
+        report = write_report(
+            paths.reports_dir / exp.name,
+            title=f"{exp.name}: {exp.media_encoder} x {exp.text_encoder} on {exp.dataset}",
+            metrics=metrics,
+            history=hist["history"],
+            val_history=hist["val_history"],
+            curves={"t2i": dict(result.t2i_recall), "i2t": dict(result.i2t_recall)},
+            chance=chance,
+            item_emb=item_emb,
+            text_emb=text_emb,
+            labels=None,
+            params={"family": exp.family, "fusemix": exp.fusemix.mode, "select": exp.select},
+            examples=examples,
+        )
+        client = tracking.client()
+        log = RunLogger(client, run_id)
+        log.metrics(metrics)
+        log.flush()
+        client.log_artifacts(run_id, str(report.parent), "report")
+        return dg.MaterializeResult(
+            metadata={
+                **{k: float(v) for k, v in metrics.items()},
+                "mlflow_run_id": run_id,
+                "lance_version": version,
+                "report": dg.MetadataValue.md(report.read_text()),
+                "report_path": str(report),
+            }
+        )
+
+    @dg.asset_check(
+        asset=retrieval_metrics_asset,
+        blocking=False,
+        description="Recall@1 in both directions is above chance",
+    )
+    def recall_above_chance(context: dg.AssetCheckExecutionContext, lake: LanceLake):
+        exp_name = context.partition_key if context.has_partition_key else None
+        rows = lake.lake().read("metrics", filter=f"experiment = '{exp_name}'")
+        values = dict(zip(rows["metric"].to_pylist(), rows["value"].to_pylist(), strict=True))
+        chance = values.get("chance_recall_at_1", 1.0)
+        ok = values.get("t2i_recall_at_1", 0) > chance and values.get("i2t_recall_at_1", 0) > chance
+        return dg.AssetCheckResult(
+            passed=ok,
+            metadata={
+                "chance": chance,
+                "t2i_recall_at_1": values.get("t2i_recall_at_1"),
+                "i2t_recall_at_1": values.get("i2t_recall_at_1"),
+            },
+        )
+
+    return [retrieval_metrics_asset, recall_above_chance]

@@ -1,0 +1,60 @@
+"""Extract: partition (dataset x encoder) -> `latents__{dataset}__{encoder}`, incremental and resumable."""
+
+import dagster as dg
+from pydantic import Field
+
+from pipelines.extraction import run_extraction
+from pipelines.partitions import Partitions
+from pipelines.resources import EncoderBank, LanceLake
+
+
+class ExtractConfig(dg.Config):
+    commit_every: int = Field(
+        default=512, description="Rows per Lance commit: a kill loses at most this many"
+    )
+    progress: bool = Field(default=True, description="Show a progress bar")
+
+
+def build(parts: Partitions) -> list:
+    @dg.asset(
+        name="latents",
+        group_name="extract",
+        partitions_def=parts.extract,
+        deps=[dg.AssetDep("media", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("dataset"))],
+        kinds={"lance", "pytorch"},
+        description="Raw latents of each unique item from one frozen encoder, tagged with its fingerprint",
+    )
+    def latents(
+        context: dg.AssetExecutionContext, config: ExtractConfig, lake: LanceLake, encoders: EncoderBank
+    ):
+        keys = context.partition_key.keys_by_dimension
+        dataset, name = keys["dataset"], keys["encoder"]
+        spec = encoders.spec(name)
+        if not parts.applies(dataset, spec):
+            raise dg.Failure(
+                f"encoder {name} ({spec.modality}) does not apply to dataset {dataset} "
+                f"({parts.datasets[dataset].modality} + text); nothing to extract"
+            )
+        encoder = encoders.get(name)
+        stats = run_extraction(
+            lake.lake(),
+            dataset,
+            encoder,
+            commit_every=config.commit_every,
+            progress=config.progress,
+            on_commit=lambda s: context.log.info(f"committed {s['encoded']}/{s['pending']} latents"),
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "items_encoded": stats["encoded"],
+                "items_failed": stats["failed"],
+                "items_total": stats["total"],
+                "items_per_s": stats["items_per_s"],
+                "stale_deleted": stats["stale_deleted"],
+                "dimension": stats["dim"],
+                "fingerprint": stats["fingerprint"],
+                "lance_version": stats["lance_version"],
+            }
+        )
+
+    return [latents]

@@ -1,0 +1,147 @@
+"""Running the graph from the command line: `fusemix demo` and `fusemix materialize`.
+
+Runs go through a persistent Dagster instance under the home folder (DAGSTER_HOME), so every
+materialisation also shows up in `fusemix ui` afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from fusion.paths import fusemix_home
+from pipelines.partitions import ENCODER_PARTITIONS, Partitions
+
+STAGES = ("ingest", "extract", "experiment", "all")
+
+
+def instance() -> dg.DagsterInstance:
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(fusemix_home() / "dagster")))
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").touch()
+    return dg.DagsterInstance.get()
+
+
+def _defs():
+    from pipelines.definitions import build_defs
+
+    return build_defs()
+
+
+def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, quiet: bool = False) -> bool:
+    t0 = time.perf_counter()
+    label = partition if isinstance(partition, str) else "|".join(partition.keys_by_dimension.values())
+    print(f"-> {job} [{label}] ...", flush=True)
+    result = defs.get_job_def(job).execute_in_process(
+        partition_key=partition, instance=inst, raise_on_error=False
+    )
+    status = "ok" if result.success else "FAILED"
+    print(f"   {status} in {time.perf_counter() - t0:.1f}s", flush=True)
+    if not result.success:
+        for ev in result.all_events:
+            if (
+                ev.is_failure
+                and ev.event_specific_data is not None
+                and getattr(ev.event_specific_data, "error", None)
+            ):
+                print("   " + ev.event_specific_data.error.message.strip().splitlines()[-1])
+    return result.success
+
+
+def run_plan(defs, parts: Partitions, inst, experiments: list[str]) -> bool:
+    """Ingest the datasets these experiments use, extract what their encoders need, then run them."""
+    inst.add_dynamic_partitions(
+        ENCODER_PARTITIONS,
+        [e for e in parts.encoders() if not inst.has_dynamic_partition(ENCODER_PARTITIONS, e)],
+    )
+    exps = [parts.experiments[e] for e in experiments]
+    datasets = sorted({e.dataset for e in exps})
+    ok = all(_run(defs, "ingest_job", d, inst) for d in datasets)
+    needed = sorted({(e.dataset, enc) for e in exps for enc in (e.media_encoder, e.text_encoder)})
+    ok = ok and all(_run(defs, "extract_job", parts.extract_key(d, enc), inst) for d, enc in needed)
+    ok = ok and all([_run(defs, "experiment_job", e, inst) for e in experiments])
+    return ok
+
+
+def retrieval_table(experiments: list[str]) -> str:
+    from pipelines.lake import Lake
+    from pipelines.resources import default_lake_root
+
+    lake = Lake(default_lake_root())
+    if not lake.exists("metrics"):
+        return "(no metrics yet)"
+    rows = lake.read("metrics").to_pylist()
+    by = {}
+    for r in rows:
+        by.setdefault(r["experiment"], {})[r["metric"]] = r["value"]
+    head = f"{'experiment':<22} {'items':>6} {'t2i R@1':>8} {'R@5':>6} {'R@10':>6} {'i2t R@1':>8} {'R@5':>6} {'R@10':>6} {'chance@1':>9}"
+    lines = [head, "-" * len(head)]
+    for e in experiments:
+        m = by.get(e)
+        if not m:
+            lines.append(f"{e:<22} (not evaluated)")
+            continue
+
+        def pct(k: str, m: dict = m) -> str:
+            return f"{100 * m.get(k, float('nan')):.1f}"
+
+        lines.append(
+            f"{e:<22} {int(m.get('test_items', 0)):>6} {pct('t2i_recall_at_1'):>8} {pct('t2i_recall_at_5'):>6} {pct('t2i_recall_at_10'):>6} "
+            f"{pct('i2t_recall_at_1'):>8} {pct('i2t_recall_at_5'):>6} {pct('i2t_recall_at_10'):>6} {pct('chance_recall_at_1'):>9}"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(family: str = "demo") -> int:
+    t0 = time.perf_counter()
+    defs, parts = _defs()
+    experiments = sorted(e for e, spec in parts.experiments.items() if spec.family == family)
+    if not experiments:
+        print(f"no experiments of family {family!r} in experiments.yaml")
+        return 2
+    ok = run_plan(defs, parts, instance(), experiments)
+    home = fusemix_home()
+    print()
+    print(f"Retrieval on held-out concepts (test split), recall in %; {time.perf_counter() - t0:.0f}s in all")
+    print(retrieval_table(experiments))
+    print()
+    print("Where to look next:")
+    print(f"  reports        {home / 'reports'}/<experiment>/report.md")
+    print("  Dagster UI     fusemix ui          (http://127.0.0.1:3000)")
+    print("  MLflow UI      fusemix mlflow-ui   (http://127.0.0.1:5000)")
+    print('  SQL            fusemix sql --saved best_runs   or   fusemix sql "SELECT * FROM metrics"')
+    print('  search         fusemix search "a smiling face" --experiment emoji-fusemix')
+    return 0 if ok else 1
+
+
+def materialize(stage: str, partition: str | None = None) -> int:
+    """Materialises one stage (all its partitions, or one) or everything (`all`)."""
+    if stage not in STAGES:
+        print(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
+        return 2
+    defs, parts = _defs()
+    inst = instance()
+    if stage in ("experiment", "all"):
+        exps = [partition] if partition else sorted(parts.experiments)
+        unknown = [e for e in exps if e not in parts.experiments]
+        if unknown:
+            print(f"unknown experiment {unknown[0]!r}; known: {', '.join(sorted(parts.experiments))}")
+            return 2
+        return 0 if run_plan(defs, parts, inst, exps) else 1
+    if stage == "ingest":
+        keys = [partition] if partition else sorted(parts.datasets)
+        return 0 if all([_run(defs, "ingest_job", k, inst) for k in keys]) else 1
+    inst.add_dynamic_partitions(
+        ENCODER_PARTITIONS,
+        [e for e in parts.encoders() if not inst.has_dynamic_partition(ENCODER_PARTITIONS, e)],
+    )
+    specs = parts.encoders()
+    if partition:
+        dataset, _, encoder = partition.partition("|")
+        keys = [(dataset, encoder)]
+    else:
+        keys = [(d, e) for d in sorted(parts.datasets) for e in sorted(specs) if parts.applies(d, specs[e])]
+    return 0 if all([_run(defs, "extract_job", parts.extract_key(d, e), inst) for d, e in keys]) else 1

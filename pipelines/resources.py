@@ -1,0 +1,127 @@
+"""Dagster resources, one per external system: the Lance lake, MLflow tracking, the encoder bank
+and the DuckDB catalog. Defaults put everything under one home folder (fusion.paths.fusemix_home()).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from fusion.encoders import EncoderSpec, FrozenEncoder, build_encoder, load_registry
+from fusion.paths import configs_dir, fusemix_home
+from pipelines.lake import Lake
+
+
+def default_lake_root() -> str:
+    return str(fusemix_home() / "lance")
+
+
+def default_tracking_uri() -> str:
+    path = fusemix_home() / "mlflow"
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+class LanceLake(dg.ConfigurableResource):
+    """The Lance tables of the pipeline under one root URI."""
+
+    root: str = Field(default_factory=default_lake_root, description="Local folder or s3:// / gs:// prefix")
+
+    def lake(self) -> Lake:
+        return Lake(self.root)
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """MLflow tracking: a SQLite store under the home folder by default, or a tracking server URI."""
+
+    tracking_uri: str = Field(
+        default_factory=default_tracking_uri, description="sqlite:///... or http://host:port"
+    )
+    artifact_root: str = Field(
+        default_factory=lambda: str(fusemix_home() / "mlflow" / "artifacts"),
+        description="Where new MLflow experiments keep their artifacts",
+    )
+    experiment_prefix: str = Field(default="fusemix", description="MLflow experiment name prefix")
+
+    def client(self):
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+
+    def experiment_id(self, name: str) -> str:
+        client = self.client()
+        full = f"{self.experiment_prefix}/{name}"
+        exp = client.get_experiment_by_name(full)
+        if exp is not None:
+            return exp.experiment_id
+        location = (
+            self.artifact_root if "://" in self.artifact_root else Path(self.artifact_root).resolve().as_uri()
+        )
+        return client.create_experiment(full, artifact_location=f"{location.rstrip('/')}/{name}")
+
+
+_ENCODERS: dict[tuple, FrozenEncoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+class EncoderBank(dg.ConfigurableResource):
+    """The frozen encoders of configs/encoders.yaml, built once per process and kept."""
+
+    registry_path: str = Field(default_factory=lambda: str(configs_dir() / "encoders.yaml"))
+    device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
+    cache_dir: str | None = Field(default=None, description="Model cache (offline pack, converted weights)")
+
+    def specs(self) -> dict[str, EncoderSpec]:
+        return load_registry(self.registry_path)
+
+    def spec(self, name: str) -> EncoderSpec:
+        specs = self.specs()
+        if name not in specs:
+            raise KeyError(f"encoder {name!r} is not in {self.registry_path}; known: {sorted(specs)}")
+        return specs[name]
+
+    def get(self, name: str) -> FrozenEncoder:
+        spec = self.spec(name)
+        key = (spec, self.device, self.cache_dir)
+        with _ENCODERS_LOCK:
+            if key not in _ENCODERS:
+                _ENCODERS[key] = build_encoder(
+                    spec, device=self.device, cache_dir=Path(self.cache_dir) if self.cache_dir else None
+                )
+            return _ENCODERS[key]
+
+
+class DuckDBCatalog(dg.ConfigurableResource):
+    """SQL over the lake: every Lance table as a DuckDB view (see pipelines.catalog)."""
+
+    lake_root: str = Field(default_factory=default_lake_root)
+    database: str | None = Field(default=None, description="DuckDB file; in-memory when unset")
+
+    def catalog(self):
+        from pipelines.catalog import Catalog
+
+        return Catalog(self.lake_root, self.database)
+
+
+class PipelinePaths(dg.ConfigurableResource):
+    """Where trained adapters and reports go, and which registries are read."""
+
+    home: str = Field(default_factory=lambda: str(fusemix_home()))
+    configs: str = Field(default_factory=lambda: str(configs_dir()))
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.home) / "models"
+
+    @property
+    def reports_dir(self) -> Path:
+        return Path(self.home) / "reports"
+
+    @property
+    def data_cache(self) -> Path:
+        path = Path(self.home) / "cache" / "data"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
