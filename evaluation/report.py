@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 FIGSIZE = (6.0, 4.0)
 DPI = 120
+_MAX_LINE_POINTS = 10_000
 _DIRECTION_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 # Metric names as RetrievalResult.as_dict writes them: [prefix_]direction_(recall_at_K|mean_rank|median_rank).
@@ -194,6 +195,10 @@ def _check_history(history: object, val_history: object) -> None:
     for i, row in enumerate(val_history or []):
         if not isinstance(row, Mapping) or "step" not in row or "score" not in row:
             raise ValueError(f"val_history[{i}] must be a dict with 'step' and 'score', got {row!r}")
+    for key in ("step", "loss", "temperature"):
+        _column(history, key)
+    for key in ("step", "score"):
+        _column(val_history or [], key, "val_history")
 
 
 def _check_curves(curves: object, chance: object) -> None:
@@ -300,8 +305,23 @@ def _running_mean(y: np.ndarray, window: int) -> np.ndarray:
         return np.where(count > 0, (c[idx] - c[lo]) / np.maximum(count, 1), np.nan)
 
 
-def _column(rows: Sequence[Mapping], key: str) -> np.ndarray:
-    return np.array([float(r[key]) if r.get(key) is not None else np.nan for r in rows], dtype=np.float64)
+def _column(rows: Sequence[Mapping], key: str, name: str = "history") -> np.ndarray:
+    """Float [N] column `key` of `rows`; a missing or None entry is NaN (a gap in the line)."""
+    out = np.full(len(rows), np.nan)
+    for i, r in enumerate(rows):
+        v = r.get(key)
+        if v is None:
+            continue
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}[{i}][{key!r}] must be a number, got {v!r}") from e
+    return out
+
+
+def _thin(n: int, limit: int = _MAX_LINE_POINTS) -> slice:
+    """Stride that keeps at most about `limit` of n points: a 1M-step line draws no better than 10k."""
+    return slice(None, None, max(1, -(-n // limit)))
 
 
 def plot_loss(history: list[dict], val_history: list[dict] | None, path: Path) -> Path:
@@ -324,12 +344,12 @@ def plot_loss(history: list[dict], val_history: list[dict] | None, path: Path) -
     else:
         ax, ax_t = fig.subplots(1, 1), None
     smooth = len(loss) >= 50
-    ax.plot(steps, loss, color="tab:blue", lw=0.8, alpha=0.35 if smooth else 1.0, label="loss")
+    th = _thin(len(steps))
+    ax.plot(steps[th], loss[th], color="tab:blue", lw=0.8, alpha=0.35 if smooth else 1.0, label="loss")
     if smooth:
         window = max(2, len(loss) // 50)
-        ax.plot(
-            steps, _running_mean(loss, window), color="tab:blue", lw=1.6, label=f"loss (mean of {window})"
-        )
+        mean = _running_mean(loss, window)
+        ax.plot(steps[th], mean[th], color="tab:blue", lw=1.6, label=f"loss (mean of {window})")
     ax.set_ylabel("InfoNCE loss")
     ax.set_title("Training loss and temperature" if has_temp else "Training loss")
     ax.grid(alpha=0.3)
@@ -337,8 +357,8 @@ def plot_loss(history: list[dict], val_history: list[dict] | None, path: Path) -
     if val_history:
         ax_v = ax.twinx()
         ax_v.plot(
-            _column(val_history, "step"),
-            _column(val_history, "score"),
+            _column(val_history, "step", "val_history"),
+            _column(val_history, "score", "val_history"),
             "o--",
             color="tab:red",
             ms=4,
@@ -350,7 +370,7 @@ def plot_loss(history: list[dict], val_history: list[dict] | None, path: Path) -
         handles, names = handles + h, names + n
     ax.legend(handles, names, loc="center right", fontsize=8, framealpha=0.7)
     if ax_t is not None:
-        ax_t.plot(steps, temp, color="tab:green", lw=1.2)
+        ax_t.plot(steps[th], temp[th], color="tab:green", lw=1.2)
         ax_t.set_ylabel("temperature")
         ax_t.grid(alpha=0.3)
         ax_t.set_xlabel("step")
@@ -503,6 +523,101 @@ def plot_shared_space(
 
 
 # ----------------------------------------------------------------------------------------------- report
+
+
+def result_curves(result, directions: tuple[str, str] = ("t2i", "i2t")) -> dict[str, dict[int, float]]:
+    """`curves` for `plot_recall_at_k` / `write_report` from a ``RetrievalResult``: {t2i: {K: R@K}, i2t: ...}."""
+    t2i, i2t = directions
+    return {t2i: dict(result.t2i_recall), i2t: dict(result.i2t_recall)}
+
+
+def chance_curves(
+    text_to_item: np.ndarray | Sequence[int],
+    n_items: int,
+    ks: Sequence[int] = (1, 5, 10),
+    directions: tuple[str, str] = ("t2i", "i2t"),
+) -> dict[str, dict[int, float]]:
+    """Recall@K of a random ranking in both directions, for the protocol of `evaluation.retrieval`.
+
+    text_to_item: int [N_texts], each caption's item in [0, n_items). text->item: one correct item
+    among n_items. item->text: the mean over captioned items of the chance that any of its m captions
+    is among the top K of N_texts, so items with more captions are easier by chance, as in the metric.
+    """
+    from evaluation.retrieval import chance_recall  # torch comes with it; only callers of this pay
+
+    owner = np.asarray(text_to_item)
+    if owner.ndim != 1 or owner.size == 0 or not np.issubdtype(owner.dtype, np.integer):
+        raise ValueError(
+            f"text_to_item must be a non-empty int [N_texts] array, got {owner.dtype} {owner.shape}"
+        )
+    if owner.min() < 0 or owner.max() >= n_items:
+        raise ValueError(f"text_to_item has indices outside [0, {n_items})")
+    n_texts = int(owner.size)
+    per_item = np.bincount(owner, minlength=n_items)
+    m_values, m_counts = np.unique(per_item[per_item > 0], return_counts=True)
+    t2i, i2t = directions
+    return {
+        t2i: {int(k): chance_recall(int(n_items), int(k)) for k in ks},
+        i2t: {
+            int(k): float(
+                sum(
+                    c * chance_recall(n_texts, int(k), int(m))
+                    for m, c in zip(m_values, m_counts, strict=True)
+                )
+                / m_counts.sum()
+            )
+            for k in ks
+        },
+    }
+
+
+def retrieval_examples(
+    item_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_to_item: np.ndarray | Sequence[int],
+    item_labels: Sequence[str],
+    text_labels: Sequence[str],
+    *,
+    n_queries: int = 5,
+    k: int = 5,
+    seed: int = 0,
+) -> list[dict]:
+    """`examples` for `write_report`: a few captions as queries with their top-k items.
+
+    item_emb [N_items, d] and text_emb [N_texts, d] (scored by dot product, i.e. cosine for the
+    adapters' L2-normalised outputs); text_to_item int [N_texts]; item_labels [N_items] names the
+    retrieved items (e.g. their first caption), text_labels [N_texts] the queries. Queries are drawn
+    with `seed`; equal scores are ordered by item index. Returns
+    ``[{"query": str, "results": [{"caption": str, "score": float, "hit": bool, "item": int}, ...]}]``.
+    """
+    if text_to_item is None:
+        raise ValueError("retrieval_examples needs text_to_item to mark the hits")
+    items, texts, owner = _check_space(item_emb, text_emb, None, text_to_item)
+    if len(item_labels) != items.shape[0] or len(text_labels) != texts.shape[0]:
+        raise ValueError(
+            f"need one label per item ({items.shape[0]}) and per caption ({texts.shape[0]}), "
+            f"got {len(item_labels)} and {len(text_labels)}"
+        )
+    for name, v in (("n_queries", n_queries), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(texts.shape[0], min(n_queries, texts.shape[0]), replace=False))
+    scores = texts[queries].astype(np.float64) @ items.T.astype(np.float64)  # [n_queries, N_items]
+    out = []
+    for row, q in zip(scores, queries, strict=True):
+        top = np.lexsort((np.arange(row.size), -row))[:k]
+        results = [
+            {
+                "caption": str(item_labels[j]),
+                "score": float(row[j]),
+                "hit": bool(j == owner[q]),
+                "item": int(j),
+            }
+            for j in top
+        ]
+        out.append({"query": str(text_labels[q]), "results": results})
+    return out
 
 
 def _examples_markdown(examples: Sequence[Mapping]) -> str:

@@ -13,11 +13,14 @@ from PIL import Image
 from evaluation.report import (
     DPI,
     FIGSIZE,
+    chance_curves,
     format_percent,
     pca_project,
     plot_loss,
     plot_recall_at_k,
     plot_shared_space,
+    result_curves,
+    retrieval_examples,
     retrieval_table_markdown,
     split_retrieval_metrics,
     write_report,
@@ -304,3 +307,86 @@ def test_write_report_checks_everything_before_writing(tmp_path, change, message
     with pytest.raises(ValueError, match=message):
         write_report(tmp_path / "r", **kwargs)
     assert not (tmp_path / "r").exists()
+
+
+def test_chance_curves_match_counting():
+    # Two items with two captions each: a random ranking of 4 captions puts one of 2 first half the time.
+    chance = chance_curves(np.array([0, 0, 1, 1]), n_items=2, ks=(1, 2))
+    assert chance["t2i"] == {1: 0.5, 2: 1.0}
+    assert chance["i2t"][1] == pytest.approx(0.5)
+    assert chance["i2t"][2] == pytest.approx(1 - 1 / 6)  # miss only when both of 2 slots hold the other two
+    # Uneven captions: (1/4 + 3/4) / 2, and an uncaptioned item only counts as a t2i distractor.
+    uneven = chance_curves(np.array([0, 1, 1, 1]), n_items=3, ks=(1,), directions=("t2a", "a2t"))
+    assert uneven["t2a"][1] == pytest.approx(1 / 3)
+    assert uneven["a2t"][1] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="outside"):
+        chance_curves(np.array([0, 5]), n_items=2)
+
+
+def test_retrieval_examples_rank_items_and_mark_hits():
+    rng = np.random.default_rng(0)
+    items = np.linalg.qr(rng.normal(size=(16, 16)))[0][:10]  # 10 orthonormal rows [10, 16]
+    owner = np.array([3, 3, 7, 1, 0, 9])
+    texts = items[owner] + 0.01 * rng.normal(size=(6, 16))
+    ex = retrieval_examples(
+        items,
+        texts,
+        owner,
+        [f"item {i}" for i in range(10)],
+        [f"cap {t}" for t in range(6)],
+        n_queries=4,
+        k=3,
+    )
+    assert len(ex) == 4
+    for e in ex:
+        t = int(e["query"].split()[1])
+        res = e["results"]
+        assert len(res) == 3
+        assert res[0]["item"] == owner[t] and res[0]["hit"] and res[0]["caption"] == f"item {owner[t]}"
+        assert not any(r["hit"] for r in res[1:])
+        assert [r["score"] for r in res] == sorted((r["score"] for r in res), reverse=True)
+    again = retrieval_examples(
+        items,
+        texts,
+        owner,
+        [f"item {i}" for i in range(10)],
+        [f"cap {t}" for t in range(6)],
+        n_queries=4,
+        k=3,
+    )
+    assert again == ex
+    with pytest.raises(ValueError, match="one label per item"):
+        retrieval_examples(items, texts, owner, ["x"], [f"cap {t}" for t in range(6)])
+
+
+def test_report_from_a_real_retrieval_result(tmp_path):
+    from evaluation.retrieval import retrieval_metrics
+
+    rng = np.random.default_rng(2)
+    items = rng.normal(size=(30, 8)).astype(np.float32)
+    owner = np.repeat(np.arange(30), 2)
+    texts = items[owner] + 0.8 * rng.normal(size=(60, 8)).astype(np.float32)
+    result = retrieval_metrics(items, texts, owner, normalize=True, progress=False)
+    labels = [f"item {i}" for i in range(30)]
+    md = write_report(
+        tmp_path,
+        title="end to end",
+        metrics=result.as_dict(),
+        history=_history(5),
+        val_history=None,
+        curves=result_curves(result),
+        chance=chance_curves(owner, 30),
+        item_emb=items,
+        text_emb=texts,
+        labels=labels,
+        text_to_item=owner,
+        examples=retrieval_examples(
+            items, texts, owner, labels, [f"caption {t}" for t in range(60)], n_queries=2
+        ),
+    ).read_text(encoding="utf-8")
+    t2i_row = next(line for line in md.splitlines() if line.startswith("| t2i"))
+    cells = [c.strip() for c in t2i_row.strip("|").split("|")]
+    assert cells[1:4] == [format_percent(result.t2i_recall[k]) for k in (1, 5, 10)]
+    assert cells[4] == f"{result.t2i_mean_rank:.1f}"
+    assert "Chance level (t2i): R@1 3.3, R@5 16.7, R@10 33.3." in md
+    assert md.count("**Query:**") == 2
