@@ -267,6 +267,13 @@ def _check_space(
     return items, texts, owner
 
 
+def _hit_label(hit: Mapping) -> str | None:
+    """What names a retrieved item: its 'caption', or an 'item' given as text."""
+    if hit.get("caption") is not None:
+        return str(hit["caption"])
+    return hit["item"] if isinstance(hit.get("item"), str) else None
+
+
 def _check_examples(examples: object) -> None:
     if examples is None:
         return
@@ -276,8 +283,10 @@ def _check_examples(examples: object) -> None:
         if not isinstance(ex, Mapping) or "query" not in ex or not isinstance(ex.get("results"), Sequence):
             raise ValueError(f"examples[{i}] must be a dict with 'query' and a list 'results', got {ex!r}")
         for j, hit in enumerate(ex["results"]):
-            if not isinstance(hit, Mapping) or "caption" not in hit or "score" not in hit:
-                raise ValueError(f"examples[{i}]['results'][{j}] needs 'caption' and 'score', got {hit!r}")
+            if not isinstance(hit, Mapping) or _hit_label(hit) is None or "score" not in hit:
+                raise ValueError(
+                    f"examples[{i}]['results'][{j}] needs 'caption' (or a text 'item') and 'score', got {hit!r}"
+                )
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -588,7 +597,7 @@ def retrieval_examples(
     adapters' L2-normalised outputs); text_to_item int [N_texts]; item_labels [N_items] names the
     retrieved items (e.g. their first caption), text_labels [N_texts] the queries. Queries are drawn
     with `seed`; equal scores are ordered by item index. Returns
-    ``[{"query": str, "results": [{"caption": str, "score": float, "hit": bool, "item": int}, ...]}]``.
+    ``[{"query": str, "results": [{"caption": str, "score": float, "hit": bool, "index": int}, ...]}]``.
     """
     if text_to_item is None:
         raise ValueError("retrieval_examples needs text_to_item to mark the hits")
@@ -612,7 +621,7 @@ def retrieval_examples(
                 "caption": str(item_labels[j]),
                 "score": float(row[j]),
                 "hit": bool(j == owner[q]),
-                "item": int(j),
+                "index": int(j),
             }
             for j in top
         ]
@@ -627,7 +636,7 @@ def _examples_markdown(examples: Sequence[Mapping]) -> str:
         rows = []
         for rank, hit in enumerate(ex["results"], start=1):
             mark = "–" if hit.get("hit") is None else ("yes" if hit["hit"] else "no")
-            rows.append([str(rank), str(hit["caption"]), f"{float(hit['score']):.3f}", mark])
+            rows.append([str(rank), _hit_label(hit), f"{float(hit['score']):.3f}", mark])
         if rows:
             parts.append(
                 markdown_table(["rank", "retrieved item", "score", "hit"], rows, [True, False, True, False])
@@ -636,6 +645,27 @@ def _examples_markdown(examples: Sequence[Mapping]) -> str:
             parts.append("_(nothing retrieved)_")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _training_summary(history: Sequence[Mapping], val_history: Sequence[Mapping] | None) -> list[str]:
+    """Markdown lines on training: steps, final loss and temperature, best validation score, the plot."""
+    if not history:
+        return ["_No training history was recorded for this run._", ""]
+    last = history[-1]
+    summary = [
+        f"{len(history)} logged steps, last step {format_number(last['step'])}",
+        f"final loss {format_number(float(last['loss']))}",
+    ]
+    if last.get("temperature") is not None:
+        summary.append(f"final temperature {format_number(float(last['temperature']))}")
+    if val_history:
+        best = max(
+            val_history, key=lambda r: float(r["score"]) if math.isfinite(float(r["score"])) else -math.inf
+        )
+        summary.append(
+            f"best validation score {format_number(float(best['score']))} at step {format_number(best['step'])}"
+        )
+    return ["; ".join(summary) + ".", "", "![Loss and temperature](loss.png)", ""]
 
 
 def write_report(
@@ -661,14 +691,20 @@ def write_report(
     listed as they are); history / val_history: ``TrainResult.history`` / ``.val_history``; curves and
     chance: as `plot_recall_at_k`; item_emb [N_items, d], text_emb [N_texts, d], labels, text_to_item:
     as `plot_shared_space`; params: run parameters shown as a table; examples: a few text queries with
-    their top retrieved items, ``[{"query": str, "results": [{"caption", "score", "hit"}, ...]}]``.
-    All inputs are checked before anything is written. Returns the path of report.md.
+    their top retrieved items, ``[{"query": str, "results": [{"caption", "score", "hit"}, ...]}]``
+    ('item' as text is taken when there is no 'caption'; see `retrieval_examples`).
+    An empty history (an untrained baseline, a lost history file) gives a report without loss.png that
+    says so; malformed rows are still an error. All inputs are checked before anything is written.
+    Returns the path of report.md.
     """
     if not isinstance(title, str) or not title.strip():
         raise ValueError("title must be a non-empty string")
     if not isinstance(metrics, Mapping):
         raise ValueError("metrics must be a dict of metric name -> value")
-    _check_history(history, val_history)
+    if history:
+        _check_history(history, val_history)
+    elif not isinstance(history, Sequence):
+        raise ValueError(f"history must be a list of step rows, got {type(history).__name__}")
     _check_curves(curves, chance)
     _check_space(item_emb, text_emb, labels, text_to_item)
     _check_examples(examples)
@@ -677,7 +713,11 @@ def write_report(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_loss(history, val_history, out_dir / "loss.png")
+    if history:
+        plot_loss(history, val_history, out_dir / "loss.png")
+    else:
+        # A loss.png left by an earlier run would describe a different model.
+        (out_dir / "loss.png").unlink(missing_ok=True)
     plot_recall_at_k(curves, out_dir / "recall_at_k.png", chance)
     plot_shared_space(
         item_emb, text_emb, out_dir / "shared_space.png", labels, seed=seed, text_to_item=text_to_item
@@ -712,22 +752,8 @@ def write_report(
             "",
         ]
 
-    last = history[-1]
     md += ["## Training", ""]
-    summary = [
-        f"{len(history)} logged steps, last step {format_number(last['step'])}",
-        f"final loss {format_number(float(last['loss']))}",
-    ]
-    if last.get("temperature") is not None:
-        summary.append(f"final temperature {format_number(float(last['temperature']))}")
-    if val_history:
-        best = max(
-            val_history, key=lambda r: float(r["score"]) if math.isfinite(float(r["score"])) else -math.inf
-        )
-        summary.append(
-            f"best validation score {format_number(float(best['score']))} at step {format_number(best['step'])}"
-        )
-    md += ["; ".join(summary) + ".", "", "![Loss and temperature](loss.png)", ""]
+    md += _training_summary(history, val_history)
 
     n_i, n_t = np.asarray(item_emb).shape[0], np.asarray(text_emb).shape[0]
     md += [

@@ -295,7 +295,7 @@ def test_write_report_writes_markdown_and_linked_pngs(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"history": []}, "history is empty"),
+        ({"history": [{"step": 0}]}, "'loss'"),
         ({"text_emb": np.zeros((40, 3), dtype=np.float32)}, "dimensions differ"),
         ({"curves": {}}, "curves"),
         ({"examples": [{"query": "q"}]}, "examples"),
@@ -342,7 +342,7 @@ def test_retrieval_examples_rank_items_and_mark_hits():
         t = int(e["query"].split()[1])
         res = e["results"]
         assert len(res) == 3
-        assert res[0]["item"] == owner[t] and res[0]["hit"] and res[0]["caption"] == f"item {owner[t]}"
+        assert res[0]["index"] == owner[t] and res[0]["hit"] and res[0]["caption"] == f"item {owner[t]}"
         assert not any(r["hit"] for r in res[1:])
         assert [r["score"] for r in res] == sorted((r["score"] for r in res), reverse=True)
     again = retrieval_examples(
@@ -390,3 +390,22 @@ def test_report_from_a_real_retrieval_result(tmp_path):
     assert cells[4] == f"{result.t2i_mean_rank:.1f}"
     assert "Chance level (t2i): R@1 3.3, R@5 16.7, R@10 33.3." in md
     assert md.count("**Query:**") == 2
+
+
+def test_report_without_history_and_with_item_named_examples(tmp_path):
+    out = tmp_path / "r"
+    write_report(out, **_report_kwargs())
+    assert (out / "loss.png").exists()
+    kwargs = _report_kwargs() | {
+        "history": [],
+        "val_history": [],
+        "examples": [{"query": "q", "results": [{"item": "a sound of rain", "score": 0.5, "hit": True}]}],
+    }
+    md = write_report(out, **kwargs).read_text(encoding="utf-8")
+    assert "No training history was recorded" in md
+    assert "loss.png" not in md
+    # The earlier run's loss curve is gone with it.
+    assert not (out / "loss.png").exists()
+    assert re.search(r"\|\s+1 \| a sound of rain\s* \| 0\.500 \| yes \|", md)
+    with pytest.raises(ValueError, match="caption"):
+        write_report(out, **(kwargs | {"examples": [{"query": "q", "results": [{"item": 3, "score": 0.5}]}]}))
