@@ -1,0 +1,404 @@
+"""The `fusemix` command line (entry point `fusemix = "pipelines.cli:main"`).
+
+    fusemix data list                              the default-corpus sources
+    fusemix data fetch notes --limit 8             fetch into the data cache and print its report
+    fusemix encoder list                           the encoder registry and what is available here
+    fusemix encoder add NAME --modality text --source hf --model BAAI/bge-small-en-v1.5
+    fusemix sql "SELECT dataset, count(*) FROM pairs GROUP BY ALL"   [--csv]
+    fusemix sql --saved best_runs --param metric=i2t_recall_at_1
+    fusemix search "a red apple" --experiment emoji-fusemix -k 5
+    fusemix ui [--port 3000]                       Dagster UI (dagster dev -w workspace.yaml)
+    fusemix mlflow-ui [--port 5000]                MLflow UI over <FUSEMIX_HOME>/mlflow/mlflow.db
+    fusemix demo | fusemix materialize STAGE|all [--partition KEY]
+
+Files live under FUSEMIX_HOME (fusion.paths): Lance tables in <home>/lance (or --lake / $FUSEMIX_LAKE),
+models in <home>/models, MLflow in <home>/mlflow, DAGSTER_HOME in <home>/dagster. User errors exit
+with status 2 and a one-line message; servers bind to 127.0.0.1 unless --host says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fusion.encoders import EncoderConfigError, EncoderUnavailable
+from fusion.paths import PROJECT_ROOT, cache_dir, fusemix_home
+from pipelines.catalog import CatalogError
+
+STAGES = ("ingest", "extract", "curate", "train", "evaluate", "all")
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def format_cell(value: object, max_width: int = 40) -> str:
+    """One cell as short single-line text: bytes as their size, floats to 6 significant digits,
+    lists abbreviated, anything longer than `max_width` cut with an ellipsis."""
+    if value is None:
+        text = ""
+    elif isinstance(value, bytes | bytearray):
+        text = f"<{len(value)} bytes>"
+    elif isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, dt.datetime):
+        text = value.isoformat(sep=" ", timespec="seconds")
+    elif isinstance(value, list | tuple):
+        head = ", ".join(format_cell(v, max_width) for v in value[:4])
+        text = f"[{head}{', …' if len(value) > 4 else ''}] ({len(value)})"
+    else:
+        text = str(value)
+    text = " ".join(text.split()) if ("\n" in text or "\t" in text) else text
+    if max_width > 0 and len(text) > max_width:
+        text = text[: max(1, max_width - 1)] + "…"
+    return text
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[object]], max_width: int = 40) -> str:
+    """An aligned text table: header, rule, rows; numbers right-aligned."""
+    cells = [[format_cell(v, max_width) for v in row] for row in rows]
+    widths = [len(c) for c in columns]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    numeric = [
+        bool(rows)
+        and all(isinstance(r[i], int | float) and not isinstance(r[i], bool) or r[i] is None for r in rows)
+        for i in range(len(columns))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    out = [line(list(columns)), "  ".join("-" * w for w in widths)]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def print_arrow(table, as_csv: bool, max_width: int, max_rows: int) -> None:
+    rows = table.to_pylist()
+    columns = table.column_names
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow(["" if r[c] is None else r[c] for c in columns])
+        return
+    shown = rows if max_rows <= 0 else rows[:max_rows]
+    print(format_table(columns, [[r[c] for c in columns] for r in shown], max_width))
+    more = f", {len(rows) - len(shown)} not shown (--max-rows)" if len(shown) < len(rows) else ""
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{more})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def _lake_root(args) -> str:
+    from pipelines.catalog import default_lake_root
+
+    return args.lake or default_lake_root()
+
+
+def cmd_data_list(args) -> int:
+    from pipelines.sources import SOURCES
+
+    rows = []
+    for name, fetch in sorted(SOURCES.items()):
+        doc = (fetch.__doc__ or "").strip().splitlines()
+        rows.append([name, doc[0] if doc else ""])
+    print(format_table(["source", "description"], rows, max_width=100))
+    return 0
+
+
+def cmd_data_fetch(args) -> int:
+    from pipelines.sources import SourceUnavailable, UnknownSource, fetch_source, report_dataset
+
+    cache = cache_dir("data")
+    try:
+        ds = fetch_source(args.name, cache=cache, limit=args.limit, seed=args.seed, progress=not args.quiet)
+    except (UnknownSource, SourceUnavailable) as err:
+        raise UserError(str(err)) from err
+    print(report_dataset(ds))
+    print(f"cached under {cache}")
+    return 0
+
+
+def cmd_encoder_list(args) -> int:
+    from fusion.encoders import describe_registry, load_registry
+
+    rows = describe_registry(load_registry())
+    cols = ["name", "modality", "source", "model", "available", "detail"]
+    table = [[r[c] if c != "available" else ("yes" if r[c] else "no") for c in cols] for r in rows]
+    print(format_table(cols, table, args.max_width))
+    return 0
+
+
+def cmd_encoder_add(args) -> int:
+    from fusion.encoders import add_encoder
+    from fusion.encoders.registry import default_registry_path
+    from pipelines.lake import table_name
+
+    try:
+        table_name("latents", "dataset", args.name)  # the name becomes part of Lance table names
+    except ValueError as err:
+        raise UserError(f"encoder name {args.name!r} is not usable: {err}") from err
+    fields = {"modality": args.modality, "source": args.source, "model": args.model}
+    if args.pooling is not None:
+        fields["pooling"] = args.pooling
+    if args.batch_size is not None:
+        fields["batch_size"] = args.batch_size
+    path = default_registry_path()
+    spec = add_encoder(path, args.name, **fields)
+    print(f"added encoder {spec.name!r} ({spec.modality}, {spec.source}: {spec.model}) to {path}")
+    print(
+        "the Dagster sensor will pick it up and start extracting latents for every dataset of that modality"
+    )
+    return 0
+
+
+def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
+    params = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param takes KEY=VALUE, got {item!r}")
+        params[key] = value
+    return params
+
+
+def cmd_sql(args) -> int:
+    from pipelines.catalog import Catalog, saved_queries
+
+    if args.list:
+        for name in saved_queries():
+            print(name)
+        return 0
+    if (args.query is None) == (args.saved is None):
+        raise UserError("give a query or --saved NAME (one of the two)")
+    params = _parse_params(args.param)
+    catalog = Catalog(_lake_root(args))
+    if args.saved is not None:
+        table = catalog.saved(args.saved, **params)
+    else:
+        if params:
+            raise UserError("--param is for saved queries; write values into the query")
+        table = catalog.sql(args.query)
+    print_arrow(table, args.csv, args.max_width, args.max_rows)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from pipelines.lake import Lake
+    from pipelines.search import SearchError, format_results, search
+
+    try:
+        results = search(
+            Lake(_lake_root(args)), fusemix_home() / "models", args.experiment, args.query, k=args.k
+        )
+    except SearchError as err:
+        raise UserError(str(err)) from err
+    print(format_results(results))
+    return 0
+
+
+def _tool(name: str) -> str:
+    """The executable of a tool installed beside this Python (the venv), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise UserError(f"`{name}` is not installed in this environment (make install)")
+    return found
+
+
+def exec_server(argv: list[str], env: dict[str, str]) -> int:
+    """Replaces this process with the server, so Ctrl-C and signals reach it directly."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)
+    return 0  # not reached
+
+
+def cmd_ui(args) -> int:
+    workspace = PROJECT_ROOT / "workspace.yaml"
+    if not workspace.is_file():
+        raise UserError(
+            f"{workspace} does not exist; the Dagster definitions are not set up in this checkout"
+        )
+    dagster_home = fusemix_home() / "dagster"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
+    argv = [_tool("dagster"), "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
+    print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={dagster_home})", flush=True)
+    return exec_server(argv, env)
+
+
+def cmd_mlflow_ui(args) -> int:
+    store = fusemix_home() / "mlflow"
+    store.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    argv = [_tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri})", flush=True)
+    return exec_server(argv, dict(os.environ))
+
+
+def _owner_function(name: str):
+    try:
+        from pipelines import demo
+    except ImportError as err:
+        raise UserError(
+            f"pipelines.demo cannot be imported ({err}); the pipeline is not set up in this checkout"
+        ) from err
+    fn = getattr(demo, name, None)
+    if fn is None:
+        raise UserError(f"pipelines.demo has no {name}()")
+    return fn
+
+
+def cmd_demo(args) -> int:
+    return int(_owner_function("run_demo")(list(args.options)))
+
+
+def cmd_materialize(args) -> int:
+    return int(_owner_function("materialize")(args.stage, args.partition))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port must be at most 65535, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusemix",
+        description="FuseMix: data-efficient multimodal fusion as a Dagster pipeline over Lance, MLflow and DuckDB.",
+    )
+    parser.add_argument("--lake", help="Lance lake root (default: $FUSEMIX_LAKE or <FUSEMIX_HOME>/lance)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="default-corpus sources").add_subparsers(
+        dest="data_cmd", required=True
+    )
+    p = data.add_parser("list", help="list the sources")
+    p.set_defaults(func=cmd_data_list)
+    p = data.add_parser("fetch", help="fetch a source into the data cache and print its report")
+    p.add_argument("name")
+    p.add_argument("--limit", type=_positive_int, help="keep this many concepts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the concept choice and the splits")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_data_fetch)
+
+    enc = sub.add_parser("encoder", help="the encoder registry").add_subparsers(
+        dest="encoder_cmd", required=True
+    )
+    p = enc.add_parser("list", help="registered encoders and whether they can be built here")
+    p.add_argument("--max-width", type=int, default=60, help="cut cells longer than this (0: never)")
+    p.set_defaults(func=cmd_encoder_list)
+    p = enc.add_parser("add", help="add or replace an encoder in configs/encoders.yaml")
+    p.add_argument("name")
+    p.add_argument("--modality", required=True, choices=("image", "text", "audio"))
+    p.add_argument("--source", required=True, choices=("hf", "offline", "laion_clap"))
+    p.add_argument("--model", required=True, help="hub id, local folder or offline-pack key")
+    p.add_argument("--pooling", choices=("mean", "cls", "pooler"))
+    p.add_argument("--batch-size", type=_positive_int)
+    p.set_defaults(func=cmd_encoder_add)
+
+    p = sub.add_parser("sql", help="query the lake with DuckDB")
+    p.add_argument("query", nargs="?", help="one SQL statement")
+    p.add_argument("--saved", metavar="NAME", help="run configs/queries/NAME.sql")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="saved-query parameter")
+    p.add_argument("--list", action="store_true", help="list the saved queries")
+    p.add_argument("--csv", action="store_true", help="write CSV (every row, cells uncut)")
+    p.add_argument("--max-width", type=int, default=40, help="cut cells longer than this (0: never)")
+    p.add_argument("--max-rows", type=int, default=100, help="print at most this many rows (0: all)")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("search", help="text-to-media search with a trained experiment")
+    p.add_argument("query")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("-k", type=_positive_int, default=5, help="how many results")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ui", help="run the Dagster UI (dagster dev)")
+    p.add_argument("--port", type=_port, default=3000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("mlflow-ui", help="run the MLflow UI")
+    p.add_argument("--port", type=_port, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_mlflow_ui)
+
+    # No arguments of its own: everything after `demo` goes to pipelines.demo.run_demo (see main).
+    p = sub.add_parser("demo", help="the end-to-end demo (options are passed on to pipelines.demo)")
+    p.set_defaults(func=cmd_demo, options=[])
+
+    p = sub.add_parser("materialize", help="materialise one stage's assets, or all")
+    p.add_argument("stage", metavar="STAGE", help=f"one of {', '.join(STAGES)}")
+    p.add_argument("--partition", metavar="KEY", help="partition key (default: every partition)")
+    p.set_defaults(func=cmd_materialize)
+    return parser
+
+
+# User errors that library code raises: shown as one line, never as a traceback.
+_USER_ERRORS = (
+    UserError,
+    CatalogError,
+    EncoderConfigError,
+    EncoderUnavailable,
+    LookupError,
+    FileNotFoundError,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "demo":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # argparse exits on --help and on bad usage: return its status instead
+        return int(exc.code or 0)
+    if args.command == "demo":
+        args.options = extra
+    try:
+        return int(args.func(args) or 0)
+    except _USER_ERRORS as err:
+        msg = str(err.args[0]) if isinstance(err, LookupError) and err.args else str(err)
+        print(f"fusemix: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fusemix: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

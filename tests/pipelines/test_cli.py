@@ -1,0 +1,259 @@
+"""Every `fusemix` subcommand through main([...]), on real tmp lakes, registries and checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import types
+
+import pytest
+import yaml
+
+import pipelines
+from fusion.encoders import load_registry
+from pipelines import cli
+from pipelines.catalog import Catalog
+from pipelines.sources import SOURCES
+from tests.pipelines.test_catalog import make_lake
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """FUSEMIX_HOME and FUSEMIX_CONFIGS in tmp_path (configs/queries copied from the project)."""
+    home = tmp_path / "home"
+    configs = tmp_path / "configs"
+    shutil.copytree(cli.PROJECT_ROOT / "configs" / "queries", configs / "queries")
+    monkeypatch.setenv("FUSEMIX_HOME", str(home))
+    monkeypatch.setenv("FUSEMIX_CONFIGS", str(configs))
+    monkeypatch.delenv("FUSEMIX_LAKE", raising=False)
+    return home
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_help_and_usage_errors(capsys):
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0 and "sql" in out and "search" in out
+    rc, _, err = run(capsys)
+    assert rc == 2 and "required" in err
+    rc, _, err = run(capsys, "search", "a cat")
+    assert rc == 2 and "--experiment" in err
+    rc, _, err = run(capsys, "data", "fetch", "notes", "--limit", "0")
+    assert rc == 2 and "at least 1" in err
+    rc, _, err = run(capsys, "sql", "SELECT 1", "--bogus")
+    assert rc == 2 and "unrecognized arguments: --bogus" in err
+
+
+def test_sql_prints_an_aligned_table(home, capsys):
+    make_lake(home / "lance")
+    rc, out, err = run(capsys, "sql", "SELECT dataset, count(*) AS n FROM pairs GROUP BY ALL ORDER BY ALL")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["dataset", "n"]
+    assert set(lines[1]) <= {"-", " "}
+    assert [ln.split() for ln in lines[2:4]] == [["emoji", "6"], ["notes", "4"]]
+    assert lines[-1] == "(2 rows)"
+    # The numeric column is right-aligned under its header.
+    assert lines[2].rstrip().endswith("6") and len(lines[2]) == len(lines[0])
+
+
+def test_sql_truncates_long_cells_but_csv_does_not(home, capsys):
+    lake = make_lake(home / "lance")
+    query = "SELECT media_id, text FROM media WHERE text IS NOT NULL ORDER BY media_id"
+    rc, out, _ = run(capsys, "--lake", lake.root, "sql", query, "--max-width", "8", "--max-rows", "3")
+    assert rc == 0
+    rows = out.splitlines()[2:-1]
+    assert len(rows) == 3 and all(ln.split()[1] == "caption…" for ln in rows)
+    assert out.splitlines()[-1] == "(10 rows, 7 not shown (--max-rows))"
+    rc, out, _ = run(capsys, "sql", query, "--csv")
+    assert rc == 0
+    got = list(csv.DictReader(io.StringIO(out)))
+    want = Catalog(lake.root).sql(query).to_pylist()
+    assert got == want
+
+
+def test_sql_saved_queries_and_params(home, capsys):
+    make_lake(home / "lance")
+    rc, out, _ = run(capsys, "sql", "--list")
+    assert rc == 0 and {"best_runs", "latents_per_encoder", "quarantine_reasons"} <= set(out.split())
+    rc, out, _ = run(capsys, "sql", "--saved", "best_runs", "--param", "split=val", "--csv")
+    assert rc == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["experiment"], r["value"], r["run_id"]) for r in rows] == [("emoji-none", "0.25", "run3")]
+    rc, out, _ = run(capsys, "sql", "--saved", "quarantine_reasons")
+    assert rc == 0 and "bad_image" in out and "silent" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("sql",), "give a query or --saved NAME"),
+        (("sql", "SELECT 1", "--saved", "best_runs"), "give a query or --saved NAME"),
+        (("sql", "SELECT * FROM nowhere"), "query failed"),
+        (("sql", "--saved", "nope"), "no saved query 'nope'"),
+        (("sql", "--saved", "best_runs", "--param", "metric"), "KEY=VALUE"),
+        (("sql", "--saved", "best_runs", "--param", "colour=red"), "no parameter(s) ['colour']"),
+    ],
+)
+def test_sql_user_errors_exit_2_without_traceback(home, capsys, argv, message):
+    make_lake(home / "lance")
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2
+    assert err.startswith("fusemix: error: ") and message in err
+    assert "Traceback" not in err and out == ""
+
+
+def test_data_list_names_every_source(home, capsys):
+    rc, out, _ = run(capsys, "data", "list")
+    assert rc == 0
+    assert [ln.split()[0] for ln in out.splitlines()[2:]] == sorted(SOURCES)
+
+
+def test_data_fetch_unknown_source(home, capsys):
+    rc, _, err = run(capsys, "data", "fetch", "nosuch")
+    assert rc == 2 and "unknown source 'nosuch'" in err and "notes" in err
+
+
+def test_data_fetch_notes(home, capsys, monkeypatch):
+    if shutil.which("fluidsynth") is None:
+        rc, _, err = run(capsys, "data", "fetch", "notes", "--limit", "1", "--quiet")
+        assert rc == 2 and "fluidsynth" in err
+        return
+    rc, out, err = run(capsys, "data", "fetch", "notes", "--limit", "1", "--quiet")
+    assert rc == 0, err
+    report = dict(line.strip().split(None, 1) for line in out.splitlines()[1:3])
+    assert out.startswith("dataset notes")
+    assert int(report["pairs"]) > 0 and int(report["concepts"]) == 1
+    assert "unique media" in out and "quarantined" in out
+    assert list((home / "cache" / "data" / "notes").rglob("*.flac"))
+    # Without fluidsynth the fetch says what is missing instead of a traceback.
+    monkeypatch.setenv("PATH", "/nonexistent")
+    shutil.rmtree(home / "cache" / "data" / "notes")
+    rc, _, err = run(capsys, "data", "fetch", "notes", "--limit", "1", "--quiet")
+    assert rc == 2 and "fluidsynth" in err
+
+
+def test_encoder_list_and_add(home, capsys):
+    configs = home.parent / "configs"
+    registry = {
+        "encoders": {
+            "local-text": {"modality": "text", "source": "hf", "model": str(home / "no-such-folder")},
+        }
+    }
+    (configs / "encoders.yaml").write_text(yaml.safe_dump(registry))
+    rc, out, err = run(capsys, "encoder", "list")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["name", "modality", "source", "model", "available", "detail"]
+    assert lines[2].split()[:3] == ["local-text", "text", "hf"]
+    assert " no " in lines[2]
+
+    rc, out, err = run(
+        capsys, "encoder", "add", "bge-small", "--modality", "text", "--source", "hf",
+        "--model", "BAAI/bge-small-en-v1.5", "--pooling", "cls", "--batch-size", "16",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "sensor" in out and str(configs / "encoders.yaml") in out
+    specs = load_registry(configs / "encoders.yaml")
+    assert set(specs) == {"local-text", "bge-small"}
+    assert (specs["bge-small"].pooling, specs["bge-small"].batch_size) == ("cls", 16)
+
+    rc, _, err = run(
+        capsys, "encoder", "add", "bad__name", "--modality", "text", "--source", "hf", "--model", "x"
+    )
+    assert rc == 2 and "bad__name" in err
+    rc, _, err = run(capsys, "encoder", "add", "x", "--modality", "smell", "--source", "hf", "--model", "x")
+    assert rc == 2 and "smell" in err
+    assert set(load_registry(configs / "encoders.yaml")) == {"local-text", "bge-small"}
+
+
+def test_encoder_list_without_registry_is_a_user_error(home, capsys):
+    rc, _, err = run(capsys, "encoder", "list")
+    assert rc == 2 and "does not exist" in err
+
+
+def test_search_command(home, capsys, monkeypatch):
+    from tests.pipelines.test_search import build_setup, write_text_registry
+
+    configs = home.parent / "configs"
+    write_text_registry(configs)
+    text_encoder = __import__("fusion.encoders", fromlist=["build_encoder"]).build_encoder(
+        load_registry(configs / "encoders.yaml")["tiny-text"]
+    )
+    build_setup(home, text_encoder)
+    rc, out, err = run(capsys, "search", "a red car", "--experiment", "toy-exp", "-k", "3")
+    assert rc == 0, err
+    lines = [ln for ln in out.splitlines() if not ln.startswith(" " * 6)]
+    assert [ln.split()[0] for ln in lines] == ["1.", "2.", "3."]
+    scores = [float(ln.split()[1]) for ln in lines]
+    assert scores == sorted(scores, reverse=True)
+    assert "a picture of thing" in out
+    rc, _, err = run(capsys, "search", "a red car", "--experiment", "missing")
+    assert rc == 2 and "no trained model" in err
+
+
+def test_ui_commands_bind_to_localhost(home, capsys, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(cli, "exec_server", lambda argv, env: calls.append((argv, env)) or 0)
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.setattr(cli, "PROJECT_ROOT", project)
+    rc, _, err = run(capsys, "ui")
+    assert rc == 2 and "workspace.yaml" in err and not calls
+    (project / "workspace.yaml").write_text("load_from: []\n")
+
+    rc, out, _ = run(capsys, "ui")
+    assert rc == 0 and "http://127.0.0.1:3000" in out
+    argv, env = calls[-1]
+    assert argv[1:3] == ["dev", "-w"] and argv[3] == str(project / "workspace.yaml")
+    assert argv[argv.index("-h") + 1] == "127.0.0.1" and argv[argv.index("-p") + 1] == "3000"
+    assert env["DAGSTER_HOME"] == str(home / "dagster") and (home / "dagster").is_dir()
+
+    rc, out, _ = run(capsys, "ui", "--port", "3300", "--host", "0.0.0.0")
+    assert rc == 0 and "http://0.0.0.0:3300" in out
+    assert calls[-1][0][-4:] == ["-h", "0.0.0.0", "-p", "3300"]
+
+    rc, out, _ = run(capsys, "mlflow-ui")
+    assert rc == 0 and "http://127.0.0.1:5000" in out
+    argv, _ = calls[-1]
+    assert argv[1] == "ui"
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5000"
+    rc, _, err = run(capsys, "mlflow-ui", "--port", "70000")
+    assert rc == 2 and "65535" in err
+
+
+def test_demo_and_materialize_call_the_pipeline(monkeypatch, capsys):
+    calls = []
+    fake = types.SimpleNamespace(
+        run_demo=lambda options: calls.append(("demo", options)) or 0,
+        materialize=lambda stage, partition: calls.append(("materialize", stage, partition)) or 3,
+    )
+    monkeypatch.setattr(pipelines, "demo", fake, raising=False)
+    monkeypatch.setitem(__import__("sys").modules, "pipelines.demo", fake)
+    assert run(capsys, "demo")[0] == 0
+    assert run(capsys, "demo", "--fast", "--limit", "5")[0] == 0
+    assert run(capsys, "materialize", "extract", "--partition", "emoji|minilm")[0] == 3
+    assert run(capsys, "materialize", "all")[0] == 3
+    assert calls == [
+        ("demo", []),
+        ("demo", ["--fast", "--limit", "5"]),
+        ("materialize", "extract", "emoji|minilm"),
+        ("materialize", "all", None),
+    ]
+    assert run(capsys, "materialize")[0] == 2
+
+
+def test_format_cell():
+    assert cli.format_cell(None) == ""
+    assert cli.format_cell(b"\x00" * 300) == "<300 bytes>"
+    assert cli.format_cell(1 / 3) == "0.333333"
+    assert cli.format_cell("x" * 50, max_width=10) == "x" * 9 + "…"
+    assert cli.format_cell("x" * 50, max_width=0) == "x" * 50
+    assert cli.format_cell("two\nlines") == "two lines"
+    assert cli.format_cell([1, 2, 3, 4, 5, 6], max_width=0) == "[1, 2, 3, 4, …] (6)"
