@@ -14,7 +14,8 @@ Views (one connection sees the Lance versions that were current when it was open
     curated        curated__*          + `experiment`
     metrics        the metrics table
 A union view whose tables do not exist yet is an empty view with the documented columns, so saved
-queries run (and return no rows) on a fresh lake.
+queries run (and return no rows) on a fresh lake. A bare table named like a union view (`media`, one
+table for every dataset) is registered as `media__table` and joins the `media` view.
 
 DuckDB scans a registered `lance.LanceDataset` through its pyarrow-dataset interface, pushing the
 projection and simple filters down into Lance (`SELECT count(*) FROM latents_meta` never reads a
@@ -36,8 +37,6 @@ import pyarrow as pa
 
 from fusion.paths import configs_dir, fusemix_home
 from pipelines.lake import Lake
-
-UNION_PREFIXES = ("media", "pairs", "quarantine", "latents", "curated")
 
 # Columns of the union views when no table of that kind exists yet (the schemas the assets write).
 _EMPTY = {
@@ -88,16 +87,20 @@ def _arrow(result: duckdb.DuckDBPyRelation | duckdb.DuckDBPyConnection) -> pa.Ta
 
 
 def _select_with(
-    table: str, schema: pa.Schema, constants: dict[str, str | int], drop: Iterable[str] = ()
+    table: str,
+    schema: pa.Schema,
+    constants: dict[str, str | int],
+    drop: Iterable[str] = (),
+    extra: Iterable[str] = (),
 ) -> str:
-    """SELECT <constants>, <table columns except those and `drop`> FROM table."""
+    """SELECT <constants>, <table columns except those and `drop`>, <extra expressions> FROM table."""
     drop = set(drop)
     consts = [
         f"{quote_literal(v) if isinstance(v, str) else int(v)} AS {quote_ident(k)}"
         for k, v in constants.items()
     ]
     cols = [quote_ident(n) for n in schema.names if n not in constants and n not in drop]
-    return f"SELECT {', '.join(consts + cols)} FROM {quote_ident(table)}"
+    return f"SELECT {', '.join(consts + cols + list(extra))} FROM {quote_ident(table)}"
 
 
 def _union(selects: list[str], empty: str) -> str:
@@ -142,14 +145,21 @@ class Catalog:
         return con
 
     def _register(self, con: duckdb.DuckDBPyConnection) -> None:
-        unions: dict[str, list[str]] = {k: [] for k in (*UNION_PREFIXES, "latents_meta")}
+        unions: dict[str, list[str]] = {k: [] for k in _EMPTY if k != "metrics"}
         has_metrics = False
         for name in self.tables():
             ds = self.lake.open(name)
-            con.register(name, ds)
             schema = ds.schema
             parts = name.split("__")
             kind = parts[0]
+            if name in unions:
+                # A bare table named like a union view (one table for all datasets) joins that
+                # view under another name rather than being hidden by it.
+                alias = f"{name}__table"
+                con.register(alias, ds)
+                unions[name].append(_select_with(alias, schema, {}))
+                continue
+            con.register(name, ds)
             if name == "metrics":
                 has_metrics = True
             elif kind in ("media", "pairs", "quarantine") and len(parts) == 2:
@@ -161,11 +171,12 @@ class Catalog:
                 vec = schema.field("vector").type if "vector" in schema.names else None
                 dim = vec.list_size if vec is not None and pa.types.is_fixed_size_list(vec) else -1
                 consts = {"dataset": parts[1], "encoder": parts[2], "dim": dim}
-                meta = _select_with(name, schema, consts, drop=("vector",))
-                unions["latents_meta"].append(meta)
+                unions["latents_meta"].append(_select_with(name, schema, consts, drop=("vector",)))
                 if vec is not None:
+                    # FLOAT[] rather than FLOAT[d]: encoders of different dimensions share one view.
+                    as_list = ['"vector"::FLOAT[] AS "vector"']
                     unions["latents"].append(
-                        meta.replace(" FROM ", ', "vector"::FLOAT[] AS "vector" FROM ', 1)
+                        _select_with(name, schema, consts, drop=("vector",), extra=as_list)
                     )
         for view, selects in unions.items():
             con.execute(f"CREATE OR REPLACE TEMP VIEW {quote_ident(view)} AS {_union(selects, _EMPTY[view])}")

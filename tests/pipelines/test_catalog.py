@@ -186,6 +186,30 @@ def test_latents_meta_never_reads_the_vector_column(lake, monkeypatch):
     assert all(cols is not None and "vector" not in cols for cols in seen), seen
 
 
+def test_filters_reach_lance(lake, monkeypatch):
+    seen: list = []
+    original = lance.LanceDataset.scanner
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("filter"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(lance.LanceDataset, "scanner", spy)
+    got = Catalog(lake.root).sql(
+        "SELECT media_id FROM \"latents__emoji__effnet-lite0\" WHERE media_id = 'emoji-m3'"
+    )
+    assert got.column("media_id").to_pylist() == ["emoji-m3"]
+    assert any(f is not None and "emoji-m3" in str(f) for f in seen), seen
+
+
+def test_bare_table_named_like_a_union_view_joins_it(lake):
+    lake.overwrite("pairs", pairs_table("extra", 3).append_column("dataset", pa.array(["extra"] * 3)))
+    cat = Catalog(lake.root)
+    rows = cat.sql("SELECT dataset, count(*) AS n FROM pairs GROUP BY ALL ORDER BY ALL").to_pylist()
+    assert rows == [{"dataset": "emoji", "n": 6}, {"dataset": "extra", "n": 3}, {"dataset": "notes", "n": 4}]
+    assert cat.sql("SELECT count(*) AS n FROM pairs__table").column("n").to_pylist() == [3]
+
+
 def test_connection_sees_the_versions_current_when_opened(lake):
     cat = Catalog(lake.root)
     con = cat.connect()
