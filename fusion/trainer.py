@@ -73,10 +73,13 @@ def _batches(
     """Shuffled full batches across chunks; the remainder of a chunk carries into the next."""
     carry_x: np.ndarray | None = None
     carry_y: np.ndarray | None = None
-    for cx, cy in source():
+    for k, (cx, cy) in enumerate(source()):
         cx, cy = np.asarray(cx, dtype=np.float32), np.asarray(cy, dtype=np.float32)
         if len(cx) != len(cy):
             raise ValueError(f"chunk holds {len(cx)} x rows but {len(cy)} y rows")
+        # Streamed chunks are never all in memory at once, so they are checked here, as they arrive.
+        if not (np.isfinite(cx).all() and np.isfinite(cy).all()):
+            raise ValueError(f"training latents contain NaN or inf (chunk {k})")
         if carry_x is not None:
             cx, cy = np.concatenate([carry_x, cx]), np.concatenate([carry_y, cy])
         order = rng.permutation(len(cx))
@@ -158,6 +161,9 @@ def train_adapters(
     n, dx, dy = _peek_dims(chunks)
     if not all(np.isfinite(np.asarray(a)).all() for a in (x, y) if a is not None):
         raise ValueError("training latents contain NaN or inf")
+    # A NaN validation score would never compare greater, freezing the choice on the first one.
+    if not all(np.isfinite(np.asarray(a)).all() for a in (x_val, y_val) if a is not None):
+        raise ValueError("validation latents contain NaN or inf")
 
     torch.manual_seed(train_cfg.seed)
     rng = np.random.default_rng(train_cfg.seed)
@@ -204,6 +210,7 @@ def train_adapters(
     step, epoch = 0, 0
     model.train()
     while step < total:
+        step_at_epoch_start = step
         for bx, by in _batches(chunks, batch, rng):
             xb = torch.from_numpy(bx).to(device, non_blocking=True)
             yb = torch.from_numpy(by).to(device, non_blocking=True)
@@ -214,6 +221,7 @@ def train_adapters(
                 loss = clip_loss(ex, ey, t)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+            lr_used = opt.param_groups[0]["lr"]  # read before sched.step() moves it to the next step
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if train_cfg.grad_clip:
@@ -229,7 +237,7 @@ def train_adapters(
                 "epoch": epoch,
                 "loss": float(loss.detach()),
                 "temperature": float(model.temperature.detach()),
-                "lr": opt.param_groups[0]["lr"],
+                "lr": lr_used,
             }
             result.history.append(row)
             result.pairs_seen += len(bx)
@@ -246,6 +254,12 @@ def train_adapters(
                     best_state = copy.deepcopy(model.state_dict())
             if step >= total:
                 break
+        if step == step_at_epoch_start:
+            # Otherwise this loop would spin forever on a source that is empty after its first pass.
+            raise ValueError(
+                f"the chunk source yielded no batch in epoch {epoch}; it must return a fresh iterator "
+                "over all training chunks on every call"
+            )
         epoch += 1
     if best_state is not None:
         model.load_state_dict(best_state)
