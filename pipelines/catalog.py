@@ -63,8 +63,8 @@ class CatalogError(ValueError):
 
 
 def default_lake_root() -> str:
-    """Where the Lance tables live: $FUSEMIX_LAKE, else <FUSEMIX_HOME>/lance."""
-    return os.environ.get("FUSEMIX_LAKE") or str(fusemix_home() / "lance")
+    """Where the Lance tables live: <FUSEMIX_HOME>/lance (as pipelines.resources, without importing dagster)."""
+    return str(fusemix_home() / "lance")
 
 
 def queries_dir() -> Path:

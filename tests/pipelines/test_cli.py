@@ -26,7 +26,6 @@ def home(tmp_path, monkeypatch):
     shutil.copytree(cli.PROJECT_ROOT / "configs" / "queries", configs / "queries")
     monkeypatch.setenv("FUSEMIX_HOME", str(home))
     monkeypatch.setenv("FUSEMIX_CONFIGS", str(configs))
-    monkeypatch.delenv("FUSEMIX_LAKE", raising=False)
     return home
 
 
@@ -231,18 +230,18 @@ def test_ui_commands_bind_to_localhost(home, capsys, monkeypatch, tmp_path):
 def test_demo_and_materialize_call_the_pipeline(monkeypatch, capsys):
     calls = []
     fake = types.SimpleNamespace(
-        run_demo=lambda options: calls.append(("demo", options)) or 0,
+        run_demo=lambda family="demo": calls.append(("demo", family)) or 0,
         materialize=lambda stage, partition: calls.append(("materialize", stage, partition)) or 3,
     )
     monkeypatch.setattr(pipelines, "demo", fake, raising=False)
     monkeypatch.setitem(__import__("sys").modules, "pipelines.demo", fake)
     assert run(capsys, "demo")[0] == 0
-    assert run(capsys, "demo", "--fast", "--limit", "5")[0] == 0
+    assert run(capsys, "demo", "--family", "quantity")[0] == 0
     assert run(capsys, "materialize", "extract", "--partition", "emoji|minilm")[0] == 3
     assert run(capsys, "materialize", "all")[0] == 3
     assert calls == [
-        ("demo", []),
-        ("demo", ["--fast", "--limit", "5"]),
+        ("demo", "demo"),
+        ("demo", "quantity"),
         ("materialize", "extract", "emoji|minilm"),
         ("materialize", "all", None),
     ]
