@@ -13,7 +13,7 @@
     fusemix materialize STAGE|all [--partition KEY]
 
 Files live under FUSEMIX_HOME (fusion.paths): Lance tables in <home>/lance (or --lake),
-models in <home>/models, MLflow in <home>/mlflow, DAGSTER_HOME in <home>/dagster. User errors exit
+models in <home>/models, MLflow in <home>/mlflow, DAGSTER_HOME in <home>/dagster (unless set). User errors exit
 with status 2 and a one-line message; servers bind to 127.0.0.1 unless --host says otherwise.
 """
 
@@ -236,8 +236,10 @@ def cmd_ui(args) -> int:
         raise UserError(
             f"{workspace} does not exist; the Dagster definitions are not set up in this checkout"
         )
-    dagster_home = fusemix_home() / "dagster"
+    # The same instance that `fusemix demo` runs in (pipelines.demo.instance): $DAGSTER_HOME if set.
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or fusemix_home() / "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
+    (dagster_home / "dagster.yaml").touch()  # an empty config: defaults, without Dagster's warning
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
     argv = [_tool("dagster"), "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={dagster_home})", flush=True)

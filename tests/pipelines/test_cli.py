@@ -197,6 +197,7 @@ def test_search_command(home, capsys, monkeypatch):
 
 
 def test_ui_commands_bind_to_localhost(home, capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
     calls = []
     monkeypatch.setattr(cli, "exec_server", lambda argv, env: calls.append((argv, env)) or 0)
     project = tmp_path / "project"
@@ -211,7 +212,11 @@ def test_ui_commands_bind_to_localhost(home, capsys, monkeypatch, tmp_path):
     argv, env = calls[-1]
     assert argv[1:3] == ["dev", "-w"] and argv[3] == str(project / "workspace.yaml")
     assert argv[argv.index("-h") + 1] == "127.0.0.1" and argv[argv.index("-p") + 1] == "3000"
-    assert env["DAGSTER_HOME"] == str(home / "dagster") and (home / "dagster").is_dir()
+    assert env["DAGSTER_HOME"] == str(home / "dagster") and (home / "dagster" / "dagster.yaml").is_file()
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "own-dagster"))
+    assert run(capsys, "ui")[0] == 0
+    assert calls[-1][1]["DAGSTER_HOME"] == str(tmp_path / "own-dagster")
+    monkeypatch.delenv("DAGSTER_HOME")
 
     rc, out, _ = run(capsys, "ui", "--port", "3300", "--host", "0.0.0.0")
     assert rc == 0 and "http://0.0.0.0:3300" in out
