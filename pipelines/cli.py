@@ -28,9 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusion.encoders import EncoderConfigError, EncoderUnavailable
 from fusion.paths import PROJECT_ROOT, cache_dir, fusemix_home
-from pipelines.catalog import CatalogError
 
 
 class UserError(Exception):
@@ -370,15 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# User errors that library code raises: shown as one line, never as a traceback.
-_USER_ERRORS = (
-    UserError,
-    CatalogError,
-    EncoderConfigError,
-    EncoderUnavailable,
-    LookupError,
-    FileNotFoundError,
-)
+# User errors that library code raises: shown as one line, never as a traceback. Looked up in
+# sys.modules so that `fusemix --help` does not import torch, DuckDB or Lance: an error class whose
+# module was never imported cannot have been raised.
+_USER_ERROR_CLASSES = {
+    "pipelines.catalog": ("CatalogError",),
+    "pipelines.search": ("SearchError",),
+    "fusion.encoders.base": ("EncoderConfigError", "EncoderUnavailable"),
+}
+
+
+def _is_user_error(err: BaseException) -> bool:
+    kinds: list[type] = [UserError, LookupError, FileNotFoundError]
+    for module, names in _USER_ERROR_CLASSES.items():
+        if (mod := sys.modules.get(module)) is not None:
+            kinds += [getattr(mod, n) for n in names]
+    return isinstance(err, tuple(kinds))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -389,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
-    except _USER_ERRORS as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise  # a bug: keep the traceback
         msg = str(err.args[0]) if isinstance(err, LookupError) and err.args else str(err)
         print(f"fusemix: error: {msg}", file=sys.stderr)
         return 2

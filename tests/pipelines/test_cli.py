@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import subprocess
+import sys
 import types
 
 import pytest
 import yaml
 
 import pipelines
-from fusion.encoders import load_registry
+from fusion.encoders import build_encoder, load_registry
 from pipelines import cli
 from pipelines.catalog import Catalog
 from pipelines.sources import SOURCES
@@ -181,9 +183,7 @@ def test_search_command(home, capsys, monkeypatch):
 
     configs = home.parent / "configs"
     write_text_registry(configs)
-    text_encoder = __import__("fusion.encoders", fromlist=["build_encoder"]).build_encoder(
-        load_registry(configs / "encoders.yaml")["tiny-text"]
-    )
+    text_encoder = build_encoder(load_registry(configs / "encoders.yaml")["tiny-text"])
     build_setup(home, text_encoder)
     rc, out, err = run(capsys, "search", "a red car", "--experiment", "toy-exp", "-k", "3")
     assert rc == 0, err
@@ -239,7 +239,7 @@ def test_demo_and_materialize_call_the_pipeline(monkeypatch, capsys):
         materialize=lambda stage, partition: calls.append(("materialize", stage, partition)) or 3,
     )
     monkeypatch.setattr(pipelines, "demo", fake, raising=False)
-    monkeypatch.setitem(__import__("sys").modules, "pipelines.demo", fake)
+    monkeypatch.setitem(sys.modules, "pipelines.demo", fake)
     assert run(capsys, "demo")[0] == 0
     assert run(capsys, "demo", "--family", "quantity")[0] == 0
     assert run(capsys, "materialize", "extract", "--partition", "emoji|minilm")[0] == 3
@@ -261,3 +261,21 @@ def test_format_cell():
     assert cli.format_cell("x" * 50, max_width=0) == "x" * 50
     assert cli.format_cell("two\nlines") == "two lines"
     assert cli.format_cell([1, 2, 3, 4, 5, 6], max_width=0) == "[1, 2, 3, 4, …] (6)"
+
+
+def test_bugs_keep_their_traceback(home, capsys, monkeypatch):
+    def broken(self, query, params=None):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Catalog, "sql", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["sql", "SELECT 1"])
+
+
+def test_importing_the_cli_stays_light():
+    """`fusemix --help` must not pay for torch, DuckDB, Lance or Dagster."""
+    code = "import sys, pipelines.cli; print(sorted(m for m in ('torch', 'duckdb', 'lance', 'dagster') if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=cli.PROJECT_ROOT, check=True
+    )
+    assert out.stdout.strip() == "[]"
