@@ -1,7 +1,7 @@
 """Jobs, the encoder sensor and the extraction schedule.
 
 The sensor reads configs/encoders.yaml on every tick; an encoder not yet a partition becomes one, and
-its extraction is requested for every dataset it applies to. The schedule re-runs extraction for
+its extraction is requested for every ingested dataset it applies to (once per pair: stable run keys). The schedule re-runs extraction for
 every (dataset, encoder): extraction is incremental, so only media ingested since are encoded.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dagster as dg
 
+from pipelines.lake import Lake, table_name
 from pipelines.partitions import ENCODER_PARTITIONS, Partitions
+from pipelines.resources import LanceLake
 
 ABLATION_FAMILIES = ("quantity", "quality", "diversity", "augmentation")
 
@@ -32,7 +34,8 @@ def build_jobs(parts: Partitions) -> dict[str, dg.UnresolvedAssetJobDefinition]:
     return jobs
 
 
-def extract_requests(parts: Partitions, encoders: list[str], tag: str) -> list[dg.RunRequest]:
+def extract_requests(parts: Partitions, encoders: list[str], tag: str, lake: Lake) -> list[dg.RunRequest]:
+    """One extraction run per (ingested dataset, encoder that applies to it)."""
     specs = parts.encoders()
     return [
         dg.RunRequest(
@@ -42,7 +45,7 @@ def extract_requests(parts: Partitions, encoders: list[str], tag: str) -> list[d
         )
         for name in encoders
         for dataset in parts.datasets
-        if name in specs and parts.applies(dataset, specs[name])
+        if name in specs and parts.applies(dataset, specs[name]) and lake.exists(table_name("media", dataset))
     ]
 
 
@@ -54,14 +57,18 @@ def build_sensor(parts: Partitions) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Adds a partition for each encoder added to configs/encoders.yaml and extracts its latents",
     )
-    def new_encoder_sensor(context: dg.SensorEvaluationContext):
+    def new_encoder_sensor(context: dg.SensorEvaluationContext, lake: LanceLake):
         known = set(context.instance.get_dynamic_partitions(ENCODER_PARTITIONS))
-        new = sorted(set(parts.encoders()) - known)
-        if not new:
-            return dg.SkipReason("no new encoder in encoders.yaml")
+        registry = sorted(parts.encoders())
+        new = [e for e in registry if e not in known]
+        # Stable run keys: Dagster launches each (dataset, encoder) extraction once, whether the
+        # encoder is new or the dataset was ingested after the encoder was added.
+        requests = extract_requests(parts, registry, "extract", lake.lake())
+        if not new and not requests:
+            return dg.SkipReason("no new encoder in encoders.yaml and no newly ingested dataset")
         return dg.SensorResult(
-            dynamic_partitions_requests=[parts.encoder.build_add_request(new)],
-            run_requests=extract_requests(parts, new, "new-encoder"),
+            dynamic_partitions_requests=[parts.encoder.build_add_request(new)] if new else [],
+            run_requests=requests,
         )
 
     return new_encoder_sensor
@@ -75,7 +82,7 @@ def build_schedule(parts: Partitions) -> dg.ScheduleDefinition:
         default_status=dg.DefaultScheduleStatus.STOPPED,
         description="Nightly: encode media ingested since the last run, for every encoder partition",
     )
-    def refresh_latents(context: dg.ScheduleEvaluationContext):
+    def refresh_latents(context: dg.ScheduleEvaluationContext, lake: LanceLake):
         encoders = context.instance.get_dynamic_partitions(ENCODER_PARTITIONS)
         return extract_requests(
             parts, list(encoders), f"refresh-{context.scheduled_execution_time:%Y%m%d%H%M}"

@@ -47,6 +47,8 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
     d = column.type.list_size
+    if column.null_count:
+        raise ValueError(f"{column.null_count} null vectors: every latent row must hold a vector")
     if len(column) == 0:
         return np.zeros((0, d), dtype=np.float32)
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
@@ -74,7 +76,9 @@ class Lake:
         try:
             return lance.dataset(self.uri(table))
         except (ValueError, FileNotFoundError, OSError) as err:
-            raise LookupError(f"lake table {table!r} does not exist at {self.uri(table)}; materialise it first") from err
+            raise LookupError(
+                f"lake table {table!r} does not exist at {self.uri(table)}; materialise it first"
+            ) from err
 
     def version(self, table: str) -> int | None:
         return self.open(table).version if self.exists(table) else None
@@ -87,7 +91,8 @@ class Lake:
 
     def overwrite(self, table: str, data: pa.Table) -> int:
         """Replaces the table's contents in one commit (older versions stay readable)."""
-        return lance.write_dataset(data, self.uri(table), mode="overwrite").version
+        mode = "overwrite" if self.exists(table) else "create"
+        return lance.write_dataset(data, self.uri(table), mode=mode).version
 
     def append(self, table: str, data: pa.Table) -> int:
         """Appends rows in one commit, creating the table if needed."""
