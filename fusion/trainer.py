@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fusion.adapters import Adapter, EncoderRef, FusedModel
 from fusion.config import AdapterConfig, FuseMixConfig, TrainConfig
@@ -145,6 +146,7 @@ def train_adapters(
     encoders: dict[str, EncoderRef] | None = None,
     on_step: StepCallback | None = None,
     on_validate: StepCallback | None = None,
+    progress: bool = False,
 ) -> TrainResult:
     """Trains the two adapters and the temperature. Give (x, y) arrays or `chunks`.
 
@@ -209,6 +211,7 @@ def train_adapters(
     t0 = time.perf_counter()
     step, epoch = 0, 0
     model.train()
+    bar = tqdm(total=total, desc="train adapters", unit="step", disable=not progress)
     while step < total:
         step_at_epoch_start = step
         for bx, by in _batches(chunks, batch, rng):
@@ -243,6 +246,9 @@ def train_adapters(
             result.pairs_seen += len(bx)
             if on_step:
                 on_step(row)
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", t=f"{row['temperature']:.3f}")
             step += 1
             if has_val and (step % eval_every == 0 or step == total):
                 s = score()
@@ -261,6 +267,7 @@ def train_adapters(
                 "over all training chunks on every call"
             )
         epoch += 1
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -132,15 +132,23 @@ def retrieval_inputs(rows: pa.Table) -> tuple[list[str], list[str], np.ndarray]:
     return items, rows["caption_id"].to_pylist(), np.array([pos[m] for m in media], dtype=np.int64)
 
 
+def split_latents(
+    lake: Lake, exp: ExperimentSpec, rows: pa.Table
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw latents of a split for retrieval: (items [n_items, d_m], captions [n_captions, d_t], caption -> item)."""
+    items, captions, owner = retrieval_inputs(rows)
+    item_lat = latents_for(lake, exp.dataset, exp.media_encoder, items)
+    text_lat = latents_for(lake, exp.dataset, exp.text_encoder, captions)
+    return item_lat, text_lat, owner
+
+
 def embed_split(
     lake: Lake, exp: ExperimentSpec, model: FusedModel, rows: pa.Table
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(item embeddings [n_items, d], caption embeddings [n_captions, d], caption -> item index)."""
-    items, captions, owner = retrieval_inputs(rows)
+    item_lat, text_lat, owner = split_latents(lake, exp, rows)
     media_side, text_side = model.sides
-    item_emb = model.embed(media_side, latents_for(lake, exp.dataset, exp.media_encoder, items)).numpy()
-    text_emb = model.embed(text_side, latents_for(lake, exp.dataset, exp.text_encoder, captions)).numpy()
-    return item_emb, text_emb, owner
+    return model.embed(media_side, item_lat).numpy(), model.embed(text_side, text_lat).numpy(), owner
 
 
 def train_experiment(
@@ -161,10 +169,13 @@ def train_experiment(
     if len(x) < 2:
         raise ValueError(f"experiment {exp.name}: {len(x)} training pairs; need at least 2")
     val_rows = curated.filter(pc.equal(curated["split"], "val"))
+    val = split_latents(lake, exp, val_rows) if len(val_rows) >= 2 else None
 
     def rsum(model: FusedModel) -> float:
-        item_emb, text_emb, owner = embed_split(lake, exp, model, val_rows)
-        r = retrieval_metrics(item_emb, text_emb, owner, progress=False)
+        media_side, text_side = model.sides
+        r = retrieval_metrics(
+            model.embed(media_side, val[0]), model.embed(text_side, val[1]), val[2], progress=False
+        )
         return float(sum(r.t2i_recall.values()) + sum(r.i2t_recall.values()))
 
     return train_adapters(
@@ -173,11 +184,12 @@ def train_experiment(
         exp.adapter,
         exp.fusemix,
         exp.train,
-        validator=rsum if len(val_rows) >= 2 else None,
+        validator=rsum if val is not None else None,
         sides=(media_side, "text"),
         encoders={media_side: media_ref, "text": text_ref},
         on_step=on_step,
         on_validate=on_validate,
+        progress=True,
     )
 
 
