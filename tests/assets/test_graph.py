@@ -1,0 +1,268 @@
+"""The whole asset graph materialised in-process on the tiny project (see conftest.py), checked
+against what each stage wrote: Lance tables, the MLflow run, the checkpoint, the report, DuckDB views.
+
+    .venv/bin/pytest -q tests/assets/test_graph.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow.compute as pc
+import pytest
+
+from fusion.data.readers import read_dataset
+from fusion.encoders import load_registry
+from pipelines.catalog import Catalog
+from tests.assets.conftest import (
+    check_evaluations,
+    materialization,
+    metadata,
+    mlflow_client,
+)
+
+RECALLS = [f"{d}_recall_at_{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+
+
+def _encoders(graph):
+    return graph.project.resources()["encoders"]
+
+
+def test_every_run_but_the_broken_one_succeeds(graph):
+    failed = {label: r.run_id for label, r in graph.runs.items() if not r.success}
+    assert set(failed) == {"experiment:broken"}
+
+
+def test_ingest_writes_media_pairs_and_one_quarantine_row(graph):
+    lk, p = graph.lake(), graph.project
+    media = lk.read("media__shapes", ["media_id", "modality", "text"])
+    modality = media["modality"].to_pylist()
+    assert modality.count("image") == p.n_media == 36
+    pairs = lk.read("pairs__shapes")
+    assert len(pairs) == p.n_pairs
+    # Captions are shared by the 3 pictures of a concept: one text item per distinct caption.
+    captions = set(pairs["caption_id"].to_pylist())
+    texts = set(pc.filter(media["media_id"], pc.equal(media["modality"], "text")).to_pylist())
+    assert texts == captions
+    assert len(texts) == 24
+    assert set(pairs["media_id"].to_pylist()) == set(
+        pc.filter(media["media_id"], pc.equal(media["modality"], "image")).to_pylist()
+    )
+    assert len(set(media["media_id"].to_pylist())) == len(media)
+
+    quarantine = lk.read("quarantine__shapes")
+    assert len(quarantine) == 1
+    row = quarantine.to_pylist()[0]
+    direct = read_dataset(
+        "manifest", str(p.data), name="shapes", modality="image", progress=False, license="CC0-1.0"
+    )
+    assert [(q.item, q.reason) for q in direct.quarantine] == [(row["item"], row["reason"])]
+    # The manifest's last line (header + 72 rows + 1) names a file that does not exist.
+    assert row["item"] == "manifest.csv:74"
+    assert row["reason"] == "missing"
+    assert "missing.png" in row["detail"]
+    assert row["stage"] == "ingest"
+
+    meta = metadata(graph.runs["ingest"], "quarantine")
+    assert meta["quarantined"] == 1
+    assert meta["reasons"] == {row["reason"]: 1}
+    assert metadata(graph.runs["ingest"], "pairs")["pairs"] == p.n_pairs
+
+
+def test_extract_encodes_each_unique_item_once_with_the_encoder_dims(graph):
+    lk, enc = graph.lake(), _encoders(graph)
+    media = lk.read("media__shapes", ["media_id", "modality"])
+    for name, modality in (("tiny-image", "image"), ("tiny-text", "text")):
+        want = set(pc.filter(media["media_id"], pc.equal(media["modality"], modality)).to_pylist())
+        lat = lk.read(f"latents__shapes__{name}")
+        ids = lat["media_id"].to_pylist()
+        assert len(ids) == len(set(ids)) == len(want)
+        assert set(ids) == want
+        encoder = enc.get(name)
+        assert lat.schema.field("vector").type.list_size == encoder.dim
+        assert set(lat["fingerprint"].to_pylist()) == {encoder.fingerprint}
+        meta = metadata(graph.runs[f"extract:{name}"], "latents")
+        assert meta["items_encoded"] == meta["items_total"] == len(want)
+        assert meta["dimension"] == encoder.dim
+        assert meta["fingerprint"] == encoder.fingerprint
+        assert meta["items_failed"] == 0
+    # The text encoder saw 24 distinct captions, not the 72 pairs that use them.
+    assert metadata(graph.runs["extract:tiny-text"], "latents")["items_encoded"] == 24
+    # The audio encoder does not apply to an image dataset: nothing was extracted for it.
+    assert not lk.exists("latents__shapes__tiny-audio")
+
+
+def test_curate_quantity_selects_n_train_pairs_and_keeps_val_and_test(graph):
+    lk = graph.lake()
+    pairs = lk.read("pairs__shapes")
+    split = pairs["split"].to_pylist()
+    n12 = lk.read("curated__shapes-n12")
+    n12_split = n12["split"].to_pylist()
+    assert n12_split.count("train") == 12
+    assert n12_split.count("val") == split.count("val") > 0
+    assert n12_split.count("test") == split.count("test") > 0
+    train_ids = set(pc.filter(pairs["pair_id"], pc.equal(pairs["split"], "train")).to_pylist())
+    chosen = set(pc.filter(n12["pair_id"], pc.equal(n12["split"], "train")).to_pylist())
+    assert chosen < train_ids
+    meta = metadata(graph.runs["experiment:shapes-n12"], "curated")
+    assert meta["selected_train_pairs"] == 12
+    assert meta["candidates"] == len(train_ids)
+    assert meta["pairs_without_latents"] == 0
+    # 'all' keeps every pair.
+    full = lk.read("curated__shapes-fusemix")
+    assert sorted(full["pair_id"].to_pylist()) == sorted(pairs["pair_id"].to_pylist())
+
+
+def test_latents_ready_passes_on_a_complete_extraction(graph):
+    for label in ("experiment:shapes-fusemix", "experiment:shapes-n12", "experiment:repaired"):
+        (ev,) = check_evaluations(graph.runs[label], "latents_ready")
+        assert ev.passed, (label, ev.description)
+        checked = ev.metadata["checked"].value
+        assert checked["tiny-image"]["missing"] == checked["tiny-text"]["missing"] == 0
+        assert checked["tiny-image"]["items"] == 36
+
+
+def test_latents_ready_blocks_training_when_a_latent_is_missing(graph):
+    broken = graph.runs["experiment:broken"]
+    (ev,) = check_evaluations(broken, "latents_ready")
+    assert not ev.passed
+    assert ev.metadata["checked"].value["tiny-image"]["missing"] == 1
+    assert "1 of 36 media_id without a current tiny-image latent" in ev.description
+    # Blocking: neither the adapters nor the metrics downstream of them were materialised.
+    assert materialization(broken, "curated") is not None
+    assert materialization(broken, "adapters") is None
+    assert materialization(broken, "retrieval_metrics") is None
+
+
+def test_incremental_extraction_repairs_exactly_the_missing_latent(graph):
+    meta = metadata(graph.runs["extract:tiny-image:repair"], "latents")
+    assert meta["items_encoded"] == 1
+    lk = graph.lake()
+    assert lk.count("latents__shapes__tiny-image") == graph.notes["latents_before_removal"]
+    assert graph.notes["removed_latent"] in lk.ids("latents__shapes__tiny-image")
+    # Same inputs as the first training: the repaired run does not retrain.
+    assert metadata(graph.runs["experiment:repaired"], "adapters")["skipped"] is True
+    assert graph.notes["mlflow_runs_after_repair"] == graph.notes["mlflow_runs_before_rerun"]
+
+
+def test_train_writes_checkpoint_and_mlflow_run(graph):
+    meta = metadata(graph.runs["experiment:shapes-fusemix"], "adapters")
+    ckpt = graph.project.home / "models" / "shapes-fusemix"
+    assert (ckpt / "adapters.safetensors").stat().st_size > 0
+    assert (ckpt / "config.json").is_file()
+    assert meta["checkpoint"] == str(ckpt)
+    assert meta.get("skipped") is None
+
+    client = mlflow_client(graph.project)
+    run = client.get_run(meta["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    enc = _encoders(graph)
+    assert params["media_encoder"] == "tiny-image"
+    assert params["text_encoder"] == "tiny-text"
+    assert params["media_fingerprint"] == enc.get("tiny-image").fingerprint
+    assert params["text_fingerprint"] == enc.get("tiny-text").fingerprint
+    exp = graph.parts.experiments["shapes-fusemix"]
+    assert params["fusemix.mode"] == str(exp.fusemix.mode)
+    assert params["train.epochs"] == "3"
+    versions = meta["read_versions"]
+    assert set(versions) == {
+        "curated__shapes-fusemix",
+        "latents__shapes__tiny-image",
+        "latents__shapes__tiny-text",
+    }
+    assert {k: params[f"lance.{k}"] for k in versions} == {k: str(v) for k, v in versions.items()}
+
+    steps = meta["steps"]
+    assert steps > 0
+    for name in ("train_loss", "temperature"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == sorted({m.step for m in history})
+        assert len(history) == steps, name
+        assert all(math.isfinite(m.value) for m in history)
+    temps = [m.value for m in client.get_metric_history(run.info.run_id, "temperature")]
+    assert all(0.001 <= t <= 0.5 for t in temps)
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapters")}
+    assert {"adapters/adapters.safetensors", "adapters/config.json"} <= artifacts
+
+
+def test_evaluate_writes_metrics_rows_mlflow_metrics_and_report(graph):
+    lk = graph.lake()
+    meta = metadata(graph.runs["experiment:shapes-fusemix"], "retrieval_metrics")
+    rows = lk.read("metrics", filter="experiment = 'shapes-fusemix'")
+    values = dict(zip(rows["metric"].to_pylist(), rows["value"].to_pylist(), strict=True))
+    assert set(RECALLS) <= set(values)
+    for m in RECALLS:
+        assert 0.0 <= values[m] <= 1.0, m
+        assert values[m] == pytest.approx(meta[m])
+    # Recall@10 over 6 test items finds everything.
+    assert values["test_items"] == 6
+    assert values["t2i_recall_at_10"] == values["i2t_recall_at_10"] == 1.0
+    assert set(rows["mlflow_run_id"].to_pylist()) == {meta["mlflow_run_id"]}
+    assert set(rows["split"].to_pylist()) == {"test"}
+
+    train_meta = metadata(graph.runs["experiment:shapes-fusemix"], "adapters")
+    assert meta["mlflow_run_id"] == train_meta["mlflow_run_id"]
+    client = mlflow_client(graph.project)
+    logged = client.get_run(meta["mlflow_run_id"]).data.metrics
+    for m in RECALLS:
+        assert logged[m] == pytest.approx(values[m])
+
+    report = graph.project.home / "reports" / "shapes-fusemix" / "report.md"
+    assert meta["report_path"] == str(report)
+    text = report.read_text()
+    pngs = sorted(p.name for p in report.parent.glob("*.png"))
+    assert pngs
+    for png in pngs:
+        assert png in text
+        assert (report.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report_artifacts = {a.path for a in client.list_artifacts(meta["mlflow_run_id"], "report")}
+    assert "report/report.md" in report_artifacts
+
+
+def test_non_blocking_checks_report(graph):
+    (rate,) = check_evaluations(graph.runs["ingest"], "quarantine_rate")
+    assert rate.passed
+    assert rate.metadata["quarantined"].value == 1
+    assert rate.metadata["pairs"].value == graph.project.n_pairs
+    (chance,) = check_evaluations(graph.runs["experiment:shapes-fusemix"], "recall_above_chance")
+    assert chance.metadata["chance"].value == pytest.approx(1 / 6)
+    lk = graph.lake()
+    rows = lk.read("metrics", filter="experiment = 'shapes-fusemix' AND metric = 't2i_recall_at_1'")
+    t2i = rows["value"].to_pylist()[0]
+    assert chance.metadata["t2i_recall_at_1"].value == pytest.approx(t2i)
+    # Random tiny encoders: pass or not, the verdict must follow the numbers it reports.
+    i2t = chance.metadata["i2t_recall_at_1"].value
+    assert chance.passed == (t2i > 1 / 6 and i2t > 1 / 6)
+
+
+def test_rerun_with_nothing_changed_does_not_retrain(graph):
+    again = graph.runs["experiment:shapes-fusemix:again"]
+    first = metadata(graph.runs["experiment:shapes-fusemix"], "adapters")
+    meta = metadata(again, "adapters")
+    assert meta["skipped"] is True
+    assert meta["inputs_hash"] == first["inputs_hash"]
+    assert meta["mlflow_run_id"] == first["mlflow_run_id"]
+    assert metadata(again, "retrieval_metrics")["skipped"] is True
+    assert graph.notes["mlflow_runs_after_rerun"] == graph.notes["mlflow_runs_before_rerun"] == 2
+
+
+def test_duckdb_catalog_over_the_lake(graph):
+    lk = graph.lake()
+    cat = Catalog(graph.project.home / "lance")
+    best = cat.saved("best_runs").to_pylist()
+    assert sorted(r["experiment"] for r in best) == ["shapes-fusemix", "shapes-n12"]
+    for r in best:
+        assert r["metric"] == "t2i_recall_at_1"
+        stored = lk.read("metrics", filter=f"experiment = '{r['experiment']}' AND metric = 't2i_recall_at_1'")
+        assert r["value"] == pytest.approx(max(stored["value"].to_pylist()))
+
+    per = {(r["dataset"], r["encoder"]): r for r in cat.saved("latents_per_encoder").to_pylist()}
+    registry = load_registry(graph.project.configs / "encoders.yaml")
+    assert set(per) == {("shapes", "tiny-image"), ("shapes", "tiny-text")}
+    for (_, name), r in per.items():
+        assert r["latents"] == lk.count(f"latents__shapes__{name}")
+        assert r["n_fingerprints"] == 1
+        assert r["dim"] == _encoders(graph).get(name).dim
+        assert registry[name].modality in ("image", "text")
