@@ -35,7 +35,7 @@ def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, qu
     t0 = time.perf_counter()
     label = partition if isinstance(partition, str) else "|".join(partition.keys_by_dimension.values())
     print(f"-> {job} [{label}] ...", flush=True)
-    result = defs.get_job_def(job).execute_in_process(
+    result = defs.resolve_job_def(job).execute_in_process(
         partition_key=partition, instance=inst, raise_on_error=False
     )
     status = "ok" if result.success else "FAILED"
