@@ -1,0 +1,90 @@
+"""The command-line runner behind `fusemix demo` / `fusemix materialize` (pipelines.demo) on the tiny project.
+
+run_plan ingests, extracts and runs one experiment through an ephemeral Dagster instance;
+retrieval_table then shows the experiment's row from the Lance metrics table; materialize rejects
+unknown stages and experiments with exit code 2.
+
+    .venv/bin/pytest -q tests/pipelines/test_demo.py
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from pipelines.lake import Lake
+from tests.pipeline_fixture import make_project
+
+EXPERIMENT = "shapes-fusemix"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    project = make_project(tmp_path)
+    # The defaults (default_lake_root, the Definitions built by materialize) read these.
+    monkeypatch.setenv("FUSEMIX_HOME", str(project.home))
+    monkeypatch.setenv("FUSEMIX_CONFIGS", str(project.configs))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.setenv("FUSEMIX_TORCH_THREADS", "1")
+    return project
+
+
+def test_run_plan_runs_an_experiment_and_the_table_shows_it(project, capsys):
+    from pipelines.definitions import build_defs
+    from pipelines.demo import retrieval_table, run_plan
+
+    defs, parts = build_defs(project.configs, resources=project.resources())
+    inst = dg.DagsterInstance.ephemeral()
+    assert run_plan(defs, parts, inst, [EXPERIMENT]) is True
+    out = capsys.readouterr().out
+    # One ingest, the two extractions the experiment needs, then the experiment; all ok.
+    assert out.count("-> ingest_job [shapes]") == 1
+    assert out.count("-> extract_job [shapes|tiny-image]") == 1
+    assert out.count("-> extract_job [shapes|tiny-text]") == 1
+    assert "-> experiment_job [shapes-fusemix]" in out
+    assert "FAILED" not in out
+    # Only the encoders of the registry became partitions; tiny-audio was not extracted.
+    assert set(inst.get_dynamic_partitions("encoder")) == {"tiny-text", "tiny-image", "tiny-audio"}
+    assert "tiny-audio" not in out
+
+    metrics = {
+        r["metric"]: r["value"]
+        for r in Lake(project.home / "lance").read("metrics").to_pylist()
+        if r["experiment"] == EXPERIMENT
+    }
+    assert "t2i_recall_at_1" in metrics
+
+    table = retrieval_table([EXPERIMENT, "shapes-n12"])
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["experiment", "items"]
+    row = next(line for line in lines if line.startswith(EXPERIMENT))
+    cells = row.split()
+    assert cells[0] == EXPERIMENT
+    assert int(cells[1]) == int(metrics["test_items"]) > 0
+    assert cells[2] == f"{100 * metrics['t2i_recall_at_1']:.1f}"
+    assert cells[5] == f"{100 * metrics['i2t_recall_at_1']:.1f}"
+    assert all(0.0 <= float(c) <= 100.0 for c in cells[2:])
+    # An experiment of the registry that was not run is listed as such, not with made-up numbers.
+    assert next(line for line in lines if line.startswith("shapes-n12")).endswith("(not evaluated)")
+
+
+def test_retrieval_table_without_metrics(project):
+    from pipelines.demo import retrieval_table
+
+    assert retrieval_table([EXPERIMENT]) == "(no metrics yet)"
+
+
+def test_materialize_rejects_unknown_stage_and_experiment(project, capsys):
+    from pipelines.demo import STAGES, materialize
+
+    assert materialize("bogus") == 2
+    out = capsys.readouterr().out
+    assert "unknown stage 'bogus'" in out
+    assert all(stage in out for stage in STAGES)
+
+    assert materialize("experiment", "no-such-experiment") == 2
+    out = capsys.readouterr().out
+    assert "unknown experiment 'no-such-experiment'" in out
+    assert EXPERIMENT in out
+    # Nothing was ingested on the way to the error.
+    assert not Lake(project.home / "lance").exists("media__shapes")
