@@ -116,7 +116,7 @@ def _dist2(model, ref: dict) -> float:
 
 def test_best_checkpoint_is_chosen_on_validation():
     x, y = _data()
-    kw = dict(mode="none", steps=6, batch_size=16, warmup_steps=0, lr=1e-2)
+    cfg = TrainConfig(batch_size=16, steps=6, warmup_steps=0, lr=1e-2, eval_every=1)
     snapshots: dict[int, dict] = {}
     calls = []
 
@@ -130,14 +130,15 @@ def test_best_checkpoint_is_chosen_on_validation():
         x,
         y,
         SMALL,
-        FuseMixConfig(kw["mode"]),
-        TrainConfig(batch_size=16, steps=6, warmup_steps=0, lr=1e-2, eval_every=1),
+        FuseMixConfig("none"),
+        cfg,
         validator=snapshot,
     )
     assert r_last.best_step == 6 and len(r_last.val_history) == 6
     assert r_last.model.training is False
     # Validation after step 2 (the second call) is the target: a real score, the closer the better.
     target = snapshots[1]
+    assert not _states_equal_dict(snapshots[5], target)  # training moved on after step 2
 
     def prefers_step_2(model) -> float:
         return -_dist2(model, target)
@@ -147,8 +148,8 @@ def test_best_checkpoint_is_chosen_on_validation():
         x,
         y,
         SMALL,
-        FuseMixConfig(kw["mode"]),
-        TrainConfig(batch_size=16, steps=6, warmup_steps=0, lr=1e-2, eval_every=1),
+        FuseMixConfig("none"),
+        cfg,
         validator=prefers_step_2,
         on_validate=validated.append,
     )
