@@ -85,7 +85,7 @@ def build_schedule(parts: Partitions) -> dg.ScheduleDefinition:
     def refresh_latents(context: dg.ScheduleEvaluationContext, lake: LanceLake):
         encoders = context.instance.get_dynamic_partitions(ENCODER_PARTITIONS)
         return extract_requests(
-            parts, list(encoders), f"refresh-{context.scheduled_execution_time:%Y%m%d%H%M}"
+            parts, list(encoders), f"refresh-{context.scheduled_execution_time:%Y%m%d%H%M}", lake.lake()
         )
 
     return refresh_latents
