@@ -20,9 +20,8 @@ def default_lake_root() -> str:
 
 
 def default_tracking_uri() -> str:
-    path = fusemix_home() / "mlflow"
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'mlflow.db'}"
+    # No mkdir here: this runs whenever the Definitions load, which must not write anything.
+    return f"sqlite:///{fusemix_home() / 'mlflow' / 'mlflow.db'}"
 
 
 class LanceLake(dg.ConfigurableResource):
@@ -49,6 +48,9 @@ class MlflowTracking(dg.ConfigurableResource):
     def client(self):
         import mlflow
 
+        if self.tracking_uri.startswith("sqlite:///"):
+            # SQLite creates the database file but not its folder.
+            Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
 
     def experiment_id(self, name: str) -> str:
