@@ -39,21 +39,22 @@ def real(tmp_path_factory):
     """pipelines.definitions imported with FUSEMIX_HOME in a temporary folder, so nothing is written
     into the checkout (its resources create the MLflow folder under the home)."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("FUSEMIX_HOME", str(tmp_path_factory.mktemp("home")))
+    home = tmp_path_factory.mktemp("home")
+    mp.setenv("FUSEMIX_HOME", str(home))
     mp.delenv("FUSEMIX_CONFIGS", raising=False)
     try:
-        module = importlib.import_module("pipelines.definitions")
+        # Reloaded: another test module may have imported it under another home first.
+        module = importlib.reload(importlib.import_module("pipelines.definitions"))
+        module.test_home = home
         yield module
     finally:
         mp.undo()
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from pipelines.definitions import build_defs
-
+def tiny(real, tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("defs"))
-    defs, parts = build_defs(project.configs, resources=project.resources())
+    defs, parts = real.build_defs(project.configs, resources=project.resources())
     return project, defs, parts
 
 
@@ -110,6 +111,16 @@ def test_real_partitions_follow_the_registries(real):
         assert registry[exp.media_encoder].modality == parts.datasets[exp.dataset].modality
 
 
+def test_real_default_resources_live_under_fusemix_home(real):
+    home = real.test_home
+    res = real.defs.resources
+    assert res["lake"].root == str(home / "lance")
+    assert res["tracking"].tracking_uri == f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    assert res["catalog"].lake_root == str(home / "lance")
+    assert res["paths"].home == str(home)
+    assert res["encoders"].registry_path == str(PROJECT_ROOT / "configs" / "encoders.yaml")
+
+
 def test_real_resources_default_under_fusemix_home(real, tmp_path, monkeypatch):
     from pipelines.resources import LanceLake, PipelinePaths
 
@@ -143,8 +154,8 @@ def test_applies_matches_modalities(tiny):
     assert key.keys_by_dimension == {"dataset": "shapes", "encoder": "tiny-text"}
 
 
-def test_experiment_with_unknown_dataset_is_refused_by_name(tmp_path):
-    from pipelines.definitions import build_defs
+def test_experiment_with_unknown_dataset_is_refused_by_name(real, tmp_path):
+    build_defs = real.build_defs
 
     project = make_project(tmp_path)
     path = project.configs / "experiments.yaml"

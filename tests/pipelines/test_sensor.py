@@ -23,6 +23,16 @@ from tests.pipeline_fixture import make_project
 REGISTRY = ["tiny-audio", "tiny-image", "tiny-text"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def home(tmp_path_factory):
+    """FUSEMIX_HOME in a temporary folder before pipelines.definitions is first imported: building
+    its default Definitions creates the MLflow folder under the home."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FUSEMIX_HOME", str(tmp_path_factory.mktemp("home")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
     """The tiny project with `shapes` ingested (by ingest_job) and `sounds` declared only."""
