@@ -37,7 +37,7 @@ def _sql_str(s: str) -> str:
 
 def pending(lake: Lake, dataset: str, encoder: FrozenEncoder) -> tuple[list[str], int]:
     """Ids of the dataset's media of the encoder's modality that still need a latent, and how many
-    stale rows (another fingerprint) were deleted."""
+    stale rows (another fingerprint, or media no longer in the dataset) were deleted."""
     media_t = table_name("media", dataset)
     lat_t = table_name("latents", dataset, encoder.spec.name)
     want = lake.ids(media_t, filter=f"modality = {_sql_str(encoder.modality)}")
@@ -47,6 +47,10 @@ def pending(lake: Lake, dataset: str, encoder: FrozenEncoder) -> tuple[list[str]
         if stale:
             lake.delete(lat_t, f"fingerprint != {_sql_str(encoder.fingerprint)}")
     have = lake.ids(lat_t)
+    gone = have - want  # media that left the dataset since they were encoded
+    if gone:
+        lake.delete(lat_t, f"media_id IN ({', '.join(map(_sql_str, sorted(gone)))})")
+        stale += len(gone)
     return sorted(want - have), stale
 
 
