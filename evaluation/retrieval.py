@@ -413,3 +413,66 @@ def _result(
         i2t_ranks=i2t,
         i2t_query_items=np.asarray(query_items, dtype=np.int64),
     )
+
+
+def _csr(
+    queries: torch.Tensor, targets: torch.Tensor, n_queries: int, n_targets: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR of the relevance pairs grouped by query, duplicates merged: (query rows with >= 1 target, ptr, cols)."""
+    keys = torch.unique(queries * n_targets + targets)  # sorted, so grouped by query
+    q, t = keys // n_targets, keys % n_targets
+    counts = torch.bincount(q, minlength=n_queries)
+    rows = torch.nonzero(counts > 0).flatten()
+    ptr = torch.zeros(rows.numel() + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(counts[rows], 0)
+    return rows, ptr, t
+
+
+def retrieval_metrics_from_pairs(
+    item_emb: ArrayLike,
+    text_emb: ArrayLike,
+    pair_items: ArrayLike | Sequence[int],
+    pair_texts: ArrayLike | Sequence[int],
+    *,
+    ks: Iterable[int] = DEFAULT_KS,
+    normalize: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> RetrievalResult:
+    """Retrieval when one caption can describe several items (a name shared by every style of an emoji).
+
+    item_emb [N_items, d], text_emb [N_texts, d] hold UNIQUE items and texts; (pair_items[p], pair_texts[p])
+    lists the positive pairs. text->item: each text in some pair is a query, a hit when ANY item it is
+    paired with ranks in the top K; item->text likewise. With every text paired to exactly one item this
+    equals `retrieval_metrics(item_emb, text_emb, text_to_item)`. Duplicated captions must be merged
+    first: identical candidates tie, and ties count against the query.
+    """
+    ks_t = _check_ks(ks)
+    _check_chunk("chunk_size", chunk_size)
+    if device is None:
+        device = item_emb.device if isinstance(item_emb, torch.Tensor) else torch.device("cpu")
+    pi, pt = _as_index_vector(pair_items), _as_index_vector(pair_texts)
+    if pi.shape != pt.shape or pi.numel() == 0:
+        raise ValueError(
+            f"pair_items and pair_texts must be non-empty and equally long, got {pi.numel()} and {pt.numel()}"
+        )
+    # _prepare validates both matrices; every text nominally owned by item 0 (relevance comes from the pairs).
+    items, texts, _ = _prepare(
+        item_emb, text_emb, np.zeros(len(text_emb), dtype=np.int64), normalize, torch.device(device)
+    )
+    for name, idx, n in (("pair_items", pi, items.shape[0]), ("pair_texts", pt, texts.shape[0])):
+        if bool(((idx < 0) | (idx >= n)).any()):
+            raise ValueError(f"{name} has entries out of range for {n} rows")
+    t_rows, t_ptr, t_cols = _csr(pt, pi, texts.shape[0], items.shape[0])
+    i_rows, i_ptr, i_cols = _csr(pi, pt, items.shape[0], texts.shape[0])
+    with torch.no_grad():
+        t2i = _chunked_ranks(
+            texts, items, t_ptr, t_cols, None if t_rows.numel() == texts.shape[0] else t_rows,
+            chunk_size, None, progress, "text->item ranks",
+        )  # fmt: skip
+        i2t = _chunked_ranks(
+            items, texts, i_ptr, i_cols, None if i_rows.numel() == items.shape[0] else i_rows,
+            chunk_size, None, progress, "item->text ranks",
+        )  # fmt: skip
+    return _result(ks_t, t2i, i2t, i_rows.numpy(), items.shape[0], texts.shape[0])
