@@ -11,14 +11,13 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from evaluation.report import write_report
-from evaluation.retrieval import chance_recall, retrieval_metrics
 from fusion.adapters import EncoderRef
 from fusion.checkpoint import load_checkpoint, read_config
 from pipelines.lake import table_name
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, PipelinePaths
 from pipelines.tracking import RunLogger
-from pipelines.training import checkpoint_dir, embed_split
+from pipelines.training import chance_levels, checkpoint_dir, evaluate_split, split_latents
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -95,13 +94,13 @@ def build(parts: Partitions) -> list:
         test = curated.filter(pc.equal(curated["split"], "test"))
         if len(test) == 0:
             raise dg.Failure(f"experiment {exp.name}: the test split is empty; nothing to evaluate")
-        item_emb, text_emb, owner = embed_split(lk, exp, model, test)
-        result = retrieval_metrics(item_emb, text_emb, owner, progress=False)
+        split = split_latents(lk, exp, test)
+        result, item_emb, text_emb = evaluate_split(model, split)
         metrics = result.as_dict()
-        n_items = len(item_emb)
-        chance = {k: chance_recall(n_items, min(k, n_items)) for k in result.ks}
-        metrics["chance_recall_at_1"] = chance[1]
-        metrics["test_items"], metrics["test_captions"] = float(n_items), float(len(text_emb))
+        chance = chance_levels(split, result.ks)
+        metrics["chance_t2i_recall_at_1"] = chance["t2i"][1]
+        metrics["chance_i2t_recall_at_1"] = chance["i2t"][1]
+        metrics["test_items"], metrics["test_captions"] = float(len(item_emb)), float(len(text_emb))
 
         now = datetime.now(UTC)
         rows = pa.table(
@@ -124,27 +123,27 @@ def build(parts: Partitions) -> list:
         lk.delete("metrics", f"experiment = '{exp.name}'")
         version = lk.append("metrics", rows)
 
-        # A few text queries with their top-5 items, to see what the numbers mean.
-        captions = test["caption_id"].to_pylist()
-        items = list(dict.fromkeys(test["media_id"].to_pylist()))
-        texts = _texts(lk, exp.dataset, captions)
-        # Items are shown by their first test caption (an image or a sound has no text of its own).
-        item_caption = {}
-        for m, c in zip(test["media_id"].to_pylist(), captions, strict=True):
-            item_caption.setdefault(m, texts.get(c, c))
+        # A few text queries with their top-5 items, to see what the numbers mean. Items are shown by
+        # their first caption (an image or a sound has no text of its own).
+        texts = _texts(lk, exp.dataset, split.text_ids)
+        item_caption: dict[int, str] = {}
+        for i, t in zip(split.pair_items, split.pair_texts, strict=True):
+            item_caption.setdefault(int(i), texts.get(split.text_ids[t], ""))
+        relevant = {(int(i), int(t)) for i, t in zip(split.pair_items, split.pair_texts, strict=True)}
+        queries = sorted({int(t) for t in split.pair_texts})
         rng = np.random.default_rng(0)
         examples = []
-        for q in rng.choice(len(captions), size=min(config.examples, len(captions)), replace=False):
+        for q in rng.choice(queries, size=min(config.examples, len(queries)), replace=False):
             scores = item_emb @ text_emb[q]
             top = np.argsort(-scores)[:5]
             examples.append(
                 {
-                    "query": texts.get(captions[q], captions[q]),
+                    "query": texts.get(split.text_ids[q], split.text_ids[q]),
                     "results": [
                         {
-                            "item": item_caption[items[j]],
+                            "item": item_caption.get(int(j), split.item_ids[j]),
                             "score": float(scores[j]),
-                            "hit": bool(j == owner[q]),
+                            "hit": (int(j), int(q)) in relevant,
                         }
                         for j in top
                     ],
@@ -194,14 +193,15 @@ def build(parts: Partitions) -> list:
         exp_name = context.partition_key if context.has_partition_key else None
         rows = lake.lake().read("metrics", filter=f"experiment = '{exp_name}'")
         values = dict(zip(rows["metric"].to_pylist(), rows["value"].to_pylist(), strict=True))
-        chance = values.get("chance_recall_at_1", 1.0)
-        ok = values.get("t2i_recall_at_1", 0) > chance and values.get("i2t_recall_at_1", 0) > chance
+        t2i, i2t = values.get("t2i_recall_at_1", 0.0), values.get("i2t_recall_at_1", 0.0)
+        c_t2i, c_i2t = values.get("chance_t2i_recall_at_1", 1.0), values.get("chance_i2t_recall_at_1", 1.0)
         return dg.AssetCheckResult(
-            passed=ok,
+            passed=t2i > c_t2i and i2t > c_i2t,
             metadata={
-                "chance": chance,
-                "t2i_recall_at_1": values.get("t2i_recall_at_1"),
-                "i2t_recall_at_1": values.get("i2t_recall_at_1"),
+                "t2i_recall_at_1": t2i,
+                "chance_t2i": c_t2i,
+                "i2t_recall_at_1": i2t,
+                "chance_i2t": c_i2t,
             },
         )
 

@@ -90,7 +90,7 @@ def retrieval_table(experiments: list[str]) -> str:
 
         lines.append(
             f"{e:<22} {int(m.get('test_items', 0)):>6} {pct('t2i_recall_at_1'):>8} {pct('t2i_recall_at_5'):>6} {pct('t2i_recall_at_10'):>6} "
-            f"{pct('i2t_recall_at_1'):>8} {pct('i2t_recall_at_5'):>6} {pct('i2t_recall_at_10'):>6} {pct('chance_recall_at_1'):>9}"
+            f"{pct('i2t_recall_at_1'):>8} {pct('i2t_recall_at_5'):>6} {pct('i2t_recall_at_10'):>6} {pct('chance_t2i_recall_at_1') + '/' + pct('chance_i2t_recall_at_1'):>9}"
         )
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ attach the returned metadata; MLflow logging is passed in as callbacks.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,32 +123,74 @@ def split_arrays(
     return x, y, rows
 
 
-def retrieval_inputs(rows: pa.Table) -> tuple[list[str], list[str], np.ndarray]:
-    """Unique media ids, caption ids (one per pair, a caption shared by two items kept per pair) and
-    the index of each caption's item: the multi-caption retrieval protocol's inputs."""
-    media = rows["media_id"].to_pylist()
-    items = list(dict.fromkeys(media))
-    pos = {m: i for i, m in enumerate(items)}
-    return items, rows["caption_id"].to_pylist(), np.array([pos[m] for m in media], dtype=np.int64)
+def retrieval_inputs(rows: pa.Table) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Unique media ids, unique caption ids, and each distinct pair as (item index, caption index).
+
+    A caption shared by several items (the name of an emoji drawn in six styles) is one query with
+    several correct items, not six identical queries that tie with each other."""
+    media, captions = rows["media_id"].to_pylist(), rows["caption_id"].to_pylist()
+    items, texts = list(dict.fromkeys(media)), list(dict.fromkeys(captions))
+    ipos, tpos = {m: i for i, m in enumerate(items)}, {c: i for i, c in enumerate(texts)}
+    pairs = sorted({(ipos[m], tpos[c]) for m, c in zip(media, captions, strict=True)})
+    return (
+        items,
+        texts,
+        np.array([p[0] for p in pairs], dtype=np.int64),
+        np.array([p[1] for p in pairs], dtype=np.int64),
+    )
 
 
-def split_latents(
-    lake: Lake, exp: ExperimentSpec, rows: pa.Table
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Raw latents of a split for retrieval: (items [n_items, d_m], captions [n_captions, d_t], caption -> item)."""
-    items, captions, owner = retrieval_inputs(rows)
-    item_lat = latents_for(lake, exp.dataset, exp.media_encoder, items)
-    text_lat = latents_for(lake, exp.dataset, exp.text_encoder, captions)
-    return item_lat, text_lat, owner
+@dataclass(frozen=True)
+class SplitLatents:
+    """Raw latents of one split for retrieval: items [n_items, d_m], texts [n_texts, d_t], and the
+    positive pairs as index arrays into them."""
+
+    item_ids: list[str]
+    text_ids: list[str]
+    items: np.ndarray
+    texts: np.ndarray
+    pair_items: np.ndarray
+    pair_texts: np.ndarray
 
 
-def embed_split(
-    lake: Lake, exp: ExperimentSpec, model: FusedModel, rows: pa.Table
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(item embeddings [n_items, d], caption embeddings [n_captions, d], caption -> item index)."""
-    item_lat, text_lat, owner = split_latents(lake, exp, rows)
+def split_latents(lake: Lake, exp: ExperimentSpec, rows: pa.Table) -> SplitLatents:
+    item_ids, text_ids, pi, pt = retrieval_inputs(rows)
+    return SplitLatents(
+        item_ids,
+        text_ids,
+        latents_for(lake, exp.dataset, exp.media_encoder, item_ids),
+        latents_for(lake, exp.dataset, exp.text_encoder, text_ids),
+        pi,
+        pt,
+    )
+
+
+def chance_levels(split: SplitLatents, ks: tuple[int, ...]) -> dict[str, dict[int, float]]:
+    """Expected Recall@K of a random ranking, per direction, averaged over the queries (a query with
+    m correct candidates among n has chance 1 - C(n-m, K)/C(n, K))."""
+    from evaluation.retrieval import chance_recall
+
+    n_items, n_texts = len(split.item_ids), len(split.text_ids)
+    per_text = np.bincount(split.pair_texts, minlength=n_texts)
+    per_item = np.bincount(split.pair_items, minlength=n_items)
+    out = {}
+    for name, counts, n in (("t2i", per_text, n_items), ("i2t", per_item, n_texts)):
+        m = counts[counts > 0]
+        out[name] = {k: float(np.mean([chance_recall(n, min(k, n), int(c)) for c in m])) for k in ks}
+    return out
+
+
+def evaluate_split(model: FusedModel, split: SplitLatents, progress: bool = False):
+    """(RetrievalResult, item embeddings [n_items, d], text embeddings [n_texts, d])."""
+    from evaluation.retrieval import retrieval_metrics_from_pairs
+
     media_side, text_side = model.sides
-    return model.embed(media_side, item_lat).numpy(), model.embed(text_side, text_lat).numpy(), owner
+    item_emb = model.embed(media_side, split.items).numpy()
+    text_emb = model.embed(text_side, split.texts).numpy()
+    result = retrieval_metrics_from_pairs(
+        item_emb, text_emb, split.pair_items, split.pair_texts, progress=progress
+    )
+    return result, item_emb, text_emb
 
 
 def train_experiment(
@@ -163,8 +205,6 @@ def train_experiment(
 ) -> TrainResult:
     """Trains on the curated train split; picks the best step on the val split by the retrieval
     R-sum (R@1+R@5+R@10 both ways), never looking at test."""
-    from evaluation.retrieval import retrieval_metrics
-
     x, y, _ = split_arrays(lake, exp, curated, "train")
     if len(x) < 2:
         raise ValueError(f"experiment {exp.name}: {len(x)} training pairs; need at least 2")
@@ -172,10 +212,7 @@ def train_experiment(
     val = split_latents(lake, exp, val_rows) if len(val_rows) >= 2 else None
 
     def rsum(model: FusedModel) -> float:
-        media_side, text_side = model.sides
-        r = retrieval_metrics(
-            model.embed(media_side, val[0]), model.embed(text_side, val[1]), val[2], progress=False
-        )
+        r, _, _ = evaluate_split(model, val)
         return float(sum(r.t2i_recall.values()) + sum(r.i2t_recall.values()))
 
     return train_adapters(
