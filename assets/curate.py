@@ -76,7 +76,12 @@ def build(parts: Partitions) -> list:
             failed = lk.ids(quar_t, "item", f"stage = 'extract:{name}'")
             paired = {i for i in pairs[pair_col].to_pylist() if i is not None} - failed
             want = set(cur[col].to_pylist()) | paired
-            lat = lk.read(table_name("latents", exp.dataset, name), ["media_id", "vector", "fingerprint"])
+            lat_t = table_name("latents", exp.dataset, name)
+            if not lk.exists(lat_t):
+                checked[name] = {"items": len(want), "missing": len(want), "dim": None, "nonfinite": 0}
+                problems.append(f"no {lat_t} table: run extract_job for ({exp.dataset}, {name})")
+                continue
+            lat = lk.read(lat_t, ["media_id", "vector", "fingerprint"])
             ids = lat["media_id"].to_pylist()
             current = {
                 m for m, f in zip(ids, lat["fingerprint"].to_pylist(), strict=True) if f == enc.fingerprint
