@@ -5,6 +5,7 @@ against real Lance, MLflow (SQLite) and DuckDB:
     ingest_job                  shapes
     extract_job                 shapes x tiny-image, shapes x tiny-text
     experiment_job              shapes-fusemix, shapes-n12
+    experiment_job              shapes-unextracted (its text encoder never extracted): latents_ready fails
     experiment_job (again)      shapes-fusemix, nothing changed: must not retrain
     experiment_job (broken)     shapes-fusemix after one image latent was deleted: latents_ready fails
     extract_job (repair)        shapes x tiny-image: encodes exactly the deleted one
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
+from fusion.encoders import add_encoder, load_registry
 from tests.pipeline_fixture import Project, make_project
 
 ENCODERS = ("tiny-image", "tiny-text", "tiny-audio")
@@ -63,6 +66,12 @@ def metadata(result: dg.ExecuteInProcessResult, key: str) -> dict:
     return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
 
 
+def _fields(project: Project, name: str) -> dict:
+    spec = load_registry(project.configs / "encoders.yaml")[name].to_dict()
+    spec.pop("name", None)
+    return spec
+
+
 def mlflow_client(project: Project):
     return project.resources()["tracking"].client()
 
@@ -90,6 +99,14 @@ def graph(tmp_path_factory) -> Graph:
         from pipelines.definitions import build_defs
 
         project = make_project(tmp)
+        # A third experiment whose text encoder is in the registry but never extracted.
+        add_encoder(project.configs / "encoders.yaml", "tiny-text-2", **_fields(project, "tiny-text"))
+        exps = yaml.safe_load((project.configs / "experiments.yaml").read_text())
+        exps["experiments"]["shapes-unextracted"] = {
+            **exps["experiments"]["shapes-fusemix"],
+            "text_encoder": "tiny-text-2",
+        }
+        (project.configs / "experiments.yaml").write_text(yaml.safe_dump(exps))
         defs, parts = build_defs(project.configs, resources=project.resources())
         (Path(tmp) / "dagster").mkdir()
         with dg.instance_for_test(temp_dir=str(Path(tmp) / "dagster")) as instance:
@@ -102,6 +119,7 @@ def graph(tmp_path_factory) -> Graph:
                 g.run(f"extract:{enc}", "extract_job", parts.extract_key("shapes", enc), **quiet_extract)
             for exp in EXPERIMENTS:
                 g.run(f"experiment:{exp}", "experiment_job", exp)
+            g.run("experiment:unextracted", "experiment_job", "shapes-unextracted")
             g.notes["mlflow_runs_before_rerun"] = mlflow_run_count(project)
             g.run("experiment:shapes-fusemix:again", "experiment_job", "shapes-fusemix")
             g.notes["mlflow_runs_after_rerun"] = mlflow_run_count(project)

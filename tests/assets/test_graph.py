@@ -28,9 +28,9 @@ def _encoders(graph):
     return graph.project.resources()["encoders"]
 
 
-def test_every_run_but_the_broken_one_succeeds(graph):
+def test_every_run_but_the_broken_ones_succeeds(graph):
     failed = {label: r.run_id for label, r in graph.runs.items() if not r.success}
-    assert set(failed) == {"experiment:broken"}
+    assert set(failed) == {"experiment:broken", "experiment:unextracted"}
 
 
 def test_ingest_writes_media_pairs_and_one_quarantine_row(graph):
@@ -132,6 +132,22 @@ def test_latents_ready_blocks_training_when_a_latent_is_missing(graph):
     assert materialization(broken, "curated") is not None
     assert materialization(broken, "adapters") is None
     assert materialization(broken, "retrieval_metrics") is None
+
+
+def test_latents_ready_fails_clearly_when_an_encoder_was_never_extracted(graph):
+    run = graph.runs["experiment:unextracted"]
+    (ev,) = check_evaluations(run, "latents_ready")
+    assert not ev.passed
+    assert (
+        "no latents__shapes__tiny-text-2 table: run extract_job for (shapes, tiny-text-2)" in ev.description
+    )
+    checked = ev.metadata["checked"].value
+    assert checked["tiny-text-2"]["missing"] == checked["tiny-text-2"]["items"] == 24
+    assert checked["tiny-image"]["missing"] == 0
+    # curate() had no caption latents, so it kept no pair; the check stops training on nothing.
+    assert metadata(run, "curated")["pairs_without_latents"] == graph.project.n_pairs
+    assert materialization(run, "adapters") is None
+    assert not (graph.project.home / "models" / "shapes-unextracted").exists()
 
 
 def test_incremental_extraction_repairs_exactly_the_missing_latent(graph):
