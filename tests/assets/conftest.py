@@ -9,6 +9,8 @@ against real Lance, MLflow (SQLite) and DuckDB:
     experiment_job (again)      shapes-fusemix, nothing changed: must not retrain
     experiment_job (broken)     shapes-fusemix after one image latent was deleted: latents_ready fails
     extract_job (repair)        shapes x tiny-image: encodes exactly the deleted one
+    experiment_job (nan)        shapes-fusemix after one caption latent was set to NaN: latents_ready fails
+    extract_job (repair)        shapes x tiny-text, after deleting the NaN row: encodes exactly that one
     experiment_job (repaired)   shapes-fusemix: up to date again, nothing retrained
 The results of every run are kept in `Graph.runs` so tests can read events without rerunning.
 """
@@ -20,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pytest
 import yaml
 
 from fusion.encoders import add_encoder, load_registry
+from pipelines.lake import vectors_to_arrow
 from tests.pipeline_fixture import Project, make_project
 
 ENCODERS = ("tiny-image", "tiny-text", "tiny-audio")
@@ -137,6 +141,24 @@ def graph(tmp_path_factory) -> Graph:
                 "extract:tiny-image:repair",
                 "extract_job",
                 parts.extract_key("shapes", "tiny-image"),
+                **quiet_extract,
+            )
+
+            # One caption latent turned to NaN: the check reports it before any training; deleting
+            # the row lets the incremental extraction write a finite one again.
+            txt_t = "latents__shapes__tiny-text"
+            nan_id = sorted(lk.ids(txt_t))[0]
+            row = lk.read(txt_t, filter=f"media_id = '{nan_id}'")
+            dim = row.schema.field("vector").type.list_size
+            nan = vectors_to_arrow(np.full((1, dim), np.nan, dtype=np.float32))
+            lk.upsert(txt_t, row.set_column(row.schema.get_field_index("vector"), "vector", nan), "media_id")
+            g.notes["nan_latent"] = nan_id
+            g.run("experiment:nan", "experiment_job", "shapes-fusemix")
+            lk.delete(txt_t, f"media_id = '{nan_id}'")
+            g.run(
+                "extract:tiny-text:repair",
+                "extract_job",
+                parts.extract_key("shapes", "tiny-text"),
                 **quiet_extract,
             )
             g.run("experiment:repaired", "experiment_job", "shapes-fusemix")

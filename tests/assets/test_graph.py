@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 
 from fusion.data.readers import read_dataset
 from fusion.encoders import load_registry
 from pipelines.catalog import Catalog
+from pipelines.lake import arrow_to_vectors
 from tests.assets.conftest import (
     check_evaluations,
     materialization,
@@ -30,7 +32,7 @@ def _encoders(graph):
 
 def test_every_run_but_the_broken_ones_succeeds(graph):
     failed = {label: r.run_id for label, r in graph.runs.items() if not r.success}
-    assert set(failed) == {"experiment:broken", "experiment:unextracted"}
+    assert set(failed) == {"experiment:broken", "experiment:unextracted", "experiment:nan"}
 
 
 def test_ingest_writes_media_pairs_and_one_quarantine_row(graph):
@@ -150,12 +152,27 @@ def test_latents_ready_fails_clearly_when_an_encoder_was_never_extracted(graph):
     assert not (graph.project.home / "models" / "shapes-unextracted").exists()
 
 
+def test_latents_ready_blocks_training_on_a_nan_latent(graph):
+    run = graph.runs["experiment:nan"]
+    (ev,) = check_evaluations(run, "latents_ready")
+    assert not ev.passed
+    dim = _encoders(graph).get("tiny-text").dim
+    assert f"{dim} NaN/inf values in tiny-text latents" in ev.description
+    checked = ev.metadata["checked"].value
+    assert checked["tiny-text"]["nonfinite"] == dim and checked["tiny-text"]["missing"] == 0
+    assert checked["tiny-image"]["nonfinite"] == 0
+    assert materialization(run, "adapters") is None
+
+
 def test_incremental_extraction_repairs_exactly_the_missing_latent(graph):
     meta = metadata(graph.runs["extract:tiny-image:repair"], "latents")
     assert meta["items_encoded"] == 1
     lk = graph.lake()
     assert lk.count("latents__shapes__tiny-image") == graph.notes["latents_before_removal"]
     assert graph.notes["removed_latent"] in lk.ids("latents__shapes__tiny-image")
+    assert metadata(graph.runs["extract:tiny-text:repair"], "latents")["items_encoded"] == 1
+    text = lk.read("latents__shapes__tiny-text", filter=f"media_id = '{graph.notes['nan_latent']}'")
+    assert len(text) == 1 and np.isfinite(arrow_to_vectors(text["vector"])).all()
     # Same inputs as the first training: the repaired run does not retrain.
     assert metadata(graph.runs["experiment:repaired"], "adapters")["skipped"] is True
     assert graph.notes["mlflow_runs_after_repair"] == graph.notes["mlflow_runs_before_rerun"]
