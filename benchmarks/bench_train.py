@@ -6,8 +6,9 @@ text (d=384, MiniLM) and image (d=1280, EfficientNet-Lite) latent sizes, times a
 
 - pairs/s, and the achieved GFLOP/s of the adapter's matmuls: 3 x `Adapter.flops_per_example()` per
   pair (forward, and a backward that costs about twice the forward);
-- the machine's fp32 matmul GFLOP/s, measured in the same run with one large `torch.mm`; the ratio
-  (adapter step / bare matmul) says how much of the hardware the training step uses;
+- the machine's fp32 matmul GFLOP/s, measured in the same run with one large `torch.mm` (once up
+  front, and again in alternation with each adapter's steps for the ratio); the ratio (adapter step /
+  bare matmul, same precision) says how much of the hardware the training step uses;
 - fp32 vs bf16 autocast, side by side (the two timed in alternation, best of --repeats), with the
   CPU's bf16-relevant flags (AMX, AVX-512 BF16) and the bare bf16 matmul speed for context;
 - one whole FuseMix step (both adapters, latent mixup, loss, AdamW) for the pairs/s a run sees.
@@ -65,6 +66,12 @@ def matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def mm_fn(n: int, dtype: torch.dtype) -> Callable[[], None]:
+    """One bare [n, n] @ [n, n] torch.mm (2 n^3 FLOPs), to time beside the training steps."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return lambda: torch.mm(a, b)
 
 
 def _autocast(precision: str):
@@ -187,11 +194,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         probe = Adapter(d, cfg)
         flops = 3 * probe.flops_per_example() * args.batch  # forward + ~2x for backward, matmuls only
         steps = {p: adapter_step_fn(d, cfg, args.batch, p, args.seed) for p in precisions}
+        # The bare matmul is timed again in alternation with the steps, so that the ratio compares
+        # the two under the same load from other processes (a shared machine drifts).
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        steps.update({f"mm_{p}": mm_fn(args.mm_size, dtypes[p]) for p in precisions})
         secs = time_side_by_side(steps, n_steps, repeats)
         for p in precisions:
             pairs = args.batch / secs[p]
             gflops = flops / secs[p] / 1e9
-            ratio = gflops / mm[p]
+            ratio = gflops / (2 * args.mm_size**3 / secs[f"mm_{p}"] / 1e9)
             print(
                 f"{d:>5} {probe.num_parameters / 1e6:>7.1f}M {p:>5} {secs[p] * 1e3:>9.1f} {pairs:>9,.0f} "
                 f"{gflops:>8.1f} {ratio:>6.2f}",
