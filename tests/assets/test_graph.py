@@ -303,3 +303,41 @@ def test_duckdb_catalog_over_the_lake(graph):
         assert r["n_fingerprints"] == 1
         assert r["dim"] == _encoders(graph).get(name).dim
         assert registry[name].modality in ("image", "text")
+
+
+def test_quarantine_reasons_query(graph):
+    rows = Catalog(graph.project.home / "lance").saved("quarantine_reasons").to_pylist()
+    assert [(r["dataset"], r["reason"], r["n"], r["example_item"]) for r in rows] == [
+        ("shapes", "missing", 1, "manifest.csv:74")
+    ]
+
+
+def test_extracting_with_an_encoder_of_another_modality_fails_clearly(graph):
+    result = graph.job("extract_job").execute_in_process(
+        partition_key=graph.parts.extract_key("shapes", "tiny-audio"),
+        instance=graph.instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.message
+    assert "encoder tiny-audio (audio) does not apply to dataset shapes (image + text)" in message
+    assert not graph.lake().exists("latents__shapes__tiny-audio")
+
+
+def test_reingesting_unchanged_data_keeps_media_and_latents(graph):
+    lk = graph.lake()
+    before = lk.versions(["media__shapes", "latents__shapes__tiny-image", "latents__shapes__tiny-text"])
+    pairs_before = sorted(lk.read("pairs__shapes")["pair_id"].to_pylist())
+    result = graph.job("ingest_job").execute_in_process(
+        partition_key="shapes",
+        instance=graph.instance,
+        run_config={"ops": {"ingest": {"config": {"progress": False}}}},
+    )
+    assert result.success
+    media = metadata(result, "media")
+    assert media["new_media"] == media["removed_media"] == 0
+    # Media rows are insert-only: an unchanged dataset writes no media commit, so latents stay valid.
+    assert lk.versions(list(before)) == before
+    assert sorted(lk.read("pairs__shapes")["pair_id"].to_pylist()) == pairs_before
+    assert lk.count("quarantine__shapes") == 1
