@@ -75,7 +75,7 @@ def registry_copy(ingested):
 
 
 def tick(defs, project, instance):
-    sensor = defs.get_sensor_def("new_encoder_sensor")
+    sensor = defs.resolve_sensor_def("new_encoder_sensor")
     ctx = dg.build_sensor_context(instance=instance, resources={"lake": project.resources()["lake"]})
     return sensor(ctx)
 
@@ -167,7 +167,7 @@ def test_sensor_skips_when_nothing_is_new_or_ingested(tmp_path, instance):
 def test_schedule_requests_one_run_per_applicable_partition(ingested, instance):
     project, defs, parts = ingested
     instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
-    schedule = defs.get_schedule_def("refresh_latents_schedule")
+    schedule = defs.resolve_schedule_def("refresh_latents_schedule")
     when = datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
     ctx = dg.build_schedule_context(
         instance=instance, scheduled_execution_time=when, resources={"lake": project.resources()["lake"]}
