@@ -6,6 +6,7 @@ against real Lance, MLflow (SQLite) and DuckDB:
     extract_job                 shapes x tiny-image, shapes x tiny-text
     experiment_job              shapes-fusemix, shapes-n12
     experiment_job              shapes-unextracted (its text encoder never extracted): latents_ready fails
+    experiment_job [curated]    shapes-diverse: a balanced diversity selection, curated only
     experiment_job (again)      shapes-fusemix, nothing changed: must not retrain
     experiment_job (broken)     shapes-fusemix after one image latent was deleted: latents_ready fails
     extract_job (repair)        shapes x tiny-image: encodes exactly the deleted one
@@ -110,6 +111,12 @@ def graph(tmp_path_factory) -> Graph:
             **exps["experiments"]["shapes-fusemix"],
             "text_encoder": "tiny-text-2",
         }
+        # And one that selects by diversity (k-means over the image latents), curated only.
+        exps["experiments"]["shapes-diverse"] = {
+            **exps["experiments"]["shapes-fusemix"],
+            "family": "diversity",
+            "select": {"strategy": "diversity", "mode": "balanced", "n": 8, "k": 4},
+        }
         (project.configs / "experiments.yaml").write_text(yaml.safe_dump(exps))
         defs, parts = build_defs(project.configs, resources=project.resources())
         (Path(tmp) / "dagster").mkdir()
@@ -124,6 +131,12 @@ def graph(tmp_path_factory) -> Graph:
             for exp in EXPERIMENTS:
                 g.run(f"experiment:{exp}", "experiment_job", exp)
             g.run("experiment:unextracted", "experiment_job", "shapes-unextracted")
+            g.run(
+                "curate:shapes-diverse",
+                "experiment_job",
+                "shapes-diverse",
+                asset_selection=[dg.AssetKey("curated")],
+            )
             g.notes["mlflow_runs_before_rerun"] = mlflow_run_count(project)
             g.run("experiment:shapes-fusemix:again", "experiment_job", "shapes-fusemix")
             g.notes["mlflow_runs_after_rerun"] = mlflow_run_count(project)

@@ -115,6 +115,20 @@ def test_curate_quantity_selects_n_train_pairs_and_keeps_val_and_test(graph):
     assert sorted(full["pair_id"].to_pylist()) == sorted(pairs["pair_id"].to_pylist())
 
 
+def test_curate_diversity_reads_the_image_latents(graph):
+    run = graph.runs["curate:shapes-diverse"]
+    assert run.success
+    assert materialization(run, "adapters") is None  # only curated was selected
+    meta = metadata(run, "curated")
+    assert meta["strategy"] == "diversity" and meta["selected_train_pairs"] == 8
+    cur = graph.lake().read("curated__shapes-diverse")
+    train = pc.filter(cur["pair_id"], pc.equal(cur["split"], "train")).to_pylist()
+    assert len(train) == len(set(train)) == 8
+    assert set(train) < set(graph.lake().read("pairs__shapes")["pair_id"].to_pylist())
+    (ev,) = check_evaluations(run, "latents_ready")
+    assert ev.passed
+
+
 def test_latents_ready_passes_on_a_complete_extraction(graph):
     for label in ("experiment:shapes-fusemix", "experiment:shapes-n12", "experiment:repaired"):
         (ev,) = check_evaluations(graph.runs[label], "latents_ready")
