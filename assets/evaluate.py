@@ -37,6 +37,10 @@ METRICS_SCHEMA = pa.schema(
 )
 
 
+# Bump when the evaluation protocol changes, so stored metrics of an unchanged checkpoint are recomputed.
+EVAL_PROTOCOL = 2
+
+
 class EvaluateConfig(dg.Config):
     force: bool = Field(default=False, description="Recompute even if metrics for this checkpoint exist")
     examples: int = Field(default=3, description="Text queries shown with their top-5 items in the report")
@@ -81,9 +85,10 @@ def build(parts: Partitions) -> list:
             },
         )
         run_id = extra["summary"]["mlflow_run_id"]
+        eval_key = f"{extra['inputs_hash']}-p{EVAL_PROTOCOL}"
         if not config.force and lk.exists("metrics"):
             old = lk.read(
-                "metrics", filter=f"experiment = '{exp.name}' AND inputs_hash = '{extra['inputs_hash']}'"
+                "metrics", filter=f"experiment = '{exp.name}' AND inputs_hash = '{eval_key}'"
             )
             if len(old):
                 values = dict(zip(old["metric"].to_pylist(), old["value"].to_pylist(), strict=True))
@@ -113,7 +118,7 @@ def build(parts: Partitions) -> list:
                 "metric": list(metrics),
                 "value": [float(v) for v in metrics.values()],
                 "mlflow_run_id": [run_id] * len(metrics),
-                "inputs_hash": [extra["inputs_hash"]] * len(metrics),
+                "inputs_hash": [eval_key] * len(metrics),
                 "created_at": [now] * len(metrics),
                 "fingerprint_media": [media_enc.fingerprint] * len(metrics),
                 "fingerprint_text": [text_enc.fingerprint] * len(metrics),

@@ -36,7 +36,11 @@ def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, qu
     label = partition if isinstance(partition, str) else "|".join(partition.keys_by_dimension.values())
     print(f"-> {job} [{label}] ...", flush=True)
     result = defs.resolve_job_def(job).execute_in_process(
-        partition_key=partition, instance=inst, raise_on_error=False
+        partition_key=partition,
+        instance=inst,
+        raise_on_error=False,
+        # Step-by-step DEBUG events go to the run's log in the UI; the terminal gets INFO and up.
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING" if quiet else "INFO"}}}},
     )
     status = "ok" if result.success else "FAILED"
     print(f"   {status} in {time.perf_counter() - t0:.1f}s", flush=True)
