@@ -292,7 +292,7 @@ def test_folder_without_config_is_unavailable(tmp_path):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_cuda_autocast_is_close_to_cpu(dirs, dtype):
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+        pytest.fail("the gpu marker needs a CUDA device: run it where one exists")
     clips = [wav(16000 * 3), wav(5000, seed=1)]
     for model, modality, payloads, options in [
         (dirs["bert"], "text", SENTENCES, {}),

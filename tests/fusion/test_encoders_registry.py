@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from fusion.encoders import (
@@ -133,11 +134,10 @@ def test_laion_clap_unavailable_is_explained():
         build_encoder(s)
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="this machine has CUDA; the error path cannot be reached"
+)
 def test_cuda_request_without_cuda_is_unavailable(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the error path cannot be reached")
     reg = load_registry(write_tiny_registry(tmp_path))
     with pytest.raises(EncoderUnavailable, match="CUDA"):
         build_encoder(reg["tiny-text"], device="cuda")

@@ -25,7 +25,7 @@ def encoder(name: str, **override):
     spec = load_registry(PROJECT_ROOT / "configs" / "encoders.yaml")[name]
     ok, why = encoder_status(spec)
     if not ok:
-        pytest.skip(f"{name}: {why}")
+        pytest.fail(f"offline pack missing (make install): {name}: {why}")
     if override:
         from dataclasses import replace
 
@@ -105,7 +105,7 @@ def speak(text: str, path) -> None:
 @pytest.mark.parametrize("short_clip", [True, False])
 def test_speech_is_closer_to_speech_than_to_noise(tmp_path, short_clip):
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+        pytest.fail("espeak-ng is not installed (make system-deps)")
     enc = encoder("whisper-tiny", options={"short_clip": short_clip})
     sentences = [
         "The quick brown fox jumps over the lazy dog.",

@@ -239,7 +239,7 @@ def pack_cache(tmp_path_factory):
 def _materialise_or_skip(key: str, cache: Path) -> Path:
     ok, why = op.pack_available(key)
     if not ok:
-        pytest.skip(why)
+        pytest.fail(f"offline pack missing (make install): {why}")
     start = time.perf_counter()
     out = op.materialise(key, cache)
     print(f"materialise {key}: {time.perf_counter() - start:.1f} s")
@@ -279,7 +279,7 @@ def grace_hopper():
 
     path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     if not path.exists():
-        pytest.skip("matplotlib sample data missing")
+        pytest.fail("matplotlib sample data missing (it ships with matplotlib)")
     return Image.open(path).convert("RGB")
 
 

@@ -210,7 +210,7 @@ def test_word_error_rate_helper():
 def spoken_sentence(tmp_path_factory):
     """16 kHz mono float32 waveform of SENTENCE spoken by espeak-ng (resampled with sox)."""
     if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
-        pytest.skip("espeak-ng and sox are needed to synthesise the test sentence")
+        pytest.fail("espeak-ng and sox are needed to synthesise the test sentence (make system-deps)")
     import soundfile as sf
 
     folder = tmp_path_factory.mktemp("speech")
@@ -231,7 +231,7 @@ def test_real_whisper_matches_ct2_and_transcribes(key, tmp_path, spoken_sentence
 
     ok, why = offline_pack.pack_available(key)
     if not ok:
-        pytest.skip(why)
+        pytest.fail(f"offline pack missing (make install): {why}")
     directory = offline_pack.materialise(key, tmp_path / "cache")
     extractor = WhisperFeatureExtractor.from_pretrained(directory)
     tokenizer = WhisperTokenizer.from_pretrained(directory)
