@@ -87,9 +87,7 @@ def build(parts: Partitions) -> list:
         run_id = extra["summary"]["mlflow_run_id"]
         eval_key = f"{extra['inputs_hash']}-p{EVAL_PROTOCOL}"
         if not config.force and lk.exists("metrics"):
-            old = lk.read(
-                "metrics", filter=f"experiment = '{exp.name}' AND inputs_hash = '{eval_key}'"
-            )
+            old = lk.read("metrics", filter=f"experiment = '{exp.name}' AND inputs_hash = '{eval_key}'")
             if len(old):
                 values = dict(zip(old["metric"].to_pylist(), old["value"].to_pylist(), strict=True))
                 context.log.info(f"{exp.name}: metrics for this checkpoint exist; not recomputing")
