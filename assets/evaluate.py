@@ -11,7 +11,6 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from evaluation.report import write_report
-from fusion.adapters import EncoderRef
 from fusion.checkpoint import load_checkpoint, read_config
 from pipelines.lake import table_name
 from pipelines.partitions import Partitions
@@ -75,15 +74,8 @@ def build(parts: Partitions) -> list:
         lk = lake.lake()
         ckpt = checkpoint_dir(paths.models_dir, exp.name)
         extra = read_config(ckpt)["extra"]
-        media_enc, text_enc = encoders.get(exp.media_encoder), encoders.get(exp.text_encoder)
-        media_side = extra["media_side"]
-        model = load_checkpoint(
-            ckpt,
-            expect={
-                media_side: EncoderRef(exp.media_encoder, media_enc.fingerprint, media_enc.dim),
-                "text": EncoderRef(exp.text_encoder, text_enc.fingerprint, text_enc.dim),
-            },
-        )
+        media_ref, text_ref = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
+        model = load_checkpoint(ckpt, expect={extra["media_side"]: media_ref, "text": text_ref})
         run_id = extra["summary"]["mlflow_run_id"]
         eval_key = f"{extra['inputs_hash']}-p{EVAL_PROTOCOL}"
         if not config.force and lk.exists("metrics"):
@@ -118,8 +110,8 @@ def build(parts: Partitions) -> list:
                 "mlflow_run_id": [run_id] * len(metrics),
                 "inputs_hash": [eval_key] * len(metrics),
                 "created_at": [now] * len(metrics),
-                "fingerprint_media": [media_enc.fingerprint] * len(metrics),
-                "fingerprint_text": [text_enc.fingerprint] * len(metrics),
+                "fingerprint_media": [media_ref.fingerprint] * len(metrics),
+                "fingerprint_text": [text_ref.fingerprint] * len(metrics),
             },
             schema=METRICS_SCHEMA,
         )

@@ -11,7 +11,6 @@ import json
 import dagster as dg
 from pydantic import Field
 
-from fusion.adapters import EncoderRef
 from fusion.checkpoint import read_config, save_checkpoint
 from pipelines.lake import table_name
 from pipelines.partitions import Partitions
@@ -51,10 +50,8 @@ def build(parts: Partitions) -> list:
     ):
         exp = parts.experiments[context.partition_key]
         lk = lake.lake()
-        media_enc, text_enc = encoders.get(exp.media_encoder), encoders.get(exp.text_encoder)
         media_side = parts.datasets[exp.dataset].modality
-        media_ref = EncoderRef(exp.media_encoder, media_enc.fingerprint, media_enc.dim)
-        text_ref = EncoderRef(exp.text_encoder, text_enc.fingerprint, text_enc.dim)
+        media_ref, text_ref = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         curated_t = table_name("curated", exp.name)
         curated = lk.read(curated_t)
         digest = inputs_hash(exp, curated["pair_id"].to_pylist(), media_ref.fingerprint, text_ref.fingerprint)

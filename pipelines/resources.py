@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from fusion.adapters import EncoderRef
 from fusion.encoders import EncoderSpec, FrozenEncoder, build_encoder, load_registry
 from fusion.paths import configs_dir, fusemix_home
 from pipelines.lake import Lake
@@ -84,6 +85,11 @@ class EncoderBank(dg.ConfigurableResource):
         if name not in specs:
             raise KeyError(f"encoder {name!r} is not in {self.registry_path}; known: {sorted(specs)}")
         return specs[name]
+
+    def ref(self, name: str) -> EncoderRef:
+        """What a checkpoint records of an encoder: name, fingerprint, dimension."""
+        enc = self.get(name)
+        return EncoderRef(name, enc.fingerprint, enc.dim)
 
     def get(self, name: str) -> FrozenEncoder:
         spec = self.spec(name)

@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from evaluation.retrieval import chance_recall, retrieval_metrics
 from fusion.config import AdapterConfig, FuseMixConfig, TrainConfig
 from fusion.synthetic import make_task
 from fusion.trainer import train_adapters
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tensors are tiny: on a shared 2-core machine a second OpenMP thread only spins waiting
-    for a core (a 2 s training run took 27 s with 2 threads beside other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _test_recall_at_1(model, task) -> float:

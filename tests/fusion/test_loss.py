@@ -12,15 +12,7 @@ from fusion.config import AdapterConfig, FuseMixConfig, TrainConfig
 from fusion.loss import clamp_temperature, clip_loss
 from fusion.trainer import param_groups, train_adapters
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tensors are tiny: on a shared 2-core machine a second OpenMP thread only spins waiting
-    for a core (a 2 s training run took 27 s with 2 threads beside other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _unit(a: np.ndarray) -> np.ndarray:

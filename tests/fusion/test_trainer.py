@@ -16,14 +16,7 @@ from fusion.trainer import _batches, contrastive_val_score, lr_factor, train_ada
 SMALL = AdapterConfig(depth=1, expansion=2, dropout=0.1, output_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tensors are tiny: on a shared 2-core machine a second OpenMP thread only spins waiting
-    for a core (a 2 s training run took 27 s with 2 threads beside other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n=96, dx=12, dy=10, seed=0):
