@@ -235,6 +235,22 @@ def _svg_aspect(root: ET.Element) -> float | None:
     return None
 
 
+_PX_PER_UNIT = {"px": 1.0, "pt": 4 / 3, "pc": 16.0, "mm": 96 / 25.4, "cm": 96 / 2.54, "in": 96.0}
+
+
+def _root_size_in_px(root: ET.Element) -> None:
+    """Rewrites the root's width/height from absolute units (pt, pc, mm, cm, in) to px, at CSS's
+    96 px per inch: resvg refuses such sizes ("invalid size"), a third of openclipart's drawings."""
+    num = re.compile(r"^\s*([0-9.eE+-]+)\s*(pt|pc|mm|cm|in)\s*$")
+    for attr in ("width", "height"):
+        m = num.match(root.get(attr, ""))
+        if m:
+            try:
+                root.set(attr, f"{float(m.group(1)) * _PX_PER_UNIT[m.group(2)]:.4f}")
+            except ValueError:
+                continue
+
+
 def _sanitise_svg(root: ET.Element, media_id: str, limits: MediaLimits) -> None:
     """Removes references to files outside the SVG and refuses embedded rasters over the pixel limit.
 
@@ -278,6 +294,7 @@ def _decode_svg(data: bytes, media_id: str, limits: MediaLimits) -> Image.Image:
     if root.tag not in ("svg", f"{{{_SVG_NS}}}svg"):
         raise MediaError(media_id, "undecodable", f"root element is {root.tag!r}, not svg")
     _sanitise_svg(root, media_id, limits)
+    _root_size_in_px(root)
     aspect = _svg_aspect(root)
     text = ET.tostring(root, encoding="unicode")
     size = limits.svg_size

@@ -367,3 +367,17 @@ def test_probe(tmp_path):
     assert reason_of(probe, tmp_path / "gone.wav", "audio", "x") == "missing"
     with pytest.raises(ValueError):
         probe(b"hello", "text")
+
+
+@pytest.mark.parametrize("unit, per_px", [("pt", 4 / 3), ("mm", 96 / 25.4), ("in", 96.0)])
+def test_svg_sizes_in_absolute_units_render(unit, per_px):
+    # resvg alone refuses width="100pt" ("invalid size"); a third of openclipart is drawn so.
+    w, h = 120 / per_px, 60 / per_px  # 120 x 60 px whatever the unit
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}{unit}" height="{h}{unit}">'
+        '<rect x="0" y="0" width="60" height="60" fill="#ff0000"/></svg>'
+    ).encode()
+    im = decode_image(svg)
+    assert im.size == (256, 128)
+    assert im.getpixel((20, 64)) == (255, 0, 0)  # the left half is the red square
+    assert im.getpixel((230, 64)) == (255, 255, 255)  # the right half stays white
