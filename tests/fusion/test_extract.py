@@ -186,6 +186,8 @@ def test_thread_setting(monkeypatch):
             configure_threads("cpu")
         monkeypatch.delenv("FUSEMIX_TORCH_THREADS")
         torch.set_num_threads(64)
-        assert 1 <= configure_threads("cpu") <= (os.cpu_count() or 1)
+        threads = configure_threads("cpu")  # capped from 64 at the cores this process may use
+        assert threads >= 1
+        assert threads <= (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
