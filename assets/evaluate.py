@@ -2,39 +2,19 @@
 the Lance `metrics` table, MLflow metrics on the training run, and a markdown report with plots."""
 
 import json
-from datetime import UTC, datetime
 
 import dagster as dg
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
 from evaluation.report import write_report
 from fusion.checkpoint import load_checkpoint, read_config
+from pipelines.evaluating import metric_rows, query_examples, texts_of
 from pipelines.lake import table_name
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, PipelinePaths
 from pipelines.tracking import RunLogger
 from pipelines.training import chance_levels, checkpoint_dir, evaluate_split, split_latents
-
-METRICS_SCHEMA = pa.schema(
-    [
-        ("experiment", pa.string()),
-        ("family", pa.string()),
-        ("variable", pa.string()),
-        ("dataset", pa.string()),
-        ("split", pa.string()),
-        ("metric", pa.string()),
-        ("value", pa.float64()),
-        ("mlflow_run_id", pa.string()),
-        ("inputs_hash", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-        ("fingerprint_media", pa.string()),
-        ("fingerprint_text", pa.string()),
-    ]
-)
-
 
 # Bump when the evaluation protocol changes, so stored metrics of an unchanged checkpoint are recomputed.
 EVAL_PROTOCOL = 2
@@ -43,14 +23,6 @@ EVAL_PROTOCOL = 2
 class EvaluateConfig(dg.Config):
     force: bool = Field(default=False, description="Recompute even if metrics for this checkpoint exist")
     examples: int = Field(default=3, description="Text queries shown with their top-5 items in the report")
-
-
-def _texts(lk, dataset: str, ids: list[str]) -> dict[str, str]:
-    if not ids:
-        return {}
-    quoted = ", ".join("'" + i + "'" for i in ids)
-    rows = lk.read(table_name("media", dataset), ["media_id", "text"], f"media_id IN ({quoted})")
-    return dict(zip(rows["media_id"].to_pylist(), rows["text"].to_pylist(), strict=True))
 
 
 def build(parts: Partitions) -> list:
@@ -97,53 +69,12 @@ def build(parts: Partitions) -> list:
         metrics["chance_i2t_recall_at_1"] = chance["i2t"][1]
         metrics["test_items"], metrics["test_captions"] = float(len(item_emb)), float(len(text_emb))
 
-        now = datetime.now(UTC)
-        rows = pa.table(
-            {
-                "experiment": [exp.name] * len(metrics),
-                "family": [exp.family] * len(metrics),
-                "variable": [exp.variable] * len(metrics),
-                "dataset": [exp.dataset] * len(metrics),
-                "split": ["test"] * len(metrics),
-                "metric": list(metrics),
-                "value": [float(v) for v in metrics.values()],
-                "mlflow_run_id": [run_id] * len(metrics),
-                "inputs_hash": [eval_key] * len(metrics),
-                "created_at": [now] * len(metrics),
-                "fingerprint_media": [media_ref.fingerprint] * len(metrics),
-                "fingerprint_text": [text_ref.fingerprint] * len(metrics),
-            },
-            schema=METRICS_SCHEMA,
-        )
+        rows = metric_rows(exp, metrics, run_id, eval_key, (media_ref.fingerprint, text_ref.fingerprint))
         lk.delete("metrics", f"experiment = '{exp.name}'")
         version = lk.append("metrics", rows)
 
-        # A few text queries with their top-5 items, to see what the numbers mean. Items are shown by
-        # their first caption (an image or a sound has no text of its own).
-        texts = _texts(lk, exp.dataset, split.text_ids)
-        item_caption: dict[int, str] = {}
-        for i, t in zip(split.pair_items, split.pair_texts, strict=True):
-            item_caption.setdefault(int(i), texts.get(split.text_ids[t], ""))
-        relevant = {(int(i), int(t)) for i, t in zip(split.pair_items, split.pair_texts, strict=True)}
-        queries = sorted({int(t) for t in split.pair_texts})
-        rng = np.random.default_rng(0)
-        examples = []
-        for q in rng.choice(queries, size=min(config.examples, len(queries)), replace=False):
-            scores = item_emb @ text_emb[q]
-            top = np.argsort(-scores)[:5]
-            examples.append(
-                {
-                    "query": texts.get(split.text_ids[q], split.text_ids[q]),
-                    "results": [
-                        {
-                            "item": item_caption.get(int(j), split.item_ids[j]),
-                            "score": float(scores[j]),
-                            "hit": (int(j), int(q)) in relevant,
-                        }
-                        for j in top
-                    ],
-                }
-            )
+        texts = texts_of(lk, exp.dataset, split.text_ids)
+        examples = query_examples(split, item_emb, text_emb, texts, config.examples)
         history_file = ckpt / "history.json"
         hist = (
             json.loads(history_file.read_text())
