@@ -10,7 +10,7 @@ from pydantic import Field
 from evaluation.report import write_report
 from fusion.checkpoint import load_checkpoint, read_config
 from pipelines.evaluating import metric_rows, query_examples, texts_of
-from pipelines.lake import table_name
+from pipelines.lake import sql_str, table_name
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, PipelinePaths
 from pipelines.tracking import RunLogger
@@ -51,7 +51,9 @@ def build(parts: Partitions) -> list:
         run_id = extra["summary"]["mlflow_run_id"]
         eval_key = f"{extra['inputs_hash']}-p{EVAL_PROTOCOL}"
         if not config.force and lk.exists("metrics"):
-            old = lk.read("metrics", filter=f"experiment = '{exp.name}' AND inputs_hash = '{eval_key}'")
+            old = lk.read(
+                "metrics", filter=f"experiment = {sql_str(exp.name)} AND inputs_hash = {sql_str(eval_key)}"
+            )
             if len(old):
                 values = dict(zip(old["metric"].to_pylist(), old["value"].to_pylist(), strict=True))
                 context.log.info(f"{exp.name}: metrics for this checkpoint exist; not recomputing")
@@ -70,7 +72,7 @@ def build(parts: Partitions) -> list:
         metrics["test_items"], metrics["test_captions"] = float(len(item_emb)), float(len(text_emb))
 
         rows = metric_rows(exp, metrics, run_id, eval_key, (media_ref.fingerprint, text_ref.fingerprint))
-        lk.delete("metrics", f"experiment = '{exp.name}'")
+        lk.delete("metrics", f"experiment = {sql_str(exp.name)}")
         version = lk.append("metrics", rows)
 
         texts = texts_of(lk, exp.dataset, split.text_ids)
@@ -117,7 +119,7 @@ def build(parts: Partitions) -> list:
     )
     def recall_above_chance(context: dg.AssetCheckExecutionContext, lake: LanceLake):
         exp_name = context.partition_key if context.has_partition_key else None
-        rows = lake.lake().read("metrics", filter=f"experiment = '{exp_name}'")
+        rows = lake.lake().read("metrics", filter=f"experiment = {sql_str(exp_name)}")
         values = dict(zip(rows["metric"].to_pylist(), rows["value"].to_pylist(), strict=True))
         t2i, i2t = values.get("t2i_recall_at_1", 0.0), values.get("i2t_recall_at_1", 0.0)
         c_t2i, c_i2t = values.get("chance_t2i_recall_at_1", 1.0), values.get("chance_i2t_recall_at_1", 1.0)

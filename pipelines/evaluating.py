@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 
-from pipelines.lake import Lake, table_name
+from pipelines.lake import Lake, sql_in, table_name
 from pipelines.registries import ExperimentSpec
 from pipelines.training import SplitLatents
 
@@ -61,8 +61,7 @@ def texts_of(lake: Lake, dataset: str, ids: list[str]) -> dict[str, str]:
     """The text of each text item id."""
     if not ids:
         return {}
-    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
-    rows = lake.read(table_name("media", dataset), ["media_id", "text"], f"media_id IN ({quoted})")
+    rows = lake.read(table_name("media", dataset), ["media_id", "text"], sql_in("media_id", ids))
     return dict(zip(rows["media_id"].to_pylist(), rows["text"].to_pylist(), strict=True))
 
 

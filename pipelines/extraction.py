@@ -17,7 +17,7 @@ import pyarrow as pa
 from fusion.data import QuarantineRow
 from fusion.encoders import FrozenEncoder, extract
 from pipelines.ingest import quarantine_table
-from pipelines.lake import Lake, table_name, vectors_to_arrow
+from pipelines.lake import Lake, sql_in, sql_str, table_name, vectors_to_arrow
 
 
 def latents_schema(dim: int) -> pa.Schema:
@@ -31,25 +31,21 @@ def latents_schema(dim: int) -> pa.Schema:
     )
 
 
-def _sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def pending(lake: Lake, dataset: str, encoder: FrozenEncoder) -> tuple[list[str], int]:
     """Ids of the dataset's media of the encoder's modality that still need a latent, and how many
     stale rows (another fingerprint, or media no longer in the dataset) were deleted."""
     media_t = table_name("media", dataset)
     lat_t = table_name("latents", dataset, encoder.spec.name)
-    want = lake.ids(media_t, filter=f"modality = {_sql_str(encoder.modality)}")
+    want = lake.ids(media_t, filter=f"modality = {sql_str(encoder.modality)}")
     stale = 0
     if lake.exists(lat_t):
-        stale = lake.count(lat_t, f"fingerprint != {_sql_str(encoder.fingerprint)}")
+        stale = lake.count(lat_t, f"fingerprint != {sql_str(encoder.fingerprint)}")
         if stale:
-            lake.delete(lat_t, f"fingerprint != {_sql_str(encoder.fingerprint)}")
+            lake.delete(lat_t, f"fingerprint != {sql_str(encoder.fingerprint)}")
     have = lake.ids(lat_t)
     gone = have - want  # media that left the dataset since they were encoded
     if gone:
-        lake.delete(lat_t, f"media_id IN ({', '.join(map(_sql_str, sorted(gone)))})")
+        lake.delete(lat_t, sql_in("media_id", sorted(gone)))
         stale += len(gone)
     return sorted(want - have), stale
 
@@ -58,9 +54,7 @@ def _payloads(lake: Lake, media_t: str, ids: list[str], chunk: int = 512) -> Ite
     """(media_id, payload) with payload the text, the inline bytes, or the file path."""
     for i in range(0, len(ids), chunk):
         part = ids[i : i + chunk]
-        rows = lake.read(
-            media_t, ["media_id", "path", "data", "text"], f"media_id IN ({', '.join(map(_sql_str, part))})"
-        )
+        rows = lake.read(media_t, ["media_id", "path", "data", "text"], sql_in("media_id", part))
         by_id = {r["media_id"]: r for r in rows.to_pylist()}
         for mid in part:
             r = by_id[mid]
@@ -86,7 +80,7 @@ def run_extraction(
     if not lake.exists(media_t):
         raise LookupError(f"dataset {dataset!r} has not been ingested (no {media_t} table)")
     todo, stale = pending(lake, dataset, encoder)
-    already_failed = lake.ids(quar_t, "item", f"stage = {_sql_str('extract:' + encoder.spec.name)}")
+    already_failed = lake.ids(quar_t, "item", f"stage = {sql_str('extract:' + encoder.spec.name)}")
     todo = [i for i in todo if i not in already_failed]
     schema = latents_schema(encoder.dim)
     ids: list[str] = []

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from fusion.data import Dataset
-from pipelines.lake import Lake, table_name
+from pipelines.lake import Lake, sql_in, table_name
 from pipelines.registries import DatasetSpec
 
 MEDIA_SCHEMA = pa.schema(
@@ -142,8 +142,7 @@ def write_dataset(lake: Lake, name: str, ds: Dataset) -> dict:
         lake.append(media_t, media_table(ds, new_ids))
     gone = existing - set(ds.media)
     if gone:
-        quoted = ", ".join("'" + g + "'" for g in sorted(gone))
-        lake.delete(media_t, f"media_id IN ({quoted})")
+        lake.delete(media_t, sql_in("media_id", sorted(gone)))
     lake.overwrite(pairs_t, pairs_table(ds))
     # Extraction appends its own quarantine rows (stage 'extract'); keep them, replace ingest's.
     kept = (

@@ -34,6 +34,16 @@ def table_name(*parts: str) -> str:
     return "__".join(parts)
 
 
+def sql_str(value: str) -> str:
+    """A string literal for a Lance filter, quotes doubled."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sql_in(column: str, values) -> str:
+    """`column IN ('a', 'b')` for a Lance filter."""
+    return f"{column} IN ({', '.join(map(sql_str, values))})"
+
+
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
     """[n, d] float array -> fixed_size_list<float32>[d]."""
     v = np.ascontiguousarray(vectors, dtype=np.float32)

@@ -17,18 +17,13 @@ import numpy as np
 from fusion.adapters import EncoderRef
 from fusion.checkpoint import CheckpointMismatch, load_checkpoint, read_config
 from fusion.encoders import EncoderSpec, FrozenEncoder, build_encoder, load_registry
-from pipelines.lake import Lake, arrow_to_vectors, table_name
+from pipelines.lake import Lake, arrow_to_vectors, sql_in, table_name
 
 _EXTRA_KEYS = ("dataset", "media_encoder", "text_encoder", "media_side", "text_side")
 
 
 class SearchError(ValueError):
     """The experiment, its checkpoint or its latents cannot serve a search; the message says why."""
-
-
-def _in_list(column: str, values: list[str]) -> str:
-    quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in values)
-    return f"{column} IN ({quoted})"
 
 
 def experiment_info(models_dir: str | Path, experiment: str) -> dict:
@@ -132,15 +127,15 @@ def _details(lake: Lake, dataset: str, media_ids: list[str]) -> list[dict]:
     meta: dict[str, dict] = {}
     if media_ids and lake.exists(media_t):
         for row in lake.read(
-            media_t, ["media_id", "modality", "path"], _in_list("media_id", media_ids)
+            media_t, ["media_id", "modality", "path"], sql_in("media_id", media_ids)
         ).to_pylist():
             meta[row["media_id"]] = {"modality": row["modality"], "path": row["path"]}
     if media_ids and lake.exists(pairs_t) and lake.exists(media_t):
-        pairs = lake.read(pairs_t, ["media_id", "caption_id"], _in_list("media_id", media_ids)).to_pylist()
+        pairs = lake.read(pairs_t, ["media_id", "caption_id"], sql_in("media_id", media_ids)).to_pylist()
         cap_ids = sorted({p["caption_id"] for p in pairs})
         texts = {}
         if cap_ids:
-            rows = lake.read(media_t, ["media_id", "text"], _in_list("media_id", cap_ids)).to_pylist()
+            rows = lake.read(media_t, ["media_id", "text"], sql_in("media_id", cap_ids)).to_pylist()
             texts = {r["media_id"]: r["text"] for r in rows}
         for p in pairs:
             text = texts.get(p["caption_id"])

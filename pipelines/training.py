@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from fusion.adapters import EncoderRef, FusedModel
 from fusion.curate import select_diversity, select_quality, select_quantity
 from fusion.trainer import TrainResult, train_adapters
-from pipelines.lake import Lake, arrow_to_vectors, table_name
+from pipelines.lake import Lake, arrow_to_vectors, sql_str, table_name
 from pipelines.registries import ExperimentSpec
 
 CURATED_SCHEMA = pa.schema(
@@ -57,10 +57,10 @@ def curate(lake: Lake, exp: ExperimentSpec, media_fp: str, text_fp: str) -> tupl
     cap_col = "caption_id" if exp.caption == "clean" else "raw_caption_id"
     pairs = pairs.filter(pc.is_valid(pairs[cap_col]))
     media_ok = lake.ids(
-        table_name("latents", exp.dataset, exp.media_encoder), filter=f"fingerprint = '{media_fp}'"
+        table_name("latents", exp.dataset, exp.media_encoder), filter=f"fingerprint = {sql_str(media_fp)}"
     )
     text_ok = lake.ids(
-        table_name("latents", exp.dataset, exp.text_encoder), filter=f"fingerprint = '{text_fp}'"
+        table_name("latents", exp.dataset, exp.text_encoder), filter=f"fingerprint = {sql_str(text_fp)}"
     )
     has = np.array(
         [
