@@ -22,9 +22,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from fusion.data.builder import DatasetBuilder, ReaderError, normalise_split
 from fusion.data.canonical import Dataset
 from fusion.data.manifest import csv_header, iter_csv
-from fusion.data.quarantine import DatasetBuilder, ReaderError, normalise_split, progress_bar
 
 AUDIOCAPS_COLUMNS = ("youtube_id", "start_time", "caption")
 CLOTHO_PARTS = {"development": "train", "validation": "val", "evaluation": "test"}
@@ -117,7 +119,7 @@ def read_audiocaps(
             }
             return _template(f"{audio_dir}/{filename}", split=s, **fields)
 
-        rows = progress_bar(iter_csv(path), desc=f"read {name} {s}", enabled=progress)
+        rows = tqdm(iter_csv(path), desc=f"read {name} {s}", unit="row", leave=False, disable=not progress)
         for label, row, detail in builder.prefetched(rows, lambda t: rel_of(t[1])):
             if row is None:
                 builder.reject(label, "malformed", detail)
@@ -177,7 +179,7 @@ def read_clotho(
         if "file_name" not in header or not cap_cols:
             raise ReaderError(f"{path.name} lacks Clotho columns file_name, caption_1..caption_5")
         folder = _template(audio_dir, part=part, split=s)
-        rows = progress_bar(iter_csv(path), desc=f"read {name} {part}", enabled=progress)
+        rows = tqdm(iter_csv(path), desc=f"read {name} {part}", unit="row", leave=False, disable=not progress)
         prefix = f"{folder}/" if folder else ""
         for label, row, detail in builder.prefetched(
             rows, lambda t, prefix=prefix: prefix + t[1]["file_name"]

@@ -24,8 +24,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from fusion.data.builder import DatasetBuilder, ReaderError, normalise_split
 from fusion.data.canonical import Dataset
-from fusion.data.quarantine import DatasetBuilder, ReaderError, normalise_split, progress_bar
 
 
 def _load_json(builder: DatasetBuilder, path: Path) -> Any:
@@ -91,7 +93,14 @@ def _read_coco_file(
         files[im["id"]] = str(Path(images_dir) / im["file_name"]) if images_dir else im["file_name"]
     captioned: set[Any] = set()
     anns = obj["annotations"]
-    bar = progress_bar(enumerate(anns), desc=f"read {path.name}", enabled=progress, total=len(anns))
+    bar = tqdm(
+        enumerate(anns),
+        desc=f"read {path.name}",
+        total=len(anns),
+        unit="row",
+        leave=False,
+        disable=not progress,
+    )
     for i, ann in builder.prefetched(bar, lambda t: files[t[1]["image_id"]]):
         label = f"{path.name}:annotations[{i}]"
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
@@ -192,7 +201,14 @@ def read_karpathy(
         builder.reject(path.name, "malformed", "no 'images' list")
         return builder.finish()
     images = obj["images"]
-    bar = progress_bar(enumerate(images), desc=f"read {name}", enabled=progress, total=len(images))
+    bar = tqdm(
+        enumerate(images),
+        desc=f"read {name}",
+        total=len(images),
+        unit="row",
+        leave=False,
+        disable=not progress,
+    )
     for i, im in builder.prefetched(bar, lambda t: _karpathy_path(images_dir, t[1])):
         label = f"{path.name}:images[{i}]"
         if not isinstance(im, dict) or not isinstance(im.get("filename"), str):

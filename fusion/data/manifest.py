@@ -19,8 +19,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from fusion.data.builder import DatasetBuilder, ReaderError, normalise_split
 from fusion.data.canonical import Dataset
-from fusion.data.quarantine import DatasetBuilder, ReaderError, normalise_split, progress_bar
 
 MEDIA_COLUMNS = ("media", "image", "audio", "path", "file", "file_name", "filename")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet")
@@ -197,7 +199,7 @@ def read_manifest(
     progress: bool = True,
     **common: Any,
 ) -> Dataset:
-    """Reads a manifest into a Dataset; bad rows are quarantined (see fusion.data.quarantine.REASONS).
+    """Reads a manifest into a Dataset; bad rows are quarantined (see fusion.data.builder.REASONS).
 
     root: the dataset folder (media paths are relative to it); a manifest file path also works, its
     folder is then the root. split: keep only rows of this split; rows with no split get it.
@@ -230,7 +232,7 @@ def read_manifest(
         norm = normalise_split(row.get(split_column))
         return want is None or norm is None or norm == want
 
-    rows = progress_bar(iter_manifest(path), desc=f"read {name}", enabled=progress)
+    rows = tqdm(iter_manifest(path), desc=f"read {name}", unit="row", leave=False, disable=not progress)
     for label, row, detail in builder.prefetched(
         rows, lambda r: r[1][media_column] if wanted(r[1]) else None
     ):

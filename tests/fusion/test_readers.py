@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from fusion.data import Dataset, content_id
-from fusion.data.quarantine import REASONS, DatasetBuilder, default_splits, normalise_split
+from fusion.data.builder import REASONS, DatasetBuilder, default_splits, normalise_split
 from fusion.data.readers import READERS, ReaderError, read_dataset
 from fusion.data.webdataset import split_key
 from fusion.media import MediaLimits
@@ -241,6 +241,24 @@ def test_default_splits_are_deterministic_and_seeded():
     assert set(default_splits(["x", "y"], seed=0).values()) == {"train"}
     assert normalise_split("restval") == "train" and normalise_split("Validation") == "val"
     assert normalise_split("evaluation") == "test" and normalise_split("holdout") is None
+
+
+def test_default_splits_of_concepts_as_the_sources_use_them():
+    # The default-corpus sources (pipelines.sources) split whole concepts with default_splits; these
+    # assignments are the ones the sources made before it was shared, so the demo's splits stay put.
+    concepts = ["cello", "flute", "trumpet", "drum: bass drum", "a bell", "koto"]
+    concepts += ["tuba", "oboe", "harpsichord", "banjo", "sitar", "viola"]
+    held_out = {
+        0: {"trumpet": "test", "koto": "val"},
+        3: {"banjo": "test", "drum: bass drum": "val"},
+    }
+    for seed, want in held_out.items():
+        got = default_splits(concepts + concepts[:5], seed)  # a concept named twice counts once
+        assert set(got) == set(concepts)
+        assert {c: s for c, s in got.items() if s != "train"} == want
+    assert default_splits(iter(["x", "y", "z"]), seed=0) == {"y": "test", "z": "val", "x": "train"}
+    assert "val" not in default_splits([f"g{i}" for i in range(30)], seed=0, val_fraction=0.0).values()
+    assert default_splits([], seed=0) == {}
 
 
 def test_default_split_keeps_a_group_together(tmp_path: Path):

@@ -15,20 +15,20 @@ import numpy as np
 import pytest
 import soundfile
 
+from pipelines.sources import SOURCES
 from pipelines.sources.common import SourceUnavailable
 from pipelines.sources.notes import (
     GM_DRUMS,
     GM_PROGRAMS,
     SAMPLE_RATE,
     SLOT_SECONDS,
-    SOURCES_AUDIO,
     Note,
-    _vlq,
     fetch_notes,
     find_soundfont,
     instrument_name,
     note_captions,
     note_grid,
+    note_name,
     pick_concepts,
     render_batch,
     write_smf,
@@ -43,7 +43,7 @@ from pipelines.sources.sounds import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# A minimal SMF reader, written from the spec independently of the writer
+# A minimal SMF reader, written from the spec independently of the writer (mido)
 
 
 def _read_vlq(buf: bytes, i: int) -> tuple[int, int]:
@@ -66,7 +66,7 @@ def _parse_smf(data: bytes) -> tuple[tuple[int, int, int], list[tuple[int, bytes
     track = data[22 : 22 + tlen]
     assert len(data) == 22 + tlen, "bytes after the declared track length"
     events: list[tuple[int, bytes]] = []
-    i, now = 0, 0
+    i, now, running = 0, 0, None
     while i < len(track):
         delta, i = _read_vlq(track, i)
         now += delta
@@ -75,23 +75,16 @@ def _parse_smf(data: bytes) -> tuple[tuple[int, int, int], list[tuple[int, bytes
             length, j = _read_vlq(track, i + 2)
             events.append((now, track[i : j + length]))
             i = j + length
+            running = None
         else:
-            size = 2 if status & 0xF0 in (0xC0, 0xD0) else 3
-            events.append((now, track[i : i + size]))
+            if status & 0x80:  # a status byte; otherwise running status: the previous one applies
+                running = status
+                i += 1
+            assert running is not None, "data byte without a status"
+            size = 1 if running & 0xF0 in (0xC0, 0xD0) else 2
+            events.append((now, bytes([running]) + track[i : i + size]))
             i += size
     return (fmt, ntracks, division), events
-
-
-def test_vlq_matches_the_spec_examples():
-    assert _vlq(0) == b"\x00"
-    assert _vlq(0x7F) == b"\x7f"
-    assert _vlq(0x80) == b"\x81\x00"
-    assert _vlq(0x2000) == b"\xc0\x00"
-    assert _vlq(0x3FFF) == b"\xff\x7f"
-    assert _vlq(0x200000) == b"\x81\x80\x80\x00"
-    assert _vlq(0x0FFFFFFF) == b"\xff\xff\xff\x7f"
-    with pytest.raises(ValueError):
-        _vlq(-1)
 
 
 def test_smf_parses_back_to_the_notes_written():
@@ -135,6 +128,21 @@ def test_gm_tables_are_complete():
     assert len(set(names)) == 128, "two programs would share a concept"
     with pytest.raises(ValueError):
         instrument_name(128)
+
+
+def test_caption_names_read_well_where_the_gm_tables_do_not():
+    # pretty_midi's spellings ("Synth Choir", "Crash Cymbal 2", "Mute Hi Conga", "D#4") are reworded for
+    # captions; these are the names the captions have always used.
+    assert instrument_name(54) == "synth voice" and instrument_name(83) == "chiff synth lead"
+    assert instrument_name(0) == "acoustic grand piano" and instrument_name(76) == "blown bottle"
+    assert (
+        GM_DRUMS[36] == "bass drum" and GM_DRUMS[42] == "closed hi-hat" and GM_DRUMS[52] == "Chinese cymbal"
+    )
+    assert GM_DRUMS[57] == "second crash cymbal" and GM_DRUMS[62] == "muted high conga"
+    assert GM_DRUMS[35] == "acoustic bass drum" and GM_DRUMS[81] == "open triangle"
+    assert [note_name(k) for k in (0, 60, 61, 63, 66, 68, 70, 71, 127)] == [
+        "C-1", "C4", "C sharp4", "E flat4", "F sharp4", "A flat4", "B flat4", "B4", "G9",
+    ]  # fmt: skip
 
 
 def test_caption_builder_cello():
@@ -253,6 +261,15 @@ def test_free_text_copyright_after_licence_heading(tmp_path):
     assert info.license_for("usr/share/game/sounds/bow.ogg") == "GPL-2+"
 
 
+def test_copyright_file_with_no_licence_found(tmp_path):
+    doc = tmp_path / "usr/share/doc/odd"
+    doc.mkdir(parents=True)
+    (doc / "copyright").write_text("Written by someone, who kept all rights to it.\nFiles\n  *\n")
+    info = read_copyright(tmp_path, "odd")
+    assert info.rules == () and info.fallback == "unknown (see copyright file)"
+    assert info.license_for("usr/share/odd/sounds/x.ogg") == "unknown (see copyright file)"
+
+
 def test_free_text_copyright_licence():
     # fluid-soundfont-gm is a declared system dependency; its copyright file is free text.
     info = read_copyright(Path("/"), "fluid-soundfont-gm")
@@ -355,7 +372,7 @@ def test_limit_picks_concepts_across_families():
     assert len(families) == 17  # 16 GM families + drums, one concept each
     assert pick_concepts(grid, 17, seed=0) == picked
     assert {n.concept for n in pick_concepts(grid, 17, seed=1)} != concepts
-    assert SOURCES_AUDIO["notes"] is fetch_notes and SOURCES_AUDIO["sounds"] is fetch_sounds
+    assert SOURCES["notes"] is fetch_notes and SOURCES["sounds"] is fetch_sounds
 
 
 # ---------------------------------------------------------------------------------------------

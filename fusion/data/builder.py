@@ -7,7 +7,8 @@ quarantine with a reason from `REASONS`. A bad row never takes a good one with i
 on its own, and each media file is read and probed once however many rows use it.
 
 Splits: a row may carry one; rows without one get a default assigned per group (all captions of one
-item stay together) from a seeded hash, recorded in `Dataset.split_seed`.
+item stay together) from a seeded hash (`default_splits`), recorded in `Dataset.split_seed`. The
+default-corpus sources (pipelines.sources) use the same `default_splits` to hold out whole concepts.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
+
+from more_itertools import chunked
 
 from fusion.data.canonical import Dataset, MediaItem, Pair, content_id
 from fusion.media import (
@@ -73,8 +75,11 @@ def default_splits(
 ) -> dict[str, str]:
     """Assigns whole groups to train/val/test: deterministic for a seed, independent of input order.
 
-    Groups are ordered by a seeded hash; the first round(n*test_fraction) go to test, the next
-    round(n*val_fraction) to val (at least one each once there are 3 groups), the rest to train.
+    Groups (duplicates count once) are ordered by a seeded hash, so adding a group leaves the order
+    of the others alone; the first round(n*test_fraction) go to test, the next round(n*val_fraction)
+    to val (at least one each once there are 3 groups, none for a zero fraction), the rest to train.
+    The readers use it for rows without a split and the default-corpus sources (pipelines.sources)
+    for whole concepts, so that val and test hold concepts never seen in training.
     """
     keyed = sorted(set(groups), key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
     n = len(keyed)
@@ -201,7 +206,7 @@ class DatasetBuilder:
         if self.workers <= 1:
             yield from items
             return
-        for chunk in chunks(items, size):
+        for chunk in chunked(items, size):
             rels = []
             for item in chunk:
                 try:
@@ -352,21 +357,3 @@ class DatasetBuilder:
             for p in self._pending
         ]
         return ds
-
-
-def progress_bar(
-    iterable: Iterable[Any], *, desc: str, enabled: bool, total: int | None = None, unit: str = "row"
-):
-    """tqdm over `iterable` (on stderr), or the iterable itself when progress is off."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False)
-
-
-def chunks(iterable: Iterable[Any], size: int = 256) -> Iterator[list[Any]]:
-    """Consecutive lists of up to `size` items: rows are prefetched a chunk at a time."""
-    it = iter(iterable)
-    while chunk := list(islice(it, size)):
-        yield chunk
