@@ -3,7 +3,7 @@
 For each encoder, the same inputs (encoded media bytes / sentences of mixed length) go through
   bare:    batches of the same size in input order, `encoder.forward([encoder.prepare(p) ...])`
            (the same decoding, preprocessing and model calls, with no engine around them), and
-  extract: fusion.encoders.extract (windows, cost sorting, failure isolation, finiteness check),
+  extract: fusion.encoders.engine.extract (windows, cost sorting, failure isolation, finiteness check),
 measured side by side in one run (best of --repeats, after a warm-up batch). extract/bare > 1 means
 the engine is faster (length sorting pads less); < 1 is its overhead. For Whisper it also times the
 same 2-5 s clips with short_clip on and off (the 30-s window) and prints the speed-up.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion.encoders import EncoderSpec, FrozenEncoder, build_encoder, encoder_status, extract, load_registry
-from fusion.encoders.extract import configure_threads
+from fusion.encoders.engine import configure_threads
 
 _WORDS = [
     "a",

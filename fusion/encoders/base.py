@@ -8,7 +8,9 @@ list of prepared items. `encode` is the two together.
 The fingerprint identifies what produced a latent: sha256 over the weights (the hash of the weight
 files, or the offline pack's pinned sha256) plus the preprocessing, pooling and options. It never
 needs a forward pass, and hashes of weight folders are cached (in memory and in a JSON file keyed on
-file size and mtime) so a multi-GB model is hashed once.
+file size and mtime) so a multi-GB model is hashed once. What a loader adds to the fingerprint (and
+the output dimension) is a ResolvedSettings, worked out from config files before any weight is read,
+so fusion.encoders.describe_encoder can give the fingerprint without loading the model.
 """
 
 from __future__ import annotations
@@ -190,6 +192,25 @@ def compute_fingerprint(weights_sha256: str, spec: EncoderSpec, **effective: Any
     }
     text = json.dumps(payload, sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """What a loader resolves from a spec and the model's config files alone, before any weight is
+    read: the output dimension and the effective settings that enter the fingerprint.
+
+    Each encoder class has one `resolve` returning a subclass of this; its constructor uses it, and
+    fusion.encoders.describe_encoder calls it without building the model, so the two cannot disagree.
+    """
+
+    dim: int
+
+    def effective(self) -> dict[str, Any]:
+        """The settings passed to compute_fingerprint as `**effective`."""
+        return {}
+
+    def fingerprint(self, weights_sha256: str, spec: EncoderSpec) -> str:
+        return compute_fingerprint(weights_sha256, spec, **self.effective())
 
 
 # File names that never change what a model computes.

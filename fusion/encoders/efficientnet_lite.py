@@ -89,6 +89,17 @@ def convert_pth(pth_path: Path, out_dir: Path, variant: str) -> dict:
     return config
 
 
+def read_config(directory: Path) -> dict:
+    """The config of a converted directory (variant, image_size, mean, std, feature_dim), no weights read."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.exists() or not weights_path.exists():
+        raise EfficientNetLiteError(
+            f"{directory} lacks {CONFIG_FILE} or {WEIGHTS_FILE}; run offline_pack.materialise"
+        )
+    return json.loads(config_path.read_text())
+
+
 def load_efficientnet_lite(directory: Path) -> tuple[nn.Module, dict]:
     """Load a converted directory: (module in eval mode, config with image_size, mean, std, ...).
 
@@ -97,12 +108,8 @@ def load_efficientnet_lite(directory: Path) -> tuple[nn.Module, dict]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.exists() or not weights_path.exists():
-        raise EfficientNetLiteError(
-            f"{directory} lacks {CONFIG_FILE} or {WEIGHTS_FILE}; run offline_pack.materialise"
-        )
-    config = json.loads(config_path.read_text())
+    config = read_config(directory)
+    weights_path = directory / WEIGHTS_FILE
     model = EfficientNetLiteFeatures(config["variant"])
     model.net.load_state_dict(load_file(str(weights_path)), strict=True)
     model.requires_grad_(False)

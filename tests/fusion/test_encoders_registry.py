@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import time
+
 import pytest
 import torch
 import yaml
 
+from fusion.adapters import EncoderRef
 from fusion.encoders import (
     EncoderConfigError,
     EncoderSpec,
     EncoderUnavailable,
     add_encoder,
     build_encoder,
+    describe_encoder,
     describe_registry,
     encoder_status,
     load_registry,
@@ -141,3 +147,133 @@ def test_cuda_request_without_cuda_is_unavailable(tmp_path):
     reg = load_registry(write_tiny_registry(tmp_path))
     with pytest.raises(EncoderUnavailable, match="CUDA"):
         build_encoder(reg["tiny-text"], device="cuda")
+
+
+# ------------------------------------------------------------------------------ describe_encoder
+
+
+def ref_of(encoder) -> EncoderRef:
+    return EncoderRef(encoder.name, encoder.fingerprint, encoder.dim)
+
+
+def test_describe_equals_build_for_the_tiny_registry(tmp_path):
+    reg = load_registry(write_tiny_registry(tmp_path))
+    for spec in reg.values():
+        assert describe_encoder(spec) == ref_of(build_encoder(spec)), spec.name
+
+
+_STUB_LAION = """
+class CLAP_Module:
+    def __init__(self, enable_fusion=False, amodel="HTSAT-tiny", device="cpu"):
+        self.checkpoint = None
+
+    def load_ckpt(self, path):
+        self.checkpoint = path
+
+    def eval(self):
+        return self
+"""
+
+
+def test_laion_clap_describe_needs_only_the_checkpoint_and_equals_build(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "ckpt" / "630k-audioset-best.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"laion weights")
+    specs = {
+        tower: EncoderSpec(
+            f"laion-{tower}", tower, "laion_clap", "HTSAT-tiny", options={"checkpoint": str(checkpoint)}
+        )
+        for tower in ("audio", "text")
+    }
+    # The package is not installed here: describe works all the same, build says why it cannot.
+    described = {tower: describe_encoder(s) for tower, s in specs.items()}
+    assert {r.dim for r in described.values()} == {512}
+    assert described["audio"].fingerprint != described["text"].fingerprint
+    with pytest.raises(EncoderUnavailable, match="checkpoint"):
+        describe_encoder(dataclasses.replace(specs["audio"], options={"checkpoint": str(tmp_path / "no.pt")}))
+    # A stand-in laion_clap package lets build_encoder run its real constructor.
+    (tmp_path / "site" / "laion_clap").mkdir(parents=True)
+    (tmp_path / "site" / "laion_clap" / "__init__.py").write_text(_STUB_LAION)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    try:
+        for tower, s in specs.items():
+            assert ref_of(build_encoder(s)) == described[tower]
+    finally:
+        sys.modules.pop("laion_clap", None)
+
+
+def test_offline_unknown_key_is_unavailable_for_describe_too():
+    s = EncoderSpec("nope", "text", "offline", "no-such-pack-entry")
+    for fn in (build_encoder, describe_encoder):
+        with pytest.raises(EncoderUnavailable, match="no-such-pack-entry"):
+            fn(s)
+
+
+# Fingerprints and dims of the shipped offline entries as build_encoder computed them before
+# describe_encoder existed: latents already in a lake carry these, so a change must be deliberate.
+SHIPPED_REFS = {
+    "minilm": ("5b5b829fa64662fb", 384),
+    "mpnet": ("e0984240c5bf17a8", 768),
+    "effnet-lite0": ("001228b15f4de866", 1280),
+    "effnet-lite2": ("d69781c566d304c7", 1280),
+    "whisper-tiny": ("e4a51a67d04e9191", 384),
+    "whisper-base": ("fef31b5f264969df", 512),
+    "whisper-tiny-30s": ("b6ff7700f49a8b17", 384),
+}
+
+
+@pytest.fixture(scope="module")
+def pack_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+def _shipped(name: str) -> EncoderSpec:
+    spec = load_registry(PROJECT_ROOT / "configs" / "encoders.yaml")[name]
+    ok, why = encoder_status(spec)
+    if not ok:
+        pytest.fail(f"offline pack missing (make install): {name}: {why}")
+    return spec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SHIPPED_REFS))
+def test_offline_pack_describe_equals_build(name, pack_cache):
+    spec = _shipped(name)
+    described = describe_encoder(spec, cache_dir=pack_cache)  # the first call may materialise the entry
+    built = build_encoder(spec, cache_dir=pack_cache)
+    assert described == ref_of(built) == EncoderRef(name, *SHIPPED_REFS[name])
+    if spec.modality == "image":  # a spec option moves both the same way
+        other = dataclasses.replace(spec, preprocessing={"image_size": 256})
+        moved = describe_encoder(other, cache_dir=pack_cache)
+        assert moved == ref_of(build_encoder(other, cache_dir=pack_cache))
+        assert moved.fingerprint != described.fingerprint
+        assert built.size == {"effnet-lite0": 224, "effnet-lite2": 260}[name]
+
+
+@pytest.mark.slow
+def test_offline_describe_on_a_warm_cache_loads_and_verifies_nothing(pack_cache, monkeypatch):
+    import safetensors.torch
+    import transformers
+
+    from fusion.encoders import offline_pack
+
+    specs = [_shipped(name) for name in SHIPPED_REFS]
+    for spec in specs:
+        offline_pack.materialise(spec.model, pack_cache)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("describe_encoder must not load a model, read weights or re-verify the pack")
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(offline_pack, "verify_sources", refuse)
+    for name in ("AutoModel", "AutoTokenizer", "WhisperModel", "WhisperFeatureExtractor"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
+    start = time.perf_counter()
+    refs = {spec.name: describe_encoder(spec, cache_dir=pack_cache) for spec in specs}
+    elapsed = time.perf_counter() - start
+    assert refs == {name: EncoderRef(name, *ref) for name, ref in SHIPPED_REFS.items()}
+    assert elapsed < 5.0, f"describing {len(specs)} warm encoders took {elapsed:.1f} s"
+    with pytest.raises(AssertionError, match="must not load"):  # the patches do bite
+        build_encoder(specs[0], cache_dir=pack_cache)

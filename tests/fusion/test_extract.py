@@ -175,7 +175,7 @@ def test_progress_bar_and_spec_batch_size(encoders, capsys):
 def test_thread_setting(monkeypatch):
     import torch
 
-    from fusion.encoders.extract import configure_threads
+    from fusion.encoders.engine import configure_threads
 
     before = torch.get_num_threads()
     try:

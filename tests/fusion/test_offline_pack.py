@@ -70,6 +70,62 @@ def test_pack_has_the_agreed_keys_and_pins():
     assert all(re.fullmatch(r"[0-9a-f]{64}", d) for d in digests)
 
 
+# weights_sha256 of every entry as computed from the pins when they were Python tables: the pins
+# file must reproduce them (they feed the fingerprints of latents already stored).
+PINNED_WEIGHTS = {
+    "all-MiniLM-L6-v2": "d39eda0d76c24d83baa5ea96185a5bdebf0830e88907f18c541a0648566548f2",
+    "all-mpnet-base-v2": "490d1cfddb86964ea99f296f2d16f36398bce488eb8823200cbb697f9398eae0",
+    "efficientnet-lite0": "30c36b6d9d35fc1870874fc86be6e4cdb6b06678b6dd214af589b9f4c835cae8",
+    "efficientnet-lite2": "ead16f072d20aa6a3773562e29915f53f61fb3e9e6c9a886642cd3fcf8d5bb86",
+    "whisper-base": "429112f893ce3e1c30c99e7d3ee4f1642c4f8d107381da00a0d9c821fc687bcf",
+    "whisper-tiny.en": "dfb8b490ae2507511b381e29566eed321baf21d2642c1f7995dfd0512d739a08",
+}
+
+
+def test_pins_file_reproduces_the_weights_digests():
+    assert {key: op.weights_sha256(key) for key in op.PACK} == PINNED_WEIGHTS
+    mpnet = op.PACK["all-mpnet-base-v2"]
+    assert [f.path[-3:] for f in mpnet.files] == ["001", "002", "003", "004", "005"]  # part order kept
+    assert mpnet.options == {"zip_root": "all-mpnet-base-v2/", "skip": ("desktop.ini",)}
+    assert op.PACK["whisper-base"].options["model_parts"] == ("model.bin.part1", "model.bin.part2")
+
+
+def test_pins_file_ships_as_package_data():
+    import importlib.resources
+    import tomllib
+
+    from fusion.paths import PROJECT_ROOT
+
+    assert importlib.resources.files("fusion.encoders").joinpath(op.PINS_FILE).is_file()
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert op.PINS_FILE in pyproject["tool"]["setuptools"]["package-data"]["fusion.encoders"]
+    assert op.load_pins() == op.PACK
+
+
+def _pins(**file_fields) -> dict:
+    file = {"package": "p", "path": "p/model.bin", "sha256": "a" * 64, "size": 3} | file_fields
+    entry = {"modality": "text", "kind": "hf-copy", "packages": ["p"], "license": "MIT", "files": [file]}
+    return {"format": 1, "entries": {"k": entry}}
+
+
+@pytest.mark.parametrize(
+    ("pins", "match"),
+    [
+        (_pins(sha256="A" * 64), "sha256"),
+        (_pins(sha256="a" * 63), "sha256"),
+        (_pins(size=0), "size"),
+        (_pins(package="other"), "package 'other'"),
+        (_pins(colour="red"), "files\\[0\\]"),
+        ({"format": 2, "entries": {}}, "format"),
+        ({"format": 1, "entries": {"k": {"modality": "text"}}}, "missing field"),
+    ],
+)
+def test_malformed_pins_name_entry_and_field(pins, match):
+    with pytest.raises(op.OfflinePackError, match=match):
+        op.parse_pins(pins)
+    assert op.parse_pins(_pins())["k"].files[0].size == 3
+
+
 def test_weights_sha256_follows_the_pins(copy_entry):
     first = op.weights_sha256(copy_entry)
     assert first == op.weights_sha256(copy_entry)
@@ -263,6 +319,9 @@ def test_real_text_entries_load_with_automodel(key, dim, pack_cache):
     out = _materialise_or_skip(key, pack_cache)
     assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
     tokenizer = AutoTokenizer.from_pretrained(out)
+    from fusion.encoders.hf import tokenizer_model_max_length
+
+    assert tokenizer_model_max_length(out) == tokenizer.model_max_length == 512  # what describe reads
     model = AutoModel.from_pretrained(out).eval()
     emb = _mean_pool(model, tokenizer, ["A dog runs on the beach.", "A puppy is running along the shore.",
                                         "Quarterly tax filings are due in April."])  # fmt: skip
