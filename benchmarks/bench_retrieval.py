@@ -3,7 +3,9 @@
 Run: python -m benchmarks.bench_retrieval            (100k x 100k, d=512; a few minutes on 2 cores)
      python -m benchmarks.bench_retrieval --n 20000  (quick)
 
-Prints the wall time and peak memory of `evaluation.retrieval.retrieval_metrics` (both directions)
+Prints the wall time and peak memory of `evaluation.retrieval.retrieval_metrics` (both directions;
+each caption is paired with one item, given as pairs: pair_items = the caption's item, pair_texts =
+arange; --candidate-chunk-size also splits the candidate axis)
 beside the memory the naive approach needs for one full float32 [N, N] score matrix (N*N*4 bytes,
 40 GB at 100k), and the ratio. Memory is the growth of the process's resident set size (RSS) over its
 value just before the call (after glibc's malloc_trim hands freed memory back, so reuse of it still
@@ -106,8 +108,9 @@ class PeakMemory:
 
 def make_data(
     n_items: int, captions_per_item: int, d: int, noise: float, seed: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """L2-normalised items [n, d] and noisy captions [n * m, d] (float32), caption owners [n * m]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2-normalised items [n, d] and noisy captions [n * m, d] (float32), and the pairs: each
+    caption's item and the caption's index, int64 [n * m] each."""
     gen = torch.Generator().manual_seed(seed)
     items = torch.randn(n_items, d, generator=gen)
     items /= torch.linalg.vector_norm(items, dim=1, keepdim=True)
@@ -116,7 +119,7 @@ def make_data(
     # Noise of norm ~`noise` around a unit vector: captions are informative but far from perfect.
     texts = torch.randn(owner.numel(), d, generator=gen).mul_(noise / d**0.5).add_(items[owner])
     texts /= torch.linalg.vector_norm(texts, dim=1, keepdim=True)
-    return items.to(device), texts.to(device), owner
+    return items.to(device), texts.to(device), owner, torch.arange(owner.numel())
 
 
 def _mb(n_bytes: float | None) -> str:
@@ -142,6 +145,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--captions-per-item", type=int, default=1, help="captions per item (default 1)")
     parser.add_argument("--d", type=int, default=512, help="embedding dimension (default 512)")
     parser.add_argument("--chunk-size", type=int, default=256, help="queries per matmul block (default 256)")
+    parser.add_argument(
+        "--candidate-chunk-size",
+        type=int,
+        default=None,
+        help="candidates per matmul block (default: all at once)",
+    )
     parser.add_argument("--noise", type=float, default=4.0, help="caption noise norm around its item")
     parser.add_argument(
         "--naive-n",
@@ -154,26 +163,35 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.n < 1 or args.captions_per_item < 1 or args.d < 1 or args.chunk_size < 1 or args.naive_n < 0:
         parser.error("--n, --captions-per-item, --d and --chunk-size must be >= 1, --naive-n >= 0")
+    if args.candidate_chunk_size is not None and args.candidate_chunk_size < 1:
+        parser.error("--candidate-chunk-size must be >= 1")
+    chunks = {"chunk_size": args.chunk_size, "candidate_chunk_size": args.candidate_chunk_size}
     device = torch.device(args.device)
     figures: dict[str, float] = {}
 
     n_texts = args.n * args.captions_per_item
     print(
         f"retrieval benchmark: {args.n:,} items x {n_texts:,} captions, d={args.d}, chunk={args.chunk_size}, "
+        f"candidate chunk={args.candidate_chunk_size or 'all'}, "
         f"device={device}, torch threads={torch.get_num_threads()}",
         flush=True,
     )
     # One tiny call first, so that torch's one-time set-up (thread pools, kernels) is not counted.
     warm = make_data(64, 2, args.d, args.noise, args.seed, device)
     retrieval_metrics(*warm, chunk_size=16)
-    naive_retrieval(warm[0].cpu().numpy(), warm[1].cpu().numpy(), warm[2].numpy())
-    items, texts, owner = make_data(args.n, args.captions_per_item, args.d, args.noise, args.seed, device)
+    naive_retrieval(warm[0].cpu().numpy(), warm[1].cpu().numpy(), warm[2].numpy(), warm[3].numpy())
+    items, texts, pair_items, pair_texts = make_data(
+        args.n, args.captions_per_item, args.d, args.noise, args.seed, device
+    )
     result, wall, mem = _timed(
-        lambda: retrieval_metrics(items, texts, owner, chunk_size=args.chunk_size, progress=True), device
+        lambda: retrieval_metrics(items, texts, pair_items, pair_texts, **chunks, progress=True), device
     )
     naive_bytes = float(n_texts) * args.n * 4
     # The float32 score block, plus a 1M-element comparison slice and its int32 sum copy.
-    block_bytes = args.chunk_size * max(args.n, n_texts) * 4 + 2**20 * 5
+    candidates = max(args.n, n_texts)
+    if args.candidate_chunk_size is not None:
+        candidates = min(candidates, args.candidate_chunk_size)
+    block_bytes = args.chunk_size * candidates * 4 + 2**20 * 5
     print(f"  chunked: {wall:.1f} s for both directions; memory {_mb(mem.peak)} ({mem.how})")
     print(f"  chunked: expected per-chunk working set {_mb(block_bytes)} (score block + comparison slice)")
     print(
@@ -197,16 +215,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"side by side at {n:,} items x {n * args.captions_per_item:,} captions (same data for both):",
             flush=True,
         )
-        items_s, texts_s, owner_s = make_data(
+        items_s, texts_s, pi_s, pt_s = make_data(
             n, args.captions_per_item, args.d, args.noise, args.seed + 1, device
         )
         items_np, texts_np = items_s.cpu().numpy(), texts_s.cpu().numpy()
         cpu = torch.device("cpu")
         naive, naive_wall, naive_mem = _timed(
-            lambda: naive_retrieval(items_np, texts_np, owner_s.numpy()), cpu
+            lambda: naive_retrieval(items_np, texts_np, pi_s.numpy(), pt_s.numpy()), cpu
         )
         chunked, chunk_wall, chunk_mem = _timed(
-            lambda: retrieval_metrics(items_s, texts_s, owner_s, chunk_size=args.chunk_size), device
+            lambda: retrieval_metrics(items_s, texts_s, pi_s, pt_s, **chunks), device
         )
         # float64 full matrix vs float32 blocks: a rank may differ where two scores are within rounding.
         same_t2i = float(np.mean(naive.t2i_ranks == chunked.t2i_ranks))

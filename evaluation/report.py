@@ -15,6 +15,9 @@ Conventions:
   when a caller has set one. Fixed sizes (6 x 4 in) and dpi (120); same inputs and seed, same bytes.
 - Bad input (empty history, mismatched dimensions, NaN embeddings, ...) raises ``ValueError`` before
   any file is written.
+- Markdown tables are printed by `markdown_table` (the package's one table printer, also used by
+  `evaluation.ablation`): ``tabulate``'s pipe format, number columns right-aligned. The shared-space
+  map is a PCA by scikit-learn (imported on first use, so importing this module stays cheap).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from tabulate import tabulate
 
 FIGSIZE = (6.0, 4.0)
 DPI = 120
@@ -76,8 +80,9 @@ def format_number(value: object) -> str:
     return str(value)
 
 
-def _format_chance(value: float) -> str:
-    """Chance recalls are often far below 0.1 %, where one decimal would print 0.0."""
+def format_chance(value: float) -> str:
+    """A chance recall in percent: one decimal from 1 % up, two significant digits below (often far
+    below 0.1 %, where one decimal would print 0.0)."""
     pct = 100.0 * float(value)
     return format_percent(value) if pct >= 1.0 or pct == 0.0 else f"{pct:.2g}"
 
@@ -99,24 +104,20 @@ def _cell(value: object) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool]) -> str:
-    """A padded GitHub markdown table; `numeric` columns are right-aligned. Cells are already strings."""
-    if any(len(r) != len(header) for r in rows):
-        raise ValueError("every table row must have one cell per header column")
-    cells = [[_cell(h) for h in header]] + [[_cell(c) for c in r] for r in rows]
-    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
+    """A padded markdown table (pipe format, by tabulate); `numeric` columns are right-aligned.
 
-    def line(r: Sequence[str]) -> str:
-        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)]
-        return "| " + " | ".join(parts) + " |"
-
-    rule = (
-        "| "
-        + " | ".join(
-            ("-" * (w - 1) + ":") if num else "-" * w for w, num in zip(widths, numeric, strict=True)
-        )
-        + " |"
+    Cells are already formatted strings: they are kept as they are (no number parsing), put on one
+    line, and their pipes escaped. Raises ValueError when a row or `numeric` does not match the header.
+    """
+    if len(numeric) != len(header) or any(len(r) != len(header) for r in rows):
+        raise ValueError("every table row, and numeric, must have one entry per header column")
+    return tabulate(
+        [[_cell(c) for c in r] for r in rows],
+        headers=[_cell(h) for h in header],
+        tablefmt="pipe",
+        colalign=["right" if num else "left" for num in numeric],
+        disable_numparse=True,
     )
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -240,8 +241,8 @@ def _as_embeddings(name: str, x: object) -> np.ndarray:
 
 
 def _check_space(
-    item_emb: object, text_emb: object, labels: object, text_to_item: object
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    item_emb: object, text_emb: object, labels: object, pairs: object
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     items = _as_embeddings("item_emb", item_emb)
     texts = _as_embeddings("text_emb", text_emb)
     if items.shape[1] != texts.shape[1]:
@@ -252,26 +253,19 @@ def _check_space(
         raise ValueError(
             f"labels has {len(labels)} entries but item_emb has {items.shape[0]} rows (one per item)"
         )
-    owner = None
-    if text_to_item is not None:
-        owner = np.asarray(text_to_item)
-        if owner.shape != (texts.shape[0],) or not np.issubdtype(owner.dtype, np.integer):
-            raise ValueError(
-                f"text_to_item must be int [N_texts = {texts.shape[0]}], got {owner.dtype} {owner.shape}"
-            )
-        if owner.size and (owner.min() < 0 or owner.max() >= items.shape[0]):
-            raise ValueError(f"text_to_item has indices outside [0, {items.shape[0]})")
-    elif items.shape[0] == texts.shape[0]:
-        # Row-aligned pairs are the common case (one caption per item); other shapes get no pair lines.
-        owner = np.arange(texts.shape[0])
-    return items, texts, owner
-
-
-def _hit_label(hit: Mapping) -> str | None:
-    """What names a retrieved item: its 'caption', or an 'item' given as text."""
-    if hit.get("caption") is not None:
-        return str(hit["caption"])
-    return hit["item"] if isinstance(hit.get("item"), str) else None
+    if pairs is None:
+        return items, texts, None
+    if not isinstance(pairs, Sequence | np.ndarray) or len(pairs) != 2:
+        raise ValueError("pairs must be (pair_items, pair_texts), two int arrays of equal length")
+    pi, pt = np.asarray(pairs[0]), np.asarray(pairs[1])
+    for name, idx, n in (("pair_items", pi, items.shape[0]), ("pair_texts", pt, texts.shape[0])):
+        if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
+            raise ValueError(f"pairs: {name} must be a 1-D int array, got {idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"pairs: {name} has indices outside [0, {n})")
+    if pi.shape != pt.shape:
+        raise ValueError(f"pairs: pair_items and pair_texts differ in length ({pi.size} and {pt.size})")
+    return items, texts, (pi.astype(np.int64), pt.astype(np.int64))
 
 
 def _check_examples(examples: object) -> None:
@@ -283,9 +277,9 @@ def _check_examples(examples: object) -> None:
         if not isinstance(ex, Mapping) or "query" not in ex or not isinstance(ex.get("results"), Sequence):
             raise ValueError(f"examples[{i}] must be a dict with 'query' and a list 'results', got {ex!r}")
         for j, hit in enumerate(ex["results"]):
-            if not isinstance(hit, Mapping) or _hit_label(hit) is None or "score" not in hit:
+            if not isinstance(hit, Mapping) or not isinstance(hit.get("item"), str) or "score" not in hit:
                 raise ValueError(
-                    f"examples[{i}]['results'][{j}] needs 'caption' (or a text 'item') and 'score', got {hit!r}"
+                    f"examples[{i}]['results'][{j}] needs a text 'item' and a 'score', got {hit!r}"
                 )
 
 
@@ -434,29 +428,30 @@ def plot_recall_at_k(
 
 
 def pca_project(x: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Principal-component projection by SVD of the centred data.
+    """Principal-component projection (scikit-learn's PCA, exact SVD: ``svd_solver="full"``).
 
     x: [N, d] -> (projection [N, n_components], explained variance ratio [n_components]). Each
-    component's sign is fixed (its largest-magnitude loading is positive), so the map does not flip
-    between runs or platforms. Components beyond the data's rank are zero. Raises ValueError when
-    n_components > d or N < 1.
+    component's sign is fixed by scikit-learn (its largest-magnitude loading is positive), so the map
+    does not flip between runs or platforms. Components beyond the data's rank are zero up to
+    rounding; for data without variance (a collapsed model) the projection and the ratios are exactly
+    zero. Raises ValueError when n_components > d or N < 1.
     """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 1:
         raise ValueError(f"pca_project needs a non-empty [N, d] array, got shape {x.shape}")
     if not 1 <= n_components <= x.shape[1]:
         raise ValueError(f"n_components must be in [1, d = {x.shape[1]}], got {n_components}")
-    centred = x - x.mean(axis=0, keepdims=True)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    comps = np.zeros((n_components, x.shape[1]))
-    k = min(n_components, vt.shape[0])
-    comps[:k] = vt[:k]
-    signs = np.sign(comps[np.arange(n_components), np.argmax(np.abs(comps), axis=1)])
-    comps *= np.where(signs == 0, 1.0, signs)[:, None]
-    var = np.zeros(n_components)
-    var[:k] = s[:k] ** 2
-    total = float((s**2).sum())
-    return centred @ comps.T, (var / total if total > 0 else var)
+    proj = np.zeros((x.shape[0], n_components))
+    ratio = np.zeros(n_components)
+    if x.shape[0] < 2 or not np.any(x - x[0]):
+        return proj, ratio  # every point at the mean: nothing to explain (sklearn would divide by 0)
+    from sklearn.decomposition import PCA  # scipy comes with it: only callers of this pay the import
+
+    k = min(n_components, x.shape[0])
+    pca = PCA(n_components=k, svd_solver="full")
+    proj[:, :k] = pca.fit_transform(x)
+    ratio[:k] = pca.explained_variance_ratio_
+    return proj, ratio
 
 
 def plot_shared_space(
@@ -467,28 +462,32 @@ def plot_shared_space(
     max_points: int = 2000,
     seed: int = 0,
     *,
-    text_to_item: np.ndarray | None = None,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
     n_annotate: int = 6,
     n_lines: int = 12,
 ) -> Path:
     """2-D PCA map of the shared space: items and captions as two marker sets, a few pairs joined.
 
     item_emb: [N_items, d]; text_emb: [N_texts, d] (the adapters' outputs); labels: one string per item
-    (e.g. its first caption), a few of which are written next to their points. Matched pairs come from
-    `text_to_item` int [N_texts], or, when it is None and N_items == N_texts, from row order; otherwise
-    no lines are drawn. At most `max_points` items and `max_points` captions are drawn, drawn with
-    `seed` (captions first, then their items, so that joined pairs survive the sampling); the PCA is fitted on
-    the points drawn. Returns `path`. Raises ValueError on mismatched dimensions, non-finite values,
-    d < 2 or labels of the wrong length.
+    (e.g. its first caption), a few of which are written next to their points. pairs: (pair_items,
+    pair_texts), int [P] each, the matched pairs as in `evaluation.retrieval` (a PairedSplit's); a few
+    of them are joined by lines (none without pairs). At most `max_points` items and `max_points`
+    captions are drawn, drawn with `seed` (captions first, then the items paired with them, so that
+    joined pairs survive the sampling); the PCA is fitted on the points drawn. Returns `path`. Raises
+    ValueError on mismatched dimensions, non-finite values, d < 2, labels of the wrong length or bad
+    pairs.
     """
-    items, texts, owner = _check_space(item_emb, text_emb, labels, text_to_item)
+    items, texts, checked = _check_space(item_emb, text_emb, labels, pairs)
     if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
         raise ValueError(f"max_points must be an integer >= 1, got {max_points!r}")
     rng = np.random.default_rng(seed)
     n_i, n_t = items.shape[0], texts.shape[0]
     t_idx = np.sort(rng.choice(n_t, max_points, replace=False)) if n_t > max_points else np.arange(n_t)
-    if owner is not None:
-        wanted = np.unique(owner[t_idx])
+    if checked is not None:
+        p_items, p_texts = checked
+        drawn_text = np.zeros(n_t, dtype=bool)
+        drawn_text[t_idx] = True
+        wanted = np.unique(p_items[drawn_text[p_texts]])
         if len(wanted) > max_points:
             wanted = np.sort(rng.choice(wanted, max_points, replace=False))
         rest = np.setdiff1d(np.arange(n_i), wanted)
@@ -508,13 +507,16 @@ def plot_shared_space(
         pt[:, 0], pt[:, 1], s=size, marker="^", c="tab:orange", alpha=0.6, label=f"captions ({len(t_idx)})"
     )
 
-    if owner is not None:
-        pos_of_item = {int(j): p for p, j in enumerate(i_idx)}
-        pairs = [(p, pos_of_item[int(owner[t])]) for p, t in enumerate(t_idx) if int(owner[t]) in pos_of_item]
-        if pairs:
-            pick = rng.choice(len(pairs), min(n_lines, len(pairs)), replace=False)
-            for q in np.sort(pick):
-                tp, ip = pairs[q]
+    if checked is not None:
+        pos_item = np.full(n_i, -1)
+        pos_item[i_idx] = np.arange(len(i_idx))
+        pos_text = np.full(n_t, -1)
+        pos_text[t_idx] = np.arange(len(t_idx))
+        # Drawn pairs as (text position, item position), each once, in a fixed order.
+        shown = np.unique(np.stack([pos_text[p_texts], pos_item[p_items]], axis=1), axis=0)
+        shown = shown[(shown >= 0).all(axis=1)]
+        if len(shown):
+            for tp, ip in shown[np.sort(rng.choice(len(shown), min(n_lines, len(shown)), replace=False))]:
                 ax.plot([pt[tp, 0], pi[ip, 0]], [pt[tp, 1], pi[ip, 1]], color="grey", lw=0.7, alpha=0.8)
             ax.plot([], [], color="grey", lw=0.7, label="matched pairs")
     if labels is not None and n_annotate > 0:
@@ -534,101 +536,6 @@ def plot_shared_space(
 # ----------------------------------------------------------------------------------------------- report
 
 
-def result_curves(result, directions: tuple[str, str] = ("t2i", "i2t")) -> dict[str, dict[int, float]]:
-    """`curves` for `plot_recall_at_k` / `write_report` from a ``RetrievalResult``: {t2i: {K: R@K}, i2t: ...}."""
-    t2i, i2t = directions
-    return {t2i: dict(result.t2i_recall), i2t: dict(result.i2t_recall)}
-
-
-def chance_curves(
-    text_to_item: np.ndarray | Sequence[int],
-    n_items: int,
-    ks: Sequence[int] = (1, 5, 10),
-    directions: tuple[str, str] = ("t2i", "i2t"),
-) -> dict[str, dict[int, float]]:
-    """Recall@K of a random ranking in both directions, for the protocol of `evaluation.retrieval`.
-
-    text_to_item: int [N_texts], each caption's item in [0, n_items). text->item: one correct item
-    among n_items. item->text: the mean over captioned items of the chance that any of its m captions
-    is among the top K of N_texts, so items with more captions are easier by chance, as in the metric.
-    """
-    from evaluation.retrieval import chance_recall  # torch comes with it; only callers of this pay
-
-    owner = np.asarray(text_to_item)
-    if owner.ndim != 1 or owner.size == 0 or not np.issubdtype(owner.dtype, np.integer):
-        raise ValueError(
-            f"text_to_item must be a non-empty int [N_texts] array, got {owner.dtype} {owner.shape}"
-        )
-    if owner.min() < 0 or owner.max() >= n_items:
-        raise ValueError(f"text_to_item has indices outside [0, {n_items})")
-    n_texts = int(owner.size)
-    per_item = np.bincount(owner, minlength=n_items)
-    m_values, m_counts = np.unique(per_item[per_item > 0], return_counts=True)
-    t2i, i2t = directions
-    return {
-        t2i: {int(k): chance_recall(int(n_items), int(k)) for k in ks},
-        i2t: {
-            int(k): float(
-                sum(
-                    c * chance_recall(n_texts, int(k), int(m))
-                    for m, c in zip(m_values, m_counts, strict=True)
-                )
-                / m_counts.sum()
-            )
-            for k in ks
-        },
-    }
-
-
-def retrieval_examples(
-    item_emb: np.ndarray,
-    text_emb: np.ndarray,
-    text_to_item: np.ndarray | Sequence[int],
-    item_labels: Sequence[str],
-    text_labels: Sequence[str],
-    *,
-    n_queries: int = 5,
-    k: int = 5,
-    seed: int = 0,
-) -> list[dict]:
-    """`examples` for `write_report`: a few captions as queries with their top-k items.
-
-    item_emb [N_items, d] and text_emb [N_texts, d] (scored by dot product, i.e. cosine for the
-    adapters' L2-normalised outputs); text_to_item int [N_texts]; item_labels [N_items] names the
-    retrieved items (e.g. their first caption), text_labels [N_texts] the queries. Queries are drawn
-    with `seed`; equal scores are ordered by item index. Returns
-    ``[{"query": str, "results": [{"caption": str, "score": float, "hit": bool, "index": int}, ...]}]``.
-    """
-    if text_to_item is None:
-        raise ValueError("retrieval_examples needs text_to_item to mark the hits")
-    items, texts, owner = _check_space(item_emb, text_emb, None, text_to_item)
-    if len(item_labels) != items.shape[0] or len(text_labels) != texts.shape[0]:
-        raise ValueError(
-            f"need one label per item ({items.shape[0]}) and per caption ({texts.shape[0]}), "
-            f"got {len(item_labels)} and {len(text_labels)}"
-        )
-    for name, v in (("n_queries", n_queries), ("k", k)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(texts.shape[0], min(n_queries, texts.shape[0]), replace=False))
-    scores = texts[queries].astype(np.float64) @ items.T.astype(np.float64)  # [n_queries, N_items]
-    out = []
-    for row, q in zip(scores, queries, strict=True):
-        top = np.lexsort((np.arange(row.size), -row))[:k]
-        results = [
-            {
-                "caption": str(item_labels[j]),
-                "score": float(row[j]),
-                "hit": bool(j == owner[q]),
-                "index": int(j),
-            }
-            for j in top
-        ]
-        out.append({"query": str(text_labels[q]), "results": results})
-    return out
-
-
 def _examples_markdown(examples: Sequence[Mapping]) -> str:
     parts = []
     for ex in examples:
@@ -636,7 +543,7 @@ def _examples_markdown(examples: Sequence[Mapping]) -> str:
         rows = []
         for rank, hit in enumerate(ex["results"], start=1):
             mark = "–" if hit.get("hit") is None else ("yes" if hit["hit"] else "no")
-            rows.append([str(rank), _hit_label(hit), f"{float(hit['score']):.3f}", mark])
+            rows.append([str(rank), hit["item"], f"{float(hit['score']):.3f}", mark])
         if rows:
             parts.append(
                 markdown_table(["rank", "retrieved item", "score", "hit"], rows, [True, False, True, False])
@@ -645,6 +552,19 @@ def _examples_markdown(examples: Sequence[Mapping]) -> str:
             parts.append("_(nothing retrieved)_")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _chance_lines(chance: Mapping | None) -> list[str]:
+    """'Chance level: R@1 0.5, ...' once for a flat {K: recall}, or once per direction."""
+    if chance is None:
+        return []
+    per_direction = chance if all(isinstance(v, Mapping) for v in chance.values()) else {"": chance}
+    return [
+        f"Chance level{f' ({name})' if name else ''}: "
+        + ", ".join(f"R@{k} {format_chance(curve[k])}" for k in sorted(curve))
+        + "."
+        for name, curve in per_direction.items()
+    ]
 
 
 def _training_summary(history: Sequence[Mapping], val_history: Sequence[Mapping] | None) -> list[str]:
@@ -676,23 +596,26 @@ def write_report(
     history: list[dict],
     val_history: list[dict] | None,
     curves: dict[str, dict[int, float]],
-    chance: dict[int, float],
+    chance: dict[str, dict[int, float]] | dict[int, float] | None,
     item_emb: np.ndarray,
     text_emb: np.ndarray,
     labels: list[str] | None = None,
     params: dict | None = None,
     examples: list[dict] | None = None,
-    text_to_item: np.ndarray | None = None,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
     seed: int = 0,
 ) -> Path:
     """Write ``out_dir/report.md`` with loss.png, recall_at_k.png and shared_space.png beside it.
 
-    metrics: flat names -> value (``t2i_recall_at_1`` ... as ``RetrievalResult.as_dict``; others are
-    listed as they are); history / val_history: ``TrainResult.history`` / ``.val_history``; curves and
-    chance: as `plot_recall_at_k`; item_emb [N_items, d], text_emb [N_texts, d], labels, text_to_item:
-    as `plot_shared_space`; params: run parameters shown as a table; examples: a few text queries with
-    their top retrieved items, ``[{"query": str, "results": [{"caption", "score", "hit"}, ...]}]``
-    ('item' as text is taken when there is no 'caption'; see `retrieval_examples`).
+    metrics: flat names -> value (``t2i_recall_at_1`` ... as ``RetrievalResult.as_dict``; others, such
+    as ``chance_t2i_recall_at_1`` or ``test_items``, are listed as they are); history / val_history:
+    ``TrainResult.history`` / ``.val_history``; curves: ``{"t2i": {K: recall}, "i2t": ...}`` (e.g.
+    ``{"t2i": result.t2i_recall, "i2t": result.i2t_recall}``); chance: what
+    ``evaluation.retrieval.chance_levels`` returns (one {K: recall} for all directions is taken too;
+    None: no chance line); item_emb [N_items, d], text_emb [N_texts, d], labels, pairs (pair_items,
+    pair_texts): as `plot_shared_space`; params: run parameters shown as a table; examples: what
+    ``evaluation.examples.query_examples`` returns, ``[{"query": str, "results": [{"item": str,
+    "score": float, "hit": bool}, ...]}]``.
     An empty history (an untrained baseline, a lost history file) gives a report without loss.png that
     says so; malformed rows are still an error. All inputs are checked before anything is written.
     Returns the path of report.md.
@@ -706,7 +629,7 @@ def write_report(
     elif not isinstance(history, Sequence):
         raise ValueError(f"history must be a list of step rows, got {type(history).__name__}")
     _check_curves(curves, chance)
-    _check_space(item_emb, text_emb, labels, text_to_item)
+    _check_space(item_emb, text_emb, labels, pairs)
     _check_examples(examples)
     retrieval_rows, other = split_retrieval_metrics(metrics)
     retrieval_md = retrieval_table_markdown(retrieval_rows) if retrieval_rows else None
@@ -719,9 +642,7 @@ def write_report(
         # A loss.png left by an earlier run would describe a different model.
         (out_dir / "loss.png").unlink(missing_ok=True)
     plot_recall_at_k(curves, out_dir / "recall_at_k.png", chance)
-    plot_shared_space(
-        item_emb, text_emb, out_dir / "shared_space.png", labels, seed=seed, text_to_item=text_to_item
-    )
+    plot_shared_space(item_emb, text_emb, out_dir / "shared_space.png", labels, seed=seed, pairs=pairs)
 
     md = [f"# {' '.join(title.split())}", ""]
     md += ["## Retrieval", ""]
@@ -730,17 +651,7 @@ def write_report(
         if retrieval_md
         else ["_No retrieval metrics were given._"]
     )
-    chance_flat = chance if not all(isinstance(v, Mapping) for v in chance.values()) else None
-    if chance_flat is not None:
-        ks = sorted(chance_flat)
-        md.append("Chance level: " + ", ".join(f"R@{k} {_format_chance(chance_flat[k])}" for k in ks) + ".")
-    else:
-        for name, curve in chance.items():
-            md.append(
-                f"Chance level ({name}): "
-                + ", ".join(f"R@{k} {_format_chance(curve[k])}" for k in sorted(curve))
-                + "."
-            )
+    md += _chance_lines(chance)
     md += ["", "![Recall@K](recall_at_k.png)", ""]
     if other:
         md += [

@@ -1,22 +1,26 @@
-"""Cross-modal retrieval metrics with several captions per item (the CLIP_benchmark / LAVIS protocol).
+"""Cross-modal retrieval metrics over positive pairs (the CLIP_benchmark / LAVIS protocol, multi-match).
 
-Two directions over one set of items (images, audio clips, ...) and their captions:
+One set of UNIQUE items (images, audio clips, ...) ``item_emb [N_items, d]``, one set of UNIQUE texts
+``text_emb [N_texts, d]``, and the positive pairs ``(pair_items[p], pair_texts[p])`` between them. A
+text may describe several items (the name of an emoji drawn in six styles) and an item may have
+several captions. Two directions:
 
-- text->item (``t2i``): every caption is a query with exactly one correct item; the candidates are
-  all items, including items that have no caption (they stay in as distractors).
-- item->text (``i2t``): every item that has at least one caption is a query; the candidates are all
-  captions; the query's rank is the best rank among its own captions, so it is a hit at K when ANY of
-  its captions is in the top K. Items with zero captions cannot be scored and are left out of this
-  direction (``RetrievalResult.n_i2t_queries`` says how many remain).
+- text->item (``t2i``): every text in some pair is a query; the candidates are all items, including
+  items that are in no pair (they stay in as distractors). A query is a hit at K when ANY item paired
+  with it is in the top K; its rank is the best rank among those items.
+- item->text (``i2t``): likewise, every item in some pair is a query over all texts.
+
+One caption per item is the special case ``pair_items = text_to_item``, ``pair_texts = arange(N_texts)``.
+Duplicated pairs count once. Duplicated texts (or items) should be merged by the caller first
+(`paired_ids` does): identical candidates tie, and ties count against the query.
 
 Scores are dot products (cosine similarities when the embeddings are L2-normalised, which the caller
 does or asks for with ``normalize=True``). Ranks are 1-based.
 
-Ties are broken against the query: the rank of a correct candidate is 1 + the number of INCORRECT
-candidates whose score is >= its score (the pessimistic choice). The optimistic choice (count only
-strictly greater scores) would give a collapsed model, whose embeddings are all equal, a perfect
-Recall@1; the pessimistic one gives it the worst rank. With several correct captions the best one
-counts, so the i2t rank is 1 + the number of incorrect captions scoring >= the best correct caption.
+Ties are broken against the query: the rank of a query is 1 + the number of INCORRECT candidates whose
+score is >= the score of its best correct candidate (the pessimistic choice). The optimistic choice
+(count only strictly greater scores) would give a collapsed model, whose embeddings are all equal, a
+perfect Recall@1; the pessimistic one gives it the worst rank.
 
 ``retrieval_metrics`` computes this in chunks of queries: one matmul per chunk gives the similarity
 block [chunk, N_candidates], from which only the correct candidates' scores and a count of the
@@ -27,6 +31,10 @@ plus a few MB for counting in column slices. ``candidate_chunk_size`` also split
 matmul work) for candidate sets too large for one block. ``naive_retrieval`` is the full-matrix
 argsort reference the tests compare it with.
 
+Also here: `PairedSplit` and `paired_ids` (one split's unique ids, latents and pairs), `chance_levels`
+(Recall@K of a random ranking for the same pairs) and `evaluate_model` (embed a split with a model's
+two sides and score it).
+
 Run the benchmark with ``python -m benchmarks.bench_retrieval``.
 """
 
@@ -35,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,14 +55,16 @@ DEFAULT_CHUNK_SIZE = 256
 _COUNT_SLICE = 2**20
 
 ArrayLike = np.ndarray | torch.Tensor
+IndexLike = np.ndarray | torch.Tensor | Sequence[int]
 
 
 @dataclass(frozen=True)
 class RetrievalResult:
     """Retrieval metrics in both directions; recalls are fractions in [0, 1], ranks are 1-based.
 
-    ``t2i_ranks`` [n_texts] is the rank of each caption's item; ``i2t_ranks`` [n_i2t_queries] is the
-    best rank of each captioned item's captions, for the items listed in ``i2t_query_items``.
+    ``t2i_ranks`` [n_t2i_queries] is the best rank of the items paired with each text listed in
+    ``t2i_query_texts``; ``i2t_ranks`` [n_i2t_queries] the best rank of the texts paired with each item
+    listed in ``i2t_query_items`` (queries in ascending index order; unpaired rows are not queries).
     """
 
     ks: tuple[int, ...]
@@ -65,9 +76,11 @@ class RetrievalResult:
     i2t_median_rank: float
     n_items: int
     n_texts: int
+    n_t2i_queries: int
     n_i2t_queries: int
     t2i_ranks: np.ndarray = field(repr=False, compare=False)
     i2t_ranks: np.ndarray = field(repr=False, compare=False)
+    t2i_query_texts: np.ndarray = field(repr=False, compare=False)
     i2t_query_items: np.ndarray = field(repr=False, compare=False)
 
     def as_dict(self, prefix: str = "", directions: tuple[str, str] = ("t2i", "i2t")) -> dict[str, float]:
@@ -90,11 +103,70 @@ class RetrievalResult:
         return out
 
 
+# ----------------------------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True, eq=False)
+class PairedSplit:
+    """One split ready for retrieval: unique items and texts with their raw latents, and the pairs.
+
+    item_ids [n_items] and text_ids [n_texts] name the rows of items [n_items, d_m] and texts
+    [n_texts, d_t] (each side in its own encoder's space, before the adapters); pair_items and
+    pair_texts, int64 [P], list the positive pairs as indices into them. Build the ids and pairs with
+    `paired_ids`. The shapes and indices are checked on construction (ValueError).
+    """
+
+    item_ids: list[str]
+    text_ids: list[str]
+    items: np.ndarray
+    texts: np.ndarray
+    pair_items: np.ndarray
+    pair_texts: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name, ids, rows in (("item", self.item_ids, self.items), ("text", self.text_ids, self.texts)):
+            if np.ndim(rows) != 2 or len(rows) != len(ids):
+                raise ValueError(
+                    f"{name}s must be [{len(ids)}, d] (one row per {name} id), got shape {np.shape(rows)}"
+                )
+        pi = _as_index_vector("pair_items", self.pair_items)
+        pt = _as_index_vector("pair_texts", self.pair_texts)
+        _check_pairs(pi, pt, len(self.item_ids), len(self.text_ids), allow_empty=True)
+
+
+def paired_ids(
+    media_ids: Sequence[str], caption_ids: Sequence[str]
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Unique ids and the distinct pairs of row-aligned (media id, caption id) pairs.
+
+    Returns (item_ids, text_ids, pair_items, pair_texts): the unique media and caption ids in
+    first-seen order, and each distinct pair once as int64 indices into them, sorted by (item, text).
+    A caption shared by several items is then one query with several correct items, not several
+    identical queries that tie with each other.
+    """
+    if len(media_ids) != len(caption_ids):
+        raise ValueError(
+            f"media_ids and caption_ids must be row-aligned, got {len(media_ids)} and {len(caption_ids)}"
+        )
+    items, texts = list(dict.fromkeys(media_ids)), list(dict.fromkeys(caption_ids))
+    ipos, tpos = {m: i for i, m in enumerate(items)}, {c: i for i, c in enumerate(texts)}
+    pairs = sorted({(ipos[m], tpos[c]) for m, c in zip(media_ids, caption_ids, strict=True)})
+    return (
+        items,
+        texts,
+        np.array([p[0] for p in pairs], dtype=np.int64),
+        np.array([p[1] for p in pairs], dtype=np.int64),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- chance
+
+
 def chance_recall(n_candidates: int, k: int, n_correct: int = 1) -> float:
     """Expected Recall@k of a uniformly random ranking of `n_candidates` with `n_correct` correct ones.
 
-    With one correct candidate (text->item) this is min(k, n) / n; with several (item->text, where a
-    hit is any correct caption in the top k) it is 1 - C(n - m, k) / C(n, k).
+    With one correct candidate this is min(k, n) / n; with m (a hit is any correct one in the top k)
+    it is 1 - C(n - m, k) / C(n, k).
     """
     for name, value, low in (("n_candidates", n_candidates, 1), ("k", k, 1), ("n_correct", n_correct, 1)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
@@ -110,10 +182,51 @@ def chance_recall(n_candidates: int, k: int, n_correct: int = 1) -> float:
     return 1.0 - miss
 
 
+def chance_levels(
+    pair_items: IndexLike,
+    pair_texts: IndexLike,
+    n_items: int,
+    n_texts: int,
+    ks: Iterable[int] = DEFAULT_KS,
+) -> dict[str, dict[int, float]]:
+    """Expected Recall@K of a random ranking for the queries `retrieval_metrics` scores on these pairs.
+
+    Per direction, the mean over its queries of `chance_recall` (a query with m correct candidates
+    among n has chance 1 - C(n - m, K) / C(n, K)): text->item over the n_items items, item->text over
+    the n_texts texts. Returns ``{"t2i": {K: p}, "i2t": {K: p}}`` with K ascending; duplicated pairs
+    count once. Raises ValueError on bad sizes, pairs or ks.
+    """
+    ks_t = _check_ks(ks)
+    for name, value in (("n_items", n_items), ("n_texts", n_texts)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    n_items, n_texts = int(n_items), int(n_texts)
+    pi = _as_index_vector("pair_items", pair_items)
+    pt = _as_index_vector("pair_texts", pair_texts)
+    _check_pairs(pi, pt, n_items, n_texts)
+    keys = torch.unique(pi * n_texts + pt)
+    pi_u, pt_u = (keys // n_texts).numpy(), (keys % n_texts).numpy()
+    per_text = np.bincount(pt_u, minlength=n_texts)
+    per_item = np.bincount(pi_u, minlength=n_items)
+    out: dict[str, dict[int, float]] = {}
+    for name, counts, n in (("t2i", per_text, n_items), ("i2t", per_item, n_texts)):
+        # One chance_recall per distinct m, then the mean over the queries' values in query order.
+        m_values, which = np.unique(counts[counts > 0], return_inverse=True)
+        out[name] = {}
+        for k in ks_t:
+            per_m = np.array([chance_recall(n, min(k, n), int(m)) for m in m_values], dtype=np.float64)
+            out[name][k] = float(np.mean(per_m[which]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
 def retrieval_metrics(
     item_emb: ArrayLike,
     text_emb: ArrayLike,
-    text_to_item: ArrayLike | Sequence[int],
+    pair_items: IndexLike,
+    pair_texts: IndexLike,
     *,
     ks: Iterable[int] = DEFAULT_KS,
     normalize: bool = False,
@@ -124,15 +237,16 @@ def retrieval_metrics(
 ) -> RetrievalResult:
     """Recall@K, mean and median rank in both directions, computed in chunks of queries.
 
-    item_emb: float [N_items, d]; text_emb: float [N_texts, d]; text_to_item: int [N_texts], the index
-    into item_emb of each caption's item (numpy arrays or torch tensors). Computation is float32 in
-    torch on `device` (default: item_emb's device, CPU for numpy). `normalize` L2-normalises copies of
-    both inputs first (a zero row is an error). `chunk_size` queries are scored per matmul;
-    `candidate_chunk_size` (None: all candidates at once) bounds the candidate axis too, at the cost of
-    computing each block twice. `progress`: tqdm bars (None: only on a terminal).
+    item_emb: float [N_items, d]; text_emb: float [N_texts, d] (numpy arrays or torch tensors);
+    pair_items, pair_texts: int [P], the positive pairs as row indices (a text is a hit at K when any
+    item paired with it is in the top K, and vice versa). Computation is float32 in torch on `device`
+    (default: item_emb's device, CPU for numpy). `normalize` L2-normalises copies of both inputs first
+    (a zero row is an error). `chunk_size` queries are scored per matmul; `candidate_chunk_size` (None:
+    all candidates at once) bounds the candidate axis too, at the cost of computing each block twice;
+    neither changes the result. `progress`: tqdm bars (None: only on a terminal).
 
-    Raises ValueError on mismatched or empty shapes, non-finite values, a non-integer text_to_item or
-    one out of range, and bad ks or chunk sizes.
+    Raises ValueError on mismatched or empty shapes, non-finite values, no pairs, pair indices that are
+    not integers or out of range, and bad ks or chunk sizes.
     """
     ks_t = _check_ks(ks)
     _check_chunk("chunk_size", chunk_size)
@@ -140,25 +254,19 @@ def retrieval_metrics(
         _check_chunk("candidate_chunk_size", candidate_chunk_size)
     if device is None:
         device = item_emb.device if isinstance(item_emb, torch.Tensor) else torch.device("cpu")
-    items, texts, owner = _prepare(item_emb, text_emb, text_to_item, normalize, torch.device(device))
+    items, texts, pi, pt = _prepare(
+        item_emb, text_emb, pair_items, pair_texts, normalize, torch.device(device)
+    )
     n_items, n_texts = items.shape[0], texts.shape[0]
-
-    # Correct candidates of each query in CSR form: query q owns cols[ptr[q]:ptr[q + 1]].
-    t2i_ptr = torch.arange(n_texts + 1, dtype=torch.int64)
-    t2i_cols = owner.clone()
-    counts = torch.bincount(owner, minlength=n_items)
-    query_items = torch.nonzero(counts > 0).flatten()
-    i2t_ptr = torch.zeros(query_items.numel() + 1, dtype=torch.int64)
-    i2t_ptr[1:] = torch.cumsum(counts[query_items], 0)
-    i2t_cols = torch.argsort(owner, stable=True)
-
+    t_rows, t_ptr, t_cols = _csr(pt, pi, n_texts, n_items)
+    i_rows, i_ptr, i_cols = _csr(pi, pt, n_items, n_texts)
     with torch.no_grad():
         t2i_ranks = _chunked_ranks(
             texts,
             items,
-            t2i_ptr,
-            t2i_cols,
-            None,
+            t_ptr,
+            t_cols,
+            None if t_rows.numel() == n_texts else t_rows,
             chunk_size,
             candidate_chunk_size,
             progress,
@@ -167,21 +275,24 @@ def retrieval_metrics(
         i2t_ranks = _chunked_ranks(
             items,
             texts,
-            i2t_ptr,
-            i2t_cols,
-            None if query_items.numel() == n_items else query_items,
+            i_ptr,
+            i_cols,
+            None if i_rows.numel() == n_items else i_rows,
             chunk_size,
             candidate_chunk_size,
             progress,
             "item->text ranks",
         )
-    return _result(ks_t, t2i_ranks, i2t_ranks, query_items.numpy(), n_items, n_texts)
+    return _result(
+        ks_t, t2i_ranks.numpy(), i2t_ranks.numpy(), t_rows.numpy(), i_rows.numpy(), n_items, n_texts
+    )
 
 
 def naive_retrieval(
     item_emb: ArrayLike,
     text_emb: ArrayLike,
-    text_to_item: ArrayLike | Sequence[int],
+    pair_items: IndexLike,
+    pair_texts: IndexLike,
     *,
     ks: Iterable[int] = DEFAULT_KS,
     normalize: bool = False,
@@ -189,30 +300,46 @@ def naive_retrieval(
     """Reference: the full [N_texts, N_items] float64 score matrix, each row sorted with numpy.
 
     Same inputs, tie rule and validation as `retrieval_metrics`; O(N_texts * N_items) memory, so for
-    tests and small sets only. Each row is sorted by descending score with incorrect candidates before
-    correct ones among equal scores, and the rank is the position of the first correct candidate.
+    tests and small sets only. Each query's row is sorted by descending score with incorrect candidates
+    before correct ones among equal scores, and the rank is the position of the first correct one.
     """
     ks_t = _check_ks(ks)
-    items_t, texts_t, owner_t = _prepare(item_emb, text_emb, text_to_item, normalize, torch.device("cpu"))
+    items_t, texts_t, pi, pt = _prepare(
+        item_emb, text_emb, pair_items, pair_texts, normalize, torch.device("cpu")
+    )
     items = items_t.numpy().astype(np.float64)
     texts = texts_t.numpy().astype(np.float64)
-    owner = owner_t.numpy()
-    n_items, n_texts = items.shape[0], texts.shape[0]
-
     scores = texts @ items.T  # [N_texts, N_items]
-    correct = owner[:, None] == np.arange(n_items)[None, :]  # [N_texts, N_items]
+    correct = np.zeros(scores.shape, dtype=bool)
+    correct[pt.numpy(), pi.numpy()] = True
 
     def first_correct_rank(s: np.ndarray, c: np.ndarray) -> np.ndarray:
         # lexsort's last key is the primary one: descending score, then incorrect (0) before correct (1).
         order = np.lexsort((c.astype(np.int8), -s), axis=-1)
         return np.argmax(np.take_along_axis(c, order, axis=-1), axis=-1).astype(np.int64) + 1
 
-    t2i_ranks = first_correct_rank(scores, correct)
+    query_texts = np.flatnonzero(correct.any(axis=1))
     query_items = np.flatnonzero(correct.any(axis=0))
+    t2i_ranks = first_correct_rank(scores[query_texts], correct[query_texts])
     i2t_ranks = first_correct_rank(scores.T[query_items], correct.T[query_items])
-    return _result(
-        ks_t, torch.from_numpy(t2i_ranks), torch.from_numpy(i2t_ranks), query_items, n_items, n_texts
-    )
+    return _result(ks_t, t2i_ranks, i2t_ranks, query_texts, query_items, items.shape[0], texts.shape[0])
+
+
+def evaluate_model(
+    model: Any, split: PairedSplit, progress: bool | None = False
+) -> tuple[RetrievalResult, np.ndarray, np.ndarray]:
+    """Embed a split with a model's two sides and score retrieval on its pairs.
+
+    `model` needs ``sides`` (the media side first, then the text side, as a fusion.adapters.FusedModel
+    has them) and ``embed(side, latents [B, d_side]) -> [B, d]`` returning a torch tensor or a numpy
+    array (a baseline without adapters can return its input). Returns (`retrieval_metrics` of the
+    embeddings on split's pairs, item embeddings [n_items, d], text embeddings [n_texts, d]) as numpy.
+    """
+    media_side, text_side = model.sides
+    item_emb = _to_numpy(model.embed(media_side, split.items))
+    text_emb = _to_numpy(model.embed(text_side, split.texts))
+    result = retrieval_metrics(item_emb, text_emb, split.pair_items, split.pair_texts, progress=progress)
+    return result, item_emb, text_emb
 
 
 def _chunked_ranks(
@@ -290,33 +417,59 @@ def _chunked_ranks(
     return ranks
 
 
+def _csr(
+    queries: torch.Tensor, targets: torch.Tensor, n_queries: int, n_targets: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR of the pairs grouped by query, duplicates merged: (query rows with >= 1 target, ptr, cols)."""
+    keys = torch.unique(queries * n_targets + targets)  # sorted, so grouped by query
+    q, t = keys // n_targets, keys % n_targets
+    counts = torch.bincount(q, minlength=n_queries)
+    rows = torch.nonzero(counts > 0).flatten()
+    ptr = torch.zeros(rows.numel() + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(counts[rows], 0)
+    return rows, ptr, t
+
+
 def _prepare(
     item_emb: ArrayLike,
     text_emb: ArrayLike,
-    text_to_item: ArrayLike | Sequence[int],
+    pair_items: IndexLike,
+    pair_texts: IndexLike,
     normalize: bool,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate and convert: float32 [N_items, d] and [N_texts, d] on `device`, int64 [N_texts] on CPU."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate and convert: float32 [N_items, d] and [N_texts, d] on `device`, int64 [P] pairs on CPU."""
     items = _as_float_matrix("item_emb", item_emb, device)
     texts = _as_float_matrix("text_emb", text_emb, device)
     if items.shape[1] != texts.shape[1]:
         raise ValueError(
             f"embedding dimensions differ: item_emb is {tuple(items.shape)}, text_emb is {tuple(texts.shape)}"
         )
-    owner = _as_index_vector(text_to_item)
-    if owner.shape[0] != texts.shape[0]:
-        raise ValueError(f"text_to_item has {owner.shape[0]} entries but text_emb has {texts.shape[0]} rows")
-    bad = (owner < 0) | (owner >= items.shape[0])
-    if bool(bad.any()):
-        first = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(
-            f"text_to_item[{first}] = {int(owner[first])} is out of range for {items.shape[0]} items "
-            f"({int(bad.sum())} bad entries)"
-        )
+    pi = _as_index_vector("pair_items", pair_items)
+    pt = _as_index_vector("pair_texts", pair_texts)
+    _check_pairs(pi, pt, items.shape[0], texts.shape[0])
     if normalize:
         items, texts = _l2_normalize("item_emb", items), _l2_normalize("text_emb", texts)
-    return items, texts, owner
+    return items, texts, pi, pt
+
+
+def _check_pairs(
+    pi: torch.Tensor, pt: torch.Tensor, n_items: int, n_texts: int, allow_empty: bool = False
+) -> None:
+    if pi.shape != pt.shape:
+        raise ValueError(
+            f"pair_items and pair_texts must be equally long, got {pi.numel()} and {pt.numel()} entries"
+        )
+    if pi.numel() == 0 and not allow_empty:
+        raise ValueError("there are no pairs: pair_items and pair_texts are empty")
+    for name, idx, n, what in (("pair_items", pi, n_items, "items"), ("pair_texts", pt, n_texts, "texts")):
+        bad = (idx < 0) | (idx >= n)
+        if bool(bad.any()):
+            first = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"{name}[{first}] = {int(idx[first])} is out of range for {n} {what} "
+                f"({int(bad.sum())} bad entries)"
+            )
 
 
 def _as_float_matrix(name: str, x: ArrayLike, device: torch.device) -> torch.Tensor:
@@ -343,7 +496,7 @@ def _as_float_matrix(name: str, x: ArrayLike, device: torch.device) -> torch.Ten
     return t
 
 
-def _as_index_vector(x: ArrayLike | Sequence[int]) -> torch.Tensor:
+def _as_index_vector(name: str, x: IndexLike) -> torch.Tensor:
     """int64 [N] CPU tensor from an integer array, tensor or sequence; floats and bools are refused."""
     if isinstance(x, torch.Tensor):
         t = x.detach().cpu()
@@ -352,13 +505,20 @@ def _as_index_vector(x: ArrayLike | Sequence[int]) -> torch.Tensor:
         if not (
             np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.size == 0
         ):
-            raise ValueError(f"text_to_item must hold integers, got dtype {arr.dtype}")
+            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
         t = torch.from_numpy(np.ascontiguousarray(arr if arr.size else arr.astype(np.int64)))
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise ValueError(f"text_to_item must hold integers, got dtype {t.dtype}")
+        raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
     if t.ndim != 1:
-        raise ValueError(f"text_to_item must be 1-D [N_texts], got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be 1-D [P], got shape {tuple(t.shape)}")
     return t.to(torch.int64)
+
+
+def _to_numpy(x: object) -> np.ndarray:
+    """A model's output as a numpy array: tensors are detached and moved to the CPU first."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def _l2_normalize(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -389,15 +549,14 @@ def _check_chunk(name: str, value: int) -> None:
 
 def _result(
     ks: tuple[int, ...],
-    t2i_ranks: torch.Tensor,
-    i2t_ranks: torch.Tensor,
+    t2i: np.ndarray,
+    i2t: np.ndarray,
+    query_texts: np.ndarray,
     query_items: np.ndarray,
     n_items: int,
     n_texts: int,
 ) -> RetrievalResult:
-    """Summaries of rank vectors t2i [N_texts] and i2t [N_i2t_queries] (int64, 1-based)."""
-    t2i = t2i_ranks.numpy()
-    i2t = i2t_ranks.numpy()
+    """Summaries of rank vectors t2i [n_t2i_queries] and i2t [n_i2t_queries] (int64, 1-based)."""
     return RetrievalResult(
         ks=ks,
         t2i_recall={k: float(np.mean(t2i <= k)) for k in ks},
@@ -408,71 +567,10 @@ def _result(
         i2t_median_rank=float(np.median(i2t)),
         n_items=n_items,
         n_texts=n_texts,
+        n_t2i_queries=int(t2i.shape[0]),
         n_i2t_queries=int(i2t.shape[0]),
         t2i_ranks=t2i,
         i2t_ranks=i2t,
+        t2i_query_texts=np.asarray(query_texts, dtype=np.int64),
         i2t_query_items=np.asarray(query_items, dtype=np.int64),
     )
-
-
-def _csr(
-    queries: torch.Tensor, targets: torch.Tensor, n_queries: int, n_targets: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CSR of the relevance pairs grouped by query, duplicates merged: (query rows with >= 1 target, ptr, cols)."""
-    keys = torch.unique(queries * n_targets + targets)  # sorted, so grouped by query
-    q, t = keys // n_targets, keys % n_targets
-    counts = torch.bincount(q, minlength=n_queries)
-    rows = torch.nonzero(counts > 0).flatten()
-    ptr = torch.zeros(rows.numel() + 1, dtype=torch.int64)
-    ptr[1:] = torch.cumsum(counts[rows], 0)
-    return rows, ptr, t
-
-
-def retrieval_metrics_from_pairs(
-    item_emb: ArrayLike,
-    text_emb: ArrayLike,
-    pair_items: ArrayLike | Sequence[int],
-    pair_texts: ArrayLike | Sequence[int],
-    *,
-    ks: Iterable[int] = DEFAULT_KS,
-    normalize: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    device: str | torch.device | None = None,
-    progress: bool | None = None,
-) -> RetrievalResult:
-    """Retrieval when one caption can describe several items (a name shared by every style of an emoji).
-
-    item_emb [N_items, d], text_emb [N_texts, d] hold UNIQUE items and texts; (pair_items[p], pair_texts[p])
-    lists the positive pairs. text->item: each text in some pair is a query, a hit when ANY item it is
-    paired with ranks in the top K; item->text likewise. With every text paired to exactly one item this
-    equals `retrieval_metrics(item_emb, text_emb, text_to_item)`. Duplicated captions must be merged
-    first: identical candidates tie, and ties count against the query.
-    """
-    ks_t = _check_ks(ks)
-    _check_chunk("chunk_size", chunk_size)
-    if device is None:
-        device = item_emb.device if isinstance(item_emb, torch.Tensor) else torch.device("cpu")
-    pi, pt = _as_index_vector(pair_items), _as_index_vector(pair_texts)
-    if pi.shape != pt.shape or pi.numel() == 0:
-        raise ValueError(
-            f"pair_items and pair_texts must be non-empty and equally long, got {pi.numel()} and {pt.numel()}"
-        )
-    # _prepare validates both matrices; every text nominally owned by item 0 (relevance comes from the pairs).
-    items, texts, _ = _prepare(
-        item_emb, text_emb, np.zeros(len(text_emb), dtype=np.int64), normalize, torch.device(device)
-    )
-    for name, idx, n in (("pair_items", pi, items.shape[0]), ("pair_texts", pt, texts.shape[0])):
-        if bool(((idx < 0) | (idx >= n)).any()):
-            raise ValueError(f"{name} has entries out of range for {n} rows")
-    t_rows, t_ptr, t_cols = _csr(pt, pi, texts.shape[0], items.shape[0])
-    i_rows, i_ptr, i_cols = _csr(pi, pt, items.shape[0], texts.shape[0])
-    with torch.no_grad():
-        t2i = _chunked_ranks(
-            texts, items, t_ptr, t_cols, None if t_rows.numel() == texts.shape[0] else t_rows,
-            chunk_size, None, progress, "text->item ranks",
-        )  # fmt: skip
-        i2t = _chunked_ranks(
-            items, texts, i_ptr, i_cols, None if i_rows.numel() == items.shape[0] else i_rows,
-            chunk_size, None, progress, "item->text ranks",
-        )  # fmt: skip
-    return _result(ks_t, t2i, i2t, i_rows.numpy(), items.shape[0], texts.shape[0])

@@ -1,47 +1,77 @@
-"""Tests of evaluation.ablation: family tables ordered and formatted, plots written, bad rows refused."""
+"""Tests of evaluation.ablation: metrics-table rows grouped into family tables, plots and reports."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.ablation import _counterpart, ablation_table, plot_ablation
+from evaluation.ablation import (
+    _counterpart,
+    _family,
+    _grouped,
+    ablation_report,
+    ablation_table,
+    plot_ablation,
+)
 from evaluation.report import DPI, FIGSIZE
+
+
+def _metric_rows(experiment: str, family: str, variable: str, metrics: dict) -> list[dict]:
+    """One experiment's rows as the lake's metrics table holds them (extra columns included)."""
+    return [
+        {
+            "experiment": experiment,
+            "family": family,
+            "variable": variable,
+            "dataset": "emoji",
+            "split": "test",
+            "metric": name,
+            "value": value,
+            "mlflow_run_id": "run-" + experiment,
+        }
+        for name, value in metrics.items()
+    ]
 
 
 def _rows() -> list[dict]:
     rows = []
     # Deliberately out of order, with a repeated N (two seeds).
     for name, n, t2i, i2t in [
-        ("q_100k", 100_000, 0.5, 0.6667),
-        ("q_1k_s0", 1_000, 0.015, 0.007),
-        ("q_10k", 10_000, 0.07, 0.0667),
-        ("q_1k_s1", 1_000, 0.035, 0.009),
+        ("q_100k", "100000", 0.5, 0.6667),
+        ("q_1k_s0", "1000", 0.015, 0.007),
+        ("q_10k", "10000", 0.07, 0.0667),
+        ("q_1k_s1", "1000", 0.035, 0.009),
     ]:
-        rows.append(
+        rows += _metric_rows(
+            name,
+            "quantity",
+            n,
             {
-                "experiment": name,
-                "family": "quantity",
-                "variable": "n_pairs",
-                "value": n,
                 "t2i_recall_at_1": t2i,
+                "chance_t2i_recall_at_1": 0.0002,
+                "test_items": 5000.0,
                 "i2t_recall_at_1": i2t,
-                "t2i_mean_rank": 100_000 / n,
-            }
+                "t2i_mean_rank": 100_000 / int(n),
+            },
         )
-    for variant, r1 in [("raw", 0.23), ("cleaned", 0.27), ("synthetic", 0.29)]:
-        rows.append(
-            {
-                "experiment": f"c_{variant}",
-                "family": "quality",
-                "variable": "caption quality",
-                "value": variant,
-                "t2i_recall_at_1": r1,
-                "i2t_recall_at_1": 0.25,
-            }
+    for variant, r1 in [("raw", 0.23), ("clean", 0.27), ("clean, quality>=0.5", 0.29)]:
+        rows += _metric_rows(
+            f"c_{variant[:5]}{len(variant)}",
+            "quality",
+            variant,
+            {"t2i_recall_at_1": r1, "i2t_recall_at_1": 0.25},
         )
     return rows
+
+
+def _assert_png(path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        assert im.size == (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
+        assert len(im.convert("RGB").getcolors(maxcolors=1_000_000)) > 10
 
 
 def _parse(md: str) -> tuple[list[str], list[list[str]]]:
@@ -52,27 +82,44 @@ def _parse(md: str) -> tuple[list[str], list[list[str]]]:
 
 def test_quantity_rows_are_ordered_by_n():
     header, body = _parse(ablation_table(_rows(), "quantity"))
-    assert header == ["experiment", "n_pairs", "t2i R@1 (%)", "i2t R@1 (%)", "t2i mean rank"]
-    # Ascending N; the two 1k seeds keep the order they were given in.
+    assert header == [
+        "experiment",
+        "quantity",
+        "t2i R@1 (%)",
+        "i2t R@1 (%)",
+        "t2i mean rank",
+        "chance t2i R@1 (%)",
+        "test_items",
+    ]
+    # Ascending N; the two 1k seeds keep the order they came in.
     assert [r[0] for r in body] == ["q_1k_s0", "q_1k_s1", "q_10k", "q_100k"]
     assert [r[1] for r in body] == ["1000", "1000", "10000", "100000"]
 
 
 def test_values_are_percent_and_the_best_is_bold():
     _, body = _parse(ablation_table(_rows(), "quantity"))
-    assert body[0][2:] == ["1.5", "0.7", "100.0"]
-    # Highest recall and lowest rank are the best.
-    assert body[3][2:] == ["**50.0**", "**66.7**", "**1.0**"]
+    assert body[0][2:] == ["1.5", "0.7", "100.0", "0.02", "5000"]
+    # Highest recall and lowest rank are the best; chance is not a result to single out.
+    assert body[3][2:] == ["**50.0**", "**66.7**", "**1.0**", "0.02", "5000"]
 
 
 def test_categorical_family_keeps_the_given_order_and_ignores_other_families():
-    header, body = _parse(ablation_table(_rows(), "quality"))
-    assert header[:2] == ["experiment", "caption quality"]
-    assert [r[1] for r in body] == ["raw", "cleaned", "synthetic"]
+    md = ablation_table(_rows(), "quality")
+    header, body = _parse(md)
+    assert header[:2] == ["experiment", "quality"]
+    assert [r[1] for r in body] == ["raw", "clean", "clean, quality>=0.5"]
     assert [r[2] for r in body] == ["23.0", "27.0", "**29.0**"]
     # Equal values everywhere: nothing to single out.
     assert [r[3] for r in body] == ["25.0", "25.0", "25.0"]
     assert not any(r[0].startswith("q_") for r in body)
+    # Text columns left-aligned, numbers right-aligned.
+    assert re.fullmatch(r"\|(:-+\|){2}(-+:\|){2}", md.splitlines()[1])
+
+
+def test_a_metric_an_experiment_lacks_is_a_dash():
+    rows = _rows() + _metric_rows("q_50k", "quantity", "50000", {"t2i_recall_at_1": 0.3})
+    _, body = _parse(ablation_table(rows, "quantity"))
+    assert body[3][:4] == ["q_50k", "50000", "30.0", "–"]
 
 
 def test_bad_rows_are_clear_errors(tmp_path):
@@ -80,61 +127,87 @@ def test_bad_rows_are_clear_errors(tmp_path):
         ablation_table(_rows(), "diversity")
     with pytest.raises(ValueError, match="empty"):
         ablation_table([], "quantity")
-    with pytest.raises(ValueError, match="lacks \\['variable'\\]"):
-        ablation_table([{"experiment": "a", "family": "quantity", "value": 1}], "quantity")
-    mixed = _rows()
-    mixed[0] = mixed[0] | {"variable": "n_items"}
-    with pytest.raises(ValueError, match="mixes variables"):
-        ablation_table(mixed, "quantity")
-    in_percent = _rows()
-    in_percent[0] = in_percent[0] | {"t2i_recall_at_1": 50.0}
+    with pytest.raises(ValueError, match="lacks \\['metric'\\]"):
+        ablation_table([{"experiment": "a", "family": "quantity", "variable": "1", "value": 1.0}], "quantity")
+    moved = _rows() + _metric_rows("q_10k", "quantity", "20000", {"t2i_median_rank": 2.0})
+    with pytest.raises(ValueError, match="'q_10k' has rows with variable '10000' and '20000'"):
+        ablation_table(moved, "quantity")
+    twice = _rows() + _metric_rows("q_10k", "quantity", "10000", {"t2i_recall_at_1": 0.08})
+    with pytest.raises(ValueError, match="metric 't2i_recall_at_1' twice"):
+        ablation_table(twice, "quantity")
+    in_percent = [r | {"value": 50.0} if r["metric"] == "t2i_recall_at_1" else r for r in _rows()]
     with pytest.raises(ValueError, match="percent"):
         ablation_table(in_percent, "quantity")
     with pytest.raises(ValueError, match="percent"):
         plot_ablation(in_percent, "quantity", tmp_path / "p.png")
     with pytest.raises(ValueError, match="no numeric 't2i_recall_at_5'"):
         plot_ablation(_rows(), "quantity", tmp_path / "p.png", metric="t2i_recall_at_5")
+    with pytest.raises(ValueError, match="percent"):
+        ablation_report(in_percent, "quantity", tmp_path)
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
     ("family", "metric"),
-    [("quantity", "t2i_recall_at_1"), ("quality", "i2t_recall_at_1"), ("quantity", "t2i_mean_rank")],
+    [("quality", "i2t_recall_at_1"), ("quantity", "t2i_mean_rank")],
 )
 def test_plots_are_valid_pngs(tmp_path, family, metric):
-    path = plot_ablation(_rows(), family, tmp_path / f"{family}.png", metric=metric)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as im:
-        assert im.size == (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
-        assert len(im.convert("RGB").getcolors(maxcolors=1_000_000)) > 10
+    _assert_png(plot_ablation(_rows(), family, tmp_path / f"{family}.png", metric=metric))
 
 
 def test_plot_is_deterministic_and_depends_on_the_data(tmp_path):
     a = plot_ablation(_rows(), "quantity", tmp_path / "a.png").read_bytes()
     b = plot_ablation(_rows(), "quantity", tmp_path / "b.png").read_bytes()
-    changed = _rows()
-    changed[0] = changed[0] | {"t2i_recall_at_1": 0.9}
+    changed = [
+        r | {"value": 0.9} if (r["experiment"], r["metric"]) == ("q_100k", "t2i_recall_at_1") else r
+        for r in _rows()
+    ]
     c = plot_ablation(changed, "quantity", tmp_path / "c.png").read_bytes()
     assert a == b
     assert a != c
 
 
+def test_report_writes_the_table_and_the_plot(tmp_path):
+    out = tmp_path / "ablations"
+    md_path = ablation_report(_rows(), "quantity", out)
+    assert md_path == out / "quantity.md"
+    md = md_path.read_text(encoding="utf-8")
+    assert md.startswith("# Ablation: quantity\n")
+    assert ablation_table(_rows(), "quantity") in md
+    assert "4 experiments" in md
+    assert re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md) == ["quantity.png"]
+    _assert_png(out / "quantity.png")  # Recall@1 of the quantity family, both directions
+    assert sorted(p.name for p in out.iterdir()) == ["quantity.md", "quantity.png"]
+    # A family name that is no file name is made into one.
+    rows = [r | {"family": "audio window/2"} for r in _rows() if r["family"] == "quality"]
+    assert ablation_report(rows, "audio window/2", out).name == "audio_window_2.md"
+    assert (out / "audio_window_2.png").exists()
+
+
+def test_plot_groups_repeated_values_and_keeps_experiments_without_a_variable_apart():
+    exps, numeric = _family(_rows(), "quantity")
+    values, mean, lo, hi = _grouped(exps, "t2i_recall_at_1", numeric)
+    assert values == [1000.0, 10000.0, 100000.0]  # the two 1k seeds are one point: mean and range
+    np.testing.assert_allclose([mean[0], lo[0], hi[0]], [0.025, 0.015, 0.035])
+    # The demo family varies nothing: its experiments (on different datasets) are never averaged.
+    demo = _metric_rows("emoji-fusemix", "demo", "", {"t2i_recall_at_1": 0.4})
+    demo += _metric_rows("notes-fusemix", "demo", "", {"t2i_recall_at_1": 0.2})
+    exps, numeric = _family(demo, "demo")
+    labels, mean, _, _ = _grouped(exps, "t2i_recall_at_1", numeric)
+    assert not numeric and labels == ["emoji-fusemix", "notes-fusemix"]
+    np.testing.assert_allclose(mean, [0.4, 0.2])
+
+
 def test_counterpart_direction():
     assert _counterpart("t2i_recall_at_1") == "i2t_recall_at_1"
     assert _counterpart("a2t_median_rank") == "t2a_median_rank"
+    assert _counterpart("chance_t2i_recall_at_5") == "chance_i2t_recall_at_5"
     assert _counterpart("val_loss") is None
 
 
 def test_numpy_values_count_as_numbers():
-    rows = [
-        {
-            "experiment": f"n{n}",
-            "family": "quantity",
-            "variable": "n_pairs",
-            "value": np.int64(n),
-            "t2i_recall_at_1": np.float32(r),
-        }
-        for n, r in [(500, 0.25), (50, 0.125)]
-    ]
+    rows = []
+    for n, r in [(500, 0.25), (50, 0.125)]:
+        rows += _metric_rows(f"n{n}", "quantity", np.int64(n), {"t2i_recall_at_1": np.float32(r)})
     _, body = _parse(ablation_table(rows, "quantity"))
     assert [r[:3] for r in body] == [["n50", "50", "12.5"], ["n500", "500", "**25.0**"]]

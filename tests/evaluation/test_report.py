@@ -10,21 +10,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from evaluation.examples import query_examples
 from evaluation.report import (
     DPI,
     FIGSIZE,
-    chance_curves,
+    _chance_lines,
+    format_chance,
     format_percent,
+    markdown_table,
     pca_project,
     plot_loss,
     plot_recall_at_k,
     plot_shared_space,
-    result_curves,
-    retrieval_examples,
     retrieval_table_markdown,
     split_retrieval_metrics,
     write_report,
 )
+from evaluation.retrieval import PairedSplit, chance_levels, paired_ids, retrieval_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPECTED_SIZE = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
@@ -67,10 +69,9 @@ def test_plots_are_valid_pngs_of_the_expected_size(tmp_path):
     figs_before = plt.get_fignums()
     paths = [
         plot_loss(hist, val, tmp_path / "loss.png"),
-        plot_loss(hist[:3], None, tmp_path / "sub" / "loss_short.png"),
         plot_recall_at_k(
             {"t2i": {1: 0.3, 5: 0.6, 10: 0.7}, "i2t": {1: 0.35, 5: 0.65, 10: 0.8}},
-            tmp_path / "recall.png",
+            tmp_path / "sub" / "recall.png",
             chance={1: 0.01, 5: 0.05, 10: 0.1},
         ),
         plot_shared_space(items, texts, tmp_path / "space.png", labels=[f"item {i}" for i in range(60)]),
@@ -82,31 +83,48 @@ def test_plots_are_valid_pngs_of_the_expected_size(tmp_path):
     assert plt.get_fignums() == figs_before
 
 
-def test_loss_without_temperature_and_with_per_direction_chance(tmp_path):
-    hist = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(10)]
-    _assert_png(plot_loss(hist, [], tmp_path / "l.png"))
-    curves = {"t2a": {1: 0.2, 10: 0.5}, "a2t": {1: 0.25, 10: 0.6}}
-    chance = {"t2a": {1: 0.01, 10: 0.1}, "a2t": {1: 0.05, 10: 0.4}}
-    _assert_png(plot_recall_at_k(curves, tmp_path / "r.png", chance))
-
-
-def test_shared_space_is_deterministic_for_a_seed(tmp_path):
-    items, texts = _embeddings(n=300)
-    a = plot_shared_space(items, texts, tmp_path / "a.png", max_points=100, seed=3).read_bytes()
-    b = plot_shared_space(items, texts, tmp_path / "b.png", max_points=100, seed=3).read_bytes()
-    c = plot_shared_space(items, texts, tmp_path / "c.png", max_points=100, seed=4).read_bytes()
-    assert a == b
-    assert a != c
-
-
-def test_shared_space_with_explicit_pairs_and_uneven_sets(tmp_path):
+def _multi_match() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """20 items, 50 captions; every caption paired with its own item and some with a second one;
+    item 19 and caption 49 in no pair."""
     items, _ = _embeddings(n=20)
     rng = np.random.default_rng(1)
     owner = rng.integers(0, 20, size=50)
     texts = items[owner] + 0.1 * rng.normal(size=(50, items.shape[1]))
-    _assert_png(plot_shared_space(items, texts, tmp_path / "s.png", max_points=10, text_to_item=owner))
-    with pytest.raises(ValueError, match="text_to_item"):
-        plot_shared_space(items, texts, tmp_path / "x.png", text_to_item=owner[:10])
+    pi = np.concatenate([owner[:49], rng.integers(0, 19, size=10)])
+    pt = np.concatenate([np.arange(49), rng.integers(0, 49, size=10)])
+    return items, texts, (pi, pt)
+
+
+def test_shared_space_with_multi_match_pairs_is_deterministic_for_a_seed(tmp_path):
+    # Fewer points drawn than there are: the captions' items are drawn with them.
+    items, texts, pairs = _multi_match()
+    a = plot_shared_space(items, texts, tmp_path / "a.png", max_points=10, seed=3, pairs=pairs)
+    _assert_png(a)
+    b = plot_shared_space(items, texts, tmp_path / "b.png", max_points=10, seed=3, pairs=pairs)
+    c = plot_shared_space(items, texts, tmp_path / "c.png", max_points=10, seed=4, pairs=pairs)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_shared_space_refuses_bad_pairs(tmp_path):
+    items, texts, (pi, pt) = _multi_match()
+    with pytest.raises(ValueError, match="differ in length"):
+        plot_shared_space(items, texts, tmp_path / "x.png", pairs=(pi, pt[:10]))
+    with pytest.raises(ValueError, match="pair_texts has indices outside \\[0, 50\\)"):
+        plot_shared_space(items, texts, tmp_path / "x.png", pairs=(pi, pt + 50))
+    with pytest.raises(ValueError, match="pair_items must be a 1-D int array"):
+        plot_shared_space(items, texts, tmp_path / "x.png", pairs=(pi.astype(float), pt))
+    with pytest.raises(ValueError, match="pairs must be"):
+        plot_shared_space(items, texts, tmp_path / "x.png", pairs=pi)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_collapsed_embeddings_still_give_a_map(tmp_path):
+    # A collapsed model puts every point in one place: no variance to explain, and no error either.
+    proj, ratio = pca_project(np.ones((12, 4)), 2)
+    assert not proj.any() and not ratio.any()
+    one = np.ones((6, 4), dtype=np.float32)
+    _assert_png(plot_shared_space(one, one, tmp_path / "c.png", pairs=(np.arange(6), np.arange(6))))
 
 
 def test_pca_of_points_on_a_line_is_a_line():
@@ -166,7 +184,8 @@ def test_percent_format_and_table_values():
     lines = md.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["experiment", "direction", "R@1 (%)", "R@5 (%)", "R@10 (%)", "mean rank", "median rank"]
-    assert re.fullmatch(r"\|[ -]+\|[ -]+\|( -+: \|){5}", lines[1])
+    # Text columns left-aligned, numbers right-aligned (pipe format alignment markers).
+    assert re.fullmatch(r"\|(:-+\|){2}(-+:\|){5}", lines[1])
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells == ["base", "t2i", "45.7", "80.0", "90.0", "3.2", "2.0"]
     assert [c.strip() for c in lines[3].strip("|").split("|")][2:5] == ["50.0", "75.0", "87.5"]
@@ -197,6 +216,36 @@ def test_table_refuses_percentages_and_empty_rows():
         retrieval_table_markdown([{"direction": "t2i", "R@1": 45.7}])
     with pytest.raises(ValueError, match="at least one row"):
         retrieval_table_markdown([])
+
+
+def test_markdown_table_keeps_cells_as_given():
+    md = markdown_table(["name", "value"], [["a", "100.0"], ["b", "1e3"], ["c", "–"]], [False, True])
+    assert md.splitlines() == [
+        "| name   |   value |",
+        "|:-------|--------:|",
+        "| a      |   100.0 |",
+        "| b      |     1e3 |",
+        "| c      |       – |",
+    ]
+    with pytest.raises(ValueError, match="one entry per header column"):
+        markdown_table(["a", "b"], [["1"]], [False, True])
+    with pytest.raises(ValueError, match="one entry per header column"):
+        markdown_table(["a", "b"], [["1", "2"]], [False])
+
+
+def test_chance_format():
+    assert format_chance(0.25) == "25.0"
+    assert format_chance(0.000123) == "0.012"
+    assert format_chance(0.0) == "0.0"
+    # One chance curve for every direction, or one per direction (as chance_levels gives).
+    assert _chance_lines({1: 1 / 40, 5: 5 / 40, 10: 0.00001}) == [
+        "Chance level: R@1 2.5, R@5 12.5, R@10 0.001."
+    ]
+    assert _chance_lines({"t2a": {1: 0.5}, "a2t": {1: 0.25}}) == [
+        "Chance level (t2a): R@1 50.0.",
+        "Chance level (a2t): R@1 25.0.",
+    ]
+    assert _chance_lines(None) == []
 
 
 def test_table_escapes_pipes_in_names():
@@ -259,37 +308,12 @@ def _report_kwargs() -> dict:
             {
                 "query": "a red | square",
                 "results": [
-                    {"caption": "red square", "score": 0.91234, "hit": True},
-                    {"caption": "blue circle", "score": 0.5, "hit": False},
+                    {"item": "red square", "score": 0.91234, "hit": True},
+                    {"item": "blue circle", "score": 0.5, "hit": False},
                 ],
             }
         ],
     }
-
-
-def test_write_report_writes_markdown_and_linked_pngs(tmp_path):
-    out = tmp_path / "report"
-    md_path = write_report(out, **_report_kwargs())
-    assert md_path == out / "report.md"
-    md = md_path.read_text(encoding="utf-8")
-    assert md.startswith("# Experiment base | synthetic\n")
-    assert "45.7" in md and "80.0" in md and "50.0" in md
-    assert "0.4567" not in md
-    assert "| val_loss |" in md and "1.25" in md
-    assert "Chance level: R@1 2.5, R@5 12.5, R@10 0.001." in md
-    assert "best validation score 0.35 at step 60" in md
-    assert "| encoder   | minilm |" in md
-    assert "red square" in md and "0.912" in md and "**Query:** a red | square" in md
-    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(links) == ["loss.png", "recall_at_k.png", "shared_space.png"]
-    for link in links:
-        _assert_png(out / link)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "loss.png",
-        "recall_at_k.png",
-        "report.md",
-        "shared_space.png",
-    ]
 
 
 @pytest.mark.parametrize(
@@ -309,103 +333,87 @@ def test_write_report_checks_everything_before_writing(tmp_path, change, message
     assert not (tmp_path / "r").exists()
 
 
-def test_chance_curves_match_counting():
-    # Two items with two captions each: a random ranking of 4 captions puts one of 2 first half the time.
-    chance = chance_curves(np.array([0, 0, 1, 1]), n_items=2, ks=(1, 2))
-    assert chance["t2i"] == {1: 0.5, 2: 1.0}
-    assert chance["i2t"][1] == pytest.approx(0.5)
-    assert chance["i2t"][2] == pytest.approx(1 - 1 / 6)  # miss only when both of 2 slots hold the other two
-    # Uneven captions: (1/4 + 3/4) / 2, and an uncaptioned item only counts as a t2i distractor.
-    uneven = chance_curves(np.array([0, 1, 1, 1]), n_items=3, ks=(1,), directions=("t2a", "a2t"))
-    assert uneven["t2a"][1] == pytest.approx(1 / 3)
-    assert uneven["a2t"][1] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="outside"):
-        chance_curves(np.array([0, 5]), n_items=2)
-
-
-def test_retrieval_examples_rank_items_and_mark_hits():
-    rng = np.random.default_rng(0)
-    items = np.linalg.qr(rng.normal(size=(16, 16)))[0][:10]  # 10 orthonormal rows [10, 16]
-    owner = np.array([3, 3, 7, 1, 0, 9])
-    texts = items[owner] + 0.01 * rng.normal(size=(6, 16))
-    ex = retrieval_examples(
-        items,
-        texts,
-        owner,
-        [f"item {i}" for i in range(10)],
-        [f"cap {t}" for t in range(6)],
-        n_queries=4,
-        k=3,
-    )
-    assert len(ex) == 4
-    for e in ex:
-        t = int(e["query"].split()[1])
-        res = e["results"]
-        assert len(res) == 3
-        assert res[0]["index"] == owner[t] and res[0]["hit"] and res[0]["caption"] == f"item {owner[t]}"
-        assert not any(r["hit"] for r in res[1:])
-        assert [r["score"] for r in res] == sorted((r["score"] for r in res), reverse=True)
-    again = retrieval_examples(
-        items,
-        texts,
-        owner,
-        [f"item {i}" for i in range(10)],
-        [f"cap {t}" for t in range(6)],
-        n_queries=4,
-        k=3,
-    )
-    assert again == ex
-    with pytest.raises(ValueError, match="one label per item"):
-        retrieval_examples(items, texts, owner, ["x"], [f"cap {t}" for t in range(6)])
-
-
-def test_report_from_a_real_retrieval_result(tmp_path):
-    from evaluation.retrieval import retrieval_metrics
-
+def test_write_report_from_a_real_evaluation(tmp_path):
+    # What the pipeline does: pairs from ids, metrics, chance levels, examples, one report.
     rng = np.random.default_rng(2)
+    media = [f"m{i}" for i in np.repeat(np.arange(30), 2)]
+    captions = [f"c{i}" for i in range(60)]
+    captions[1] = captions[3] = "shared"  # one caption of two items
+    item_ids, text_ids, pi, pt = paired_ids(media, captions)
     items = rng.normal(size=(30, 8)).astype(np.float32)
-    owner = np.repeat(np.arange(30), 2)
-    texts = items[owner] + 0.8 * rng.normal(size=(60, 8)).astype(np.float32)
-    result = retrieval_metrics(items, texts, owner, normalize=True, progress=False)
-    labels = [f"item {i}" for i in range(30)]
-    md = write_report(
-        tmp_path,
-        title="end to end",
-        metrics=result.as_dict(),
-        history=_history(5),
-        val_history=None,
-        curves=result_curves(result),
-        chance=chance_curves(owner, 30),
+    first_item = np.zeros(len(text_ids), dtype=np.int64)
+    first_item[pt[::-1]] = pi[::-1]
+    texts = items[first_item] + 0.8 * rng.normal(size=(len(text_ids), 8)).astype(np.float32)
+    split = PairedSplit(item_ids, text_ids, items, texts, pi, pt)
+    result = retrieval_metrics(items, texts, pi, pt, normalize=True, progress=False)
+    chance = chance_levels(pi, pt, len(item_ids), len(text_ids), result.ks)
+    examples = query_examples(split, items, texts, {t: f"caption {t}" for t in text_ids}, 2)
+    examples.append(_report_kwargs()["examples"][0])  # a query with a pipe in it
+    out = tmp_path / "report"
+    md_path = write_report(
+        out,
+        title="Experiment base | synthetic",
+        metrics=result.as_dict()
+        | {"chance_t2i_recall_at_1": chance["t2i"][1], "test_items": 30.0, "val_loss": 1.25},
+        history=[{"step": i, "loss": 1.0 / (i + 1)} for i in range(5)],  # short, no temperature
+        val_history=[{"step": 2, "score": 0.2}, {"step": 4, "score": 0.35}],
+        curves={"t2i": dict(result.t2i_recall), "i2t": dict(result.i2t_recall)},
+        chance=chance,
         item_emb=items,
         text_emb=texts,
-        labels=labels,
-        text_to_item=owner,
-        examples=retrieval_examples(
-            items, texts, owner, labels, [f"caption {t}" for t in range(60)], n_queries=2
-        ),
-    ).read_text(encoding="utf-8")
-    t2i_row = next(line for line in md.splitlines() if line.startswith("| t2i"))
-    cells = [c.strip() for c in t2i_row.strip("|").split("|")]
-    assert cells[1:4] == [format_percent(result.t2i_recall[k]) for k in (1, 5, 10)]
-    assert cells[4] == f"{result.t2i_mean_rank:.1f}"
-    assert "Chance level (t2i): R@1 3.3, R@5 16.7, R@10 33.3." in md
-    assert md.count("**Query:**") == 2
+        params={"lr": 0.001, "alpha": 1.0, "encoder": "minilm"},
+        pairs=(pi, pt),
+        examples=examples,
+    )
+    assert md_path == out / "report.md"
+    md = md_path.read_text(encoding="utf-8")
+    assert md.startswith("# Experiment base | synthetic\n")
+
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if "| t2i " in line]
+    # The chance metric is a row of its own, named by its prefix; recalls in percent, one decimal.
+    assert [r[:3] for r in rows] == [
+        ["", "t2i", format_percent(result.t2i_recall[1])],
+        ["chance", "t2i", "3.4"],
+    ]
+    assert rows[0][3:5] == [format_percent(result.t2i_recall[k]) for k in (5, 10)]
+    assert rows[0][5] == f"{result.t2i_mean_rank:.1f}"
+    assert str(result.t2i_recall[1]) not in md
+    # One caption names two items: (58 * 1/30 + 2/30) / 59 at K = 1.
+    assert chance["t2i"][1] == pytest.approx(60 / 30 / 59)
+    for name in ("t2i", "i2t"):
+        expected = ", ".join(f"R@{k} {format_chance(chance[name][k])}" for k in (1, 5, 10))
+        assert f"Chance level ({name}): {expected}." in md
+    assert re.search(r"^\| test_items +\| +30 \|$", md, re.M)
+    assert re.search(r"^\| val_loss +\| +1\.25 \|$", md, re.M)
+    assert "5 logged steps, last step 4; final loss 0.2; best validation score 0.35 at step 4." in md
+    assert re.search(r"^\| encoder +\| minilm +\|$", md, re.M)
+    assert "59 captions" in md
+    assert md.count("**Query:**") == 3
+    assert "red square" in md and "0.912" in md and "**Query:** a red | square" in md
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(links) == ["loss.png", "recall_at_k.png", "shared_space.png"]
+    for link in links:
+        _assert_png(out / link)
+    assert sorted(p.name for p in out.iterdir()) == sorted(links + ["report.md"])
 
 
-def test_report_without_history_and_with_item_named_examples(tmp_path):
+def test_report_without_history_or_chance(tmp_path):
     out = tmp_path / "r"
-    write_report(out, **_report_kwargs())
-    assert (out / "loss.png").exists()
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"left by an earlier run")
     kwargs = _report_kwargs() | {
         "history": [],
         "val_history": [],
+        "chance": None,
         "examples": [{"query": "q", "results": [{"item": "a sound of rain", "score": 0.5, "hit": True}]}],
     }
     md = write_report(out, **kwargs).read_text(encoding="utf-8")
     assert "No training history was recorded" in md
+    assert "Chance level" not in md
+    _assert_png(out / "recall_at_k.png")
     assert "loss.png" not in md
     # The earlier run's loss curve is gone with it.
     assert not (out / "loss.png").exists()
-    assert re.search(r"\|\s+1 \| a sound of rain\s* \| 0\.500 \| yes \|", md)
-    with pytest.raises(ValueError, match="caption"):
+    assert re.search(r"\|\s+1 \| a sound of rain\s* \|\s+0\.500 \| yes\s+\|", md)
+    with pytest.raises(ValueError, match="text 'item'"):
         write_report(out, **(kwargs | {"examples": [{"query": "q", "results": [{"item": 3, "score": 0.5}]}]}))

@@ -1,9 +1,11 @@
-"""Retrieval metrics: the chunked computation against the full-matrix reference, ties, and bad input.
+"""Retrieval metrics over positive pairs: the chunked computation against the full-matrix reference,
+multi-match pairs, ties, chance levels, splits, model evaluation and bad input.
 
 Most data is quantised to a dyadic grid with small integer numerators, so every dot product is exact in
 float32 and float64 alike: the chunked and the naive paths see identical scores, ties included.
 """
 
+import itertools
 import math
 
 import numpy as np
@@ -12,11 +14,17 @@ import torch
 
 from evaluation import retrieval
 from evaluation.retrieval import (
+    PairedSplit,
     RetrievalResult,
+    chance_levels,
     chance_recall,
+    evaluate_model,
     naive_retrieval,
+    paired_ids,
     retrieval_metrics,
 )
+from fusion.adapters import Adapter, EncoderRef, FusedModel
+from fusion.config import AdapterConfig
 
 
 def quantised(rng: np.random.Generator, shape: tuple[int, int], levels: int) -> np.ndarray:
@@ -26,26 +34,51 @@ def quantised(rng: np.random.Generator, shape: tuple[int, int], levels: int) -> 
     )
 
 
-def multi_caption_data(
-    seed: int, n_items: int, d: int, levels: int, max_captions: int = 5, with_uncaptioned: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Items with 1..max_captions captions each (some with none), captions near their item, shuffled."""
+def pair_data(
+    seed: int, n_items: int, n_texts: int, d: int, levels: int, max_items: int = 3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-match pairs: each text describes 1..max_items items (some texts and items are in no pair),
+    lies near its first item, and a few pairs are listed twice; pairs in shuffled order."""
     rng = np.random.default_rng(seed)
     items = quantised(rng, (n_items, d), levels)
-    counts = rng.integers(1, max_captions + 1, size=n_items)
-    if with_uncaptioned:
-        counts[rng.choice(n_items, size=max(1, n_items // 10), replace=False)] = 0
-    owner = np.repeat(np.arange(n_items), counts)
-    owner = owner[rng.permutation(owner.size)]
-    texts = items[owner] + quantised(rng, (owner.size, d), levels)
-    return items, texts, owner
+    per_text = rng.integers(1, max_items + 1, size=n_texts)
+    if n_texts > 2:
+        per_text[rng.choice(n_texts, size=max(1, n_texts // 10), replace=False)] = 0
+    pt = np.repeat(np.arange(n_texts), per_text)
+    pi = rng.integers(0, max(1, n_items - n_items // 10), size=pt.size)  # the last tenth: distractors
+    first = np.zeros(n_texts, dtype=np.int64)
+    first[pt[::-1]] = pi[::-1]
+    texts = items[first] + quantised(rng, (n_texts, d), levels)
+    twice = rng.choice(pt.size, size=pt.size // 8, replace=False)
+    pi, pt = np.concatenate([pi, pi[twice]]), np.concatenate([pt, pt[twice]])
+    order = rng.permutation(pi.size)
+    return items, texts, pi[order], pt[order]
 
 
 def assert_same(a: RetrievalResult, b: RetrievalResult) -> None:
     np.testing.assert_array_equal(a.t2i_ranks, b.t2i_ranks)
     np.testing.assert_array_equal(a.i2t_ranks, b.i2t_ranks)
+    np.testing.assert_array_equal(a.t2i_query_texts, b.t2i_query_texts)
     np.testing.assert_array_equal(a.i2t_query_items, b.i2t_query_items)
     assert a == b
+
+
+def brute_force_ranks(items, texts, pi, pt) -> tuple[np.ndarray, np.ndarray]:
+    """Best-correct rank per query with ties against the query, straight from the definition."""
+    s = texts.astype(np.float64) @ items.T.astype(np.float64)
+    rel = np.zeros(s.shape, dtype=bool)
+    rel[pt, pi] = True
+
+    def ranks(scores, relevant):
+        return np.array(
+            [
+                1 + int(((scores[q] >= scores[q][relevant[q]].max()) & ~relevant[q]).sum())
+                for q in range(len(scores))
+                if relevant[q].any()
+            ]
+        )
+
+    return ranks(s, rel), ranks(s.T, rel.T)
 
 
 def test_hand_computed_example():
@@ -59,7 +92,7 @@ def test_hand_computed_example():
     #   i2: t3 = .75, nothing else as high -> rank 1
     items = np.array([[1, 0], [0, 1], [0.5, 0.5]], dtype=np.float32)
     texts = np.array([[1, 0], [0, 1], [0.5, 0.5], [1, 0.5]], dtype=np.float32)
-    owner = np.array([0, 0, 1, 2])
+    owner, arange = np.array([0, 0, 1, 2]), np.arange(4)
     expected = {
         "t2i_recall_at_1": 0.25,
         "t2i_recall_at_2": 0.5,
@@ -73,9 +106,9 @@ def test_hand_computed_example():
         "i2t_median_rank": 2.0,
     }
     for result in (
-        retrieval_metrics(items, texts, owner, ks=(1, 2, 3), chunk_size=1),
-        retrieval_metrics(items, texts, owner, ks=(3, 1, 2), chunk_size=3, candidate_chunk_size=2),
-        naive_retrieval(items, texts, owner, ks=(1, 2, 3)),
+        retrieval_metrics(items, texts, owner, arange, ks=(1, 2, 3), chunk_size=1),
+        retrieval_metrics(items, texts, owner, arange, ks=(3, 1, 2), chunk_size=3, candidate_chunk_size=2),
+        naive_retrieval(items, texts, owner, arange, ks=(1, 2, 3)),
     ):
         np.testing.assert_array_equal(result.t2i_ranks, [1, 3, 3, 2])
         np.testing.assert_array_equal(result.i2t_ranks, [2, 3, 1])
@@ -85,55 +118,75 @@ def test_hand_computed_example():
             assert got[name] == pytest.approx(value), name
 
 
+def test_a_shared_name_is_a_hit_on_any_of_its_items():
+    # Three styles of one emoji share the caption t0; it is closest to the second style, i1.
+    items = np.array([[1.0, 0.1], [1.0, 0.0], [0.9, 0.2], [0.0, 1.0]])
+    texts = np.array([[1.0, 0.0], [0.0, 1.0]])
+    r = retrieval_metrics(items, texts, [0, 1, 2, 3], [0, 0, 0, 1])
+    assert r.t2i_recall[1] == 1.0 and r.i2t_recall[1] == 1.0
+    # As one caption per item (t0 owned by i0 alone) the same caption misses at 1: i1 ties with i0.
+    single = retrieval_metrics(items, texts, [0, 3], [0, 1])
+    np.testing.assert_array_equal(single.t2i_ranks, [2, 1])
+
+
 @pytest.mark.parametrize(
-    ("n_items", "d", "chunk_size", "candidate_chunk_size", "seed"),
+    ("n_items", "n_texts", "d", "chunk_size", "candidate_chunk_size", "seed"),
     [
-        (40, 8, 7, None, 0),
-        (97, 16, 32, None, 1),
-        (97, 16, 1000, 13, 2),
-        (150, 32, 256, None, 3),
-        (61, 4, 5, 9, 4),
-        (1, 8, 3, None, 5),
+        (40, 70, 8, 7, None, 0),
+        (97, 60, 16, 32, 13, 1),
+        (61, 150, 4, 5, 9, 2),
+        (150, 90, 32, 256, None, 3),
+        (1, 5, 8, 3, None, 4),
+        (30, 1, 4, 2, 4, 5),
     ],
 )
-def test_chunked_matches_naive_multi_caption(n_items, d, chunk_size, candidate_chunk_size, seed):
-    items, texts, owner = multi_caption_data(seed, n_items, d, levels=64, with_uncaptioned=n_items > 1)
+def test_chunked_matches_naive_with_multi_match_pairs(
+    n_items, n_texts, d, chunk_size, candidate_chunk_size, seed
+):
+    items, texts, pi, pt = pair_data(seed, n_items, n_texts, d, levels=4)
     chunked = retrieval_metrics(
-        items, texts, owner, chunk_size=chunk_size, candidate_chunk_size=candidate_chunk_size
+        items, texts, pi, pt, chunk_size=chunk_size, candidate_chunk_size=candidate_chunk_size
     )
-    naive = naive_retrieval(items, texts, owner)
+    naive = naive_retrieval(items, texts, pi, pt)
     assert_same(chunked, naive)
-    assert chunked.n_texts == owner.size
-    assert chunked.n_i2t_queries == np.unique(owner).size
+    t2i, i2t = brute_force_ranks(items, texts, pi, pt)
+    np.testing.assert_array_equal(chunked.t2i_ranks, t2i)
+    np.testing.assert_array_equal(chunked.i2t_ranks, i2t)
+    assert (chunked.n_items, chunked.n_texts) == (n_items, n_texts)
+    np.testing.assert_array_equal(chunked.t2i_query_texts, np.unique(pt))
+    np.testing.assert_array_equal(chunked.i2t_query_items, np.unique(pi))
+    assert (chunked.n_t2i_queries, chunked.n_i2t_queries) == (np.unique(pt).size, np.unique(pi).size)
 
 
 def test_candidate_chunking_does_not_change_ranks():
-    items, texts, owner = multi_caption_data(11, 120, 16, levels=8)
-    whole = retrieval_metrics(items, texts, owner, chunk_size=50)
-    for step in (1, 7, 64, 119, 120, 500):
-        assert_same(retrieval_metrics(items, texts, owner, chunk_size=33, candidate_chunk_size=step), whole)
+    items, texts, pi, pt = pair_data(11, 120, 100, 16, levels=8)
+    whole = retrieval_metrics(items, texts, pi, pt, chunk_size=50)
+    for step in (1, 7, 99, 120, 500):
+        assert_same(retrieval_metrics(items, texts, pi, pt, chunk_size=33, candidate_chunk_size=step), whole)
 
 
-@pytest.mark.parametrize("count_slice", [1, 5, 64, 1000])
+@pytest.mark.parametrize("count_slice", [1, 5, 1000])
 def test_counting_in_column_slices_matches_naive(monkeypatch, count_slice):
     # The real slice (1M elements) never splits a block at test sizes; a tiny one splits every block,
     # including into single columns when a chunk has more rows than the slice has elements.
     monkeypatch.setattr(retrieval, "_COUNT_SLICE", count_slice)
-    items, texts, owner = multi_caption_data(13, 45, 8, levels=4)
-    naive = naive_retrieval(items, texts, owner)
-    assert_same(retrieval_metrics(items, texts, owner, chunk_size=9), naive)
-    assert_same(retrieval_metrics(items, texts, owner, chunk_size=16, candidate_chunk_size=10), naive)
+    items, texts, pi, pt = pair_data(13, 45, 60, 8, levels=2)
+    naive = naive_retrieval(items, texts, pi, pt)
+    assert_same(retrieval_metrics(items, texts, pi, pt, chunk_size=9), naive)
+    assert_same(retrieval_metrics(items, texts, pi, pt, chunk_size=16, candidate_chunk_size=10), naive)
 
 
 def test_exact_ties_are_pessimistic_and_match_naive():
     # Three levels per coordinate in d=3: many items and captions score exactly alike.
-    items, texts, owner = multi_caption_data(7, 80, 3, levels=1)
-    chunked = retrieval_metrics(items, texts, owner, chunk_size=9, candidate_chunk_size=31)
-    naive = naive_retrieval(items, texts, owner)
-    assert_same(chunked, naive)
+    items, texts, pi, pt = pair_data(7, 80, 150, 3, levels=1, max_items=1)
+    chunked = retrieval_metrics(items, texts, pi, pt, chunk_size=9, candidate_chunk_size=31)
+    assert_same(chunked, naive_retrieval(items, texts, pi, pt))
 
-    scores = texts.astype(np.float64) @ items.T.astype(np.float64)
-    correct = scores[np.arange(owner.size), owner]
+    owner = np.full(len(texts), -1)
+    owner[pt] = pi
+    queries = np.flatnonzero(owner >= 0)
+    scores = texts[queries].astype(np.float64) @ items.T.astype(np.float64)
+    correct = scores[np.arange(queries.size), owner[queries]]
     optimistic = 1 + (scores > correct[:, None]).sum(axis=1)
     pessimistic = (scores >= correct[:, None]).sum(axis=1)
     np.testing.assert_array_equal(chunked.t2i_ranks, pessimistic)
@@ -145,8 +198,7 @@ def test_collapsed_embeddings_get_the_worst_rank():
     # A model that maps everything to one point must not score: every candidate ties with the correct one.
     items = np.ones((20, 4), dtype=np.float32)
     texts = np.ones((30, 4), dtype=np.float32)
-    owner = np.arange(30) % 20
-    result = retrieval_metrics(items, texts, owner, normalize=True)
+    result = retrieval_metrics(items, texts, np.arange(30) % 20, np.arange(30), normalize=True)
     assert result.t2i_recall[1] == 0.0
     assert result.t2i_mean_rank == 20.0
     # Item i has 2 captions (i < 10) or 1; all 30 captions tie, so the best rank is 30 - n_captions + 1.
@@ -159,7 +211,7 @@ def test_perfect_embeddings_give_recall_one_and_rank_one():
     items = basis[:50].astype(np.float32)  # orthonormal rows
     owner = np.concatenate([np.arange(50), rng.integers(0, 50, size=70)])
     texts = items[owner]
-    result = retrieval_metrics(items, texts, owner, ks=(1, 5), chunk_size=16)
+    result = retrieval_metrics(items, texts, owner, np.arange(120), ks=(1, 5), chunk_size=16)
     assert result.t2i_recall == {1: 1.0, 5: 1.0}
     assert result.i2t_recall == {1: 1.0, 5: 1.0}
     assert (result.t2i_mean_rank, result.t2i_median_rank) == (1.0, 1.0)
@@ -171,29 +223,32 @@ def test_continuous_normalised_data_matches_naive():
     items = rng.normal(size=(60, 24))
     owner = rng.integers(0, 60, size=150)
     texts = items[owner] + 1.5 * rng.normal(size=(150, 24))
-    chunked = retrieval_metrics(items, texts, owner, normalize=True, chunk_size=17)
-    assert_same(chunked, naive_retrieval(items, texts, owner, normalize=True))
+    chunked = retrieval_metrics(items, texts, owner, np.arange(150), normalize=True, chunk_size=17)
+    assert_same(chunked, naive_retrieval(items, texts, owner, np.arange(150), normalize=True))
     # Noisy but informative captions: clearly above chance, clearly below perfect.
     assert chance_recall(60, 5) * 2 < chunked.t2i_recall[5] < 1.0
 
 
-def test_uncaptioned_items_are_distractors_not_queries():
-    items = np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32)  # item 2 duplicates item 0, no caption
-    texts = np.array([[1, 0], [0, 1]], dtype=np.float32)
-    result = retrieval_metrics(items, texts, [0, 1])
+def test_unpaired_items_and_texts_are_distractors_not_queries():
+    items = np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32)  # item 2 duplicates item 0, no pair
+    texts = np.array([[1, 0], [0, 1], [0, 1]], dtype=np.float32)  # text 2 duplicates text 1, no pair
+    result = retrieval_metrics(items, texts, [0, 1], [0, 1])
+    np.testing.assert_array_equal(result.t2i_query_texts, [0, 1])
     np.testing.assert_array_equal(result.i2t_query_items, [0, 1])
-    assert result.n_i2t_queries == 2 and result.n_items == 3
-    np.testing.assert_array_equal(result.t2i_ranks, [2, 1])  # the uncaptioned twin ties with item 0
-    np.testing.assert_array_equal(result.i2t_ranks, [1, 1])
+    assert (result.n_t2i_queries, result.n_i2t_queries, result.n_items, result.n_texts) == (2, 2, 3, 3)
+    np.testing.assert_array_equal(result.t2i_ranks, [2, 1])  # the unpaired twin ties with item 0
+    np.testing.assert_array_equal(result.i2t_ranks, [1, 2])  # and the unpaired text with text 1
 
 
-def test_torch_and_numpy_inputs_agree():
-    items, texts, owner = multi_caption_data(9, 70, 8, levels=16)
-    from_numpy = retrieval_metrics(items, texts, owner, chunk_size=20)
+def test_torch_numpy_and_list_inputs_agree():
+    items, texts, pi, pt = pair_data(9, 70, 50, 8, levels=16)
+    from_numpy = retrieval_metrics(items, texts, pi, pt, chunk_size=20)
     items_t = torch.from_numpy(items).double().requires_grad_(True)
-    from_torch = retrieval_metrics(items_t, torch.from_numpy(texts), torch.from_numpy(owner), chunk_size=20)
+    from_torch = retrieval_metrics(
+        items_t, torch.from_numpy(texts), torch.from_numpy(pi), torch.from_numpy(pt), chunk_size=20
+    )
     assert_same(from_numpy, from_torch)
-    assert_same(from_numpy, retrieval_metrics(items, texts, owner.tolist(), chunk_size=64))
+    assert_same(from_numpy, retrieval_metrics(items, texts, pi.tolist(), pt.tolist(), chunk_size=64))
 
 
 def test_normalize_flag_equals_prenormalised_input():
@@ -201,16 +256,16 @@ def test_normalize_flag_equals_prenormalised_input():
     items = rng.normal(size=(30, 6)).astype(np.float32)
     owner = rng.integers(0, 30, size=45)
     texts = (items[owner] + rng.normal(size=(45, 6))).astype(np.float32)
-    scaled = retrieval_metrics(items * 3.0, texts * 0.25, owner, normalize=True)
+    scaled = retrieval_metrics(items * 3.0, texts * 0.25, owner, np.arange(45), normalize=True)
     unit_items = torch.nn.functional.normalize(torch.from_numpy(items), dim=1)
     unit_texts = torch.nn.functional.normalize(torch.from_numpy(texts), dim=1)
     # Same ranking up to float rounding; the seeded data has no near-ties at that scale.
-    assert_same(scaled, retrieval_metrics(unit_items, unit_texts, owner))
+    assert_same(scaled, retrieval_metrics(unit_items, unit_texts, owner, np.arange(45)))
 
 
 def test_as_dict_names():
-    items, texts, owner = multi_caption_data(4, 20, 4, levels=8)
-    result = retrieval_metrics(items, texts, owner, ks=(10, 1, 5, 5))
+    items, texts, pi, pt = pair_data(4, 20, 20, 4, levels=8)
+    result = retrieval_metrics(items, texts, pi, pt, ks=(10, 1, 5, 5))
     assert result.ks == (1, 5, 10)
     names = result.as_dict()
     assert list(names) == [
@@ -233,88 +288,228 @@ def test_as_dict_names():
         result.as_dict(directions=("t2a",))
 
 
+# ----------------------------------------------------------------------------------------------- chance
+
+
 def test_chance_recall_closed_form():
     assert chance_recall(100, 1) == pytest.approx(0.01)
     assert chance_recall(100, 10) == pytest.approx(0.1)
     assert chance_recall(5, 10) == 1.0
     assert chance_recall(20, 4, n_correct=3) == pytest.approx(1 - math.comb(17, 4) / math.comb(20, 4))
-    assert (
-        chance_recall(10, 8, n_correct=3) == 1.0
-    )  # only 7 incorrect ones: a correct one must be in the top 8
+    # Only 7 incorrect ones: a correct one must be in the top 8.
+    assert chance_recall(10, 8, n_correct=3) == 1.0
     assert 0.0 < chance_recall(100_000, 10) < 1.1e-4
 
 
-@pytest.mark.parametrize(("n", "k", "m"), [(50, 5, 1), (30, 3, 4), (12, 1, 1)])
+@pytest.mark.parametrize(("n", "k", "m"), [(50, 5, 1), (30, 3, 4)])
 def test_chance_recall_matches_monte_carlo(n, k, m):
     rng = np.random.default_rng(n * 100 + k * 10 + m)
     trials = 20_000
     # A random ranking: the positions of the m correct candidates are a random m-subset of n.
-    keys = rng.random((trials, n))
-    positions = np.argsort(np.argsort(keys, axis=1), axis=1)[:, :m]  # 0-based positions of candidates 0..m-1
+    positions = np.argsort(rng.random((trials, n)), axis=1)[:, :m]
     hits = (positions.min(axis=1) < k).mean()
     p = chance_recall(n, k, n_correct=m)
     assert abs(hits - p) < 4 * math.sqrt(p * (1 - p) / trials) + 1e-9
 
 
-def test_random_embeddings_recall_is_near_chance():
+def test_chance_levels_match_enumerating_every_ranking():
+    # 4 items, 5 texts: text 0 names items 0-2, text 1 item 0 (listed twice), text 3 items 1 and 3,
+    # text 4 item 3; text 2 is in no pair (a t2i non-query, an i2t distractor).
+    pi = np.array([0, 1, 2, 0, 0, 1, 3, 3])
+    pt = np.array([0, 0, 0, 1, 1, 3, 3, 4])
+    n_items, n_texts, ks = 4, 5, (1, 2, 3, 6)
+    relevant = {(int(i), int(t)) for i, t in zip(pi, pt, strict=True)}
+
+    def enumerated(n_candidates: int, correct: set[int], k: int) -> float:
+        orders = list(itertools.permutations(range(n_candidates)))
+        return sum(bool(correct & set(o[:k])) for o in orders) / len(orders)
+
+    expected = {"t2i": {}, "i2t": {}}
+    for k in ks:
+        t2i = [enumerated(n_items, {i for i, t in relevant if t == q}, k) for q in sorted(set(pt.tolist()))]
+        i2t = [enumerated(n_texts, {t for i, t in relevant if i == q}, k) for q in sorted(set(pi.tolist()))]
+        expected["t2i"][k], expected["i2t"][k] = float(np.mean(t2i)), float(np.mean(i2t))
+    got = chance_levels(pi, pt, n_items, n_texts, ks)
+    assert list(got) == ["t2i", "i2t"]
+    for direction in ("t2i", "i2t"):
+        assert list(got[direction]) == list(ks)
+        for k in ks:
+            assert got[direction][k] == pytest.approx(expected[direction][k], rel=1e-12, abs=1e-15)
+    # One correct item per text: min(K, n) / n exactly.
+    assert chance_levels(np.arange(4), np.arange(4), 10, 4, (1, 5))["t2i"] == pytest.approx({1: 0.1, 5: 0.5})
+
+
+def test_random_embeddings_recall_is_near_chance_levels():
     rng = np.random.default_rng(8)
     items = rng.normal(size=(100, 32))
     texts = rng.normal(size=(3000, 32))
     owner = rng.integers(0, 100, size=3000)
-    result = retrieval_metrics(items, texts, owner, normalize=True, chunk_size=512)
-    p = chance_recall(100, 10)
+    result = retrieval_metrics(items, texts, owner, np.arange(3000), normalize=True, chunk_size=512)
+    p = chance_levels(owner, np.arange(3000), 100, 3000, result.ks)["t2i"][10]
+    assert p == pytest.approx(0.1)
     # Rank is uniform on 1..100 for unrelated embeddings: recall@10 ~ 0.1 and mean rank ~ 50.5.
     assert abs(result.t2i_recall[10] - p) < 4 * math.sqrt(p * (1 - p) / 3000)
     assert abs(result.t2i_mean_rank - 50.5) < 3.0
 
 
-@pytest.mark.parametrize(
-    ("items", "texts", "owner", "message"),
-    [
-        (np.zeros((3, 4)), np.zeros((2, 5)), [0, 1], "dimensions differ"),
-        (np.zeros((3, 4)), np.zeros((2, 4)), [0, 1, 2], "entries but text_emb has 2 rows"),
-        (np.zeros((3, 4)), np.zeros((2, 4)), [0, 3], r"text_to_item\[1\] = 3 is out of range for 3 items"),
-        (np.zeros((3, 4)), np.zeros((2, 4)), [-1, 0], r"text_to_item\[0\] = -1 is out of range"),
-        (np.zeros((3, 4)), np.zeros((2, 4)), [0.0, 1.0], "must hold integers"),
-        (np.zeros((3, 4)), np.zeros((2, 4)), [True, False], "must hold integers"),
-        (np.zeros((3, 4)), np.zeros((2, 4)), [[0, 1]], "text_to_item must be 1-D"),
-        (np.zeros(4), np.zeros((2, 4)), [0, 1], r"item_emb must be a non-empty 2-D"),
-        (np.zeros((0, 4)), np.zeros((2, 4)), [0, 1], r"item_emb must be a non-empty 2-D"),
-        (np.zeros((3, 4)), np.zeros((0, 4)), [], r"text_emb must be a non-empty 2-D"),
-        (np.zeros((3, 4)), np.full((2, 4), np.nan), [0, 1], "text_emb contains NaN"),
-        ([[0.0, 1.0]], np.zeros((2, 2)), [0, 0], "numpy array or a torch tensor"),
-        (np.array([["a", "b"]]), np.zeros((2, 2)), [0, 0], "numeric array"),
-    ],
-)
-def test_invalid_input_is_a_clear_value_error(items, texts, owner, message):
-    for fn in (retrieval_metrics, naive_retrieval):
-        with pytest.raises(ValueError, match=message):
-            fn(items, texts, owner)
-
-
-def test_invalid_options_are_value_errors():
-    items, texts, owner = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), [0, 1, 2]
-    for bad_ks in ((), (0,), (1, -5), (1.5,), (True,)):
-        with pytest.raises(ValueError, match="ks"):
-            retrieval_metrics(items, texts, owner, ks=bad_ks)
-    with pytest.raises(ValueError, match="chunk_size"):
-        retrieval_metrics(items, texts, owner, chunk_size=0)
-    with pytest.raises(ValueError, match="candidate_chunk_size"):
-        retrieval_metrics(items, texts, owner, candidate_chunk_size=-1)
-    zero_row = np.vstack([items[:2], np.zeros((1, 3), dtype=np.float32)])
-    with pytest.raises(ValueError, match="item_emb row 2 has zero norm"):
-        retrieval_metrics(zero_row, texts, owner, normalize=True)
+def test_chance_inputs_are_checked():
     for args in ((0, 1), (5, 0), (5, 1, 0), (5, 1, 6)):
         with pytest.raises(ValueError):
             chance_recall(*args)
+    with pytest.raises(ValueError, match="pair_items\\[1\\] = 4 is out of range for 4 items"):
+        chance_levels([0, 4], [0, 1], 4, 2, (1,))
+    with pytest.raises(ValueError, match="n_texts must be an integer >= 1"):
+        chance_levels([0], [0], 4, 0, (1,))
+    with pytest.raises(ValueError, match="ks"):
+        chance_levels([0], [0], 4, 1, ())
+    with pytest.raises(ValueError, match="no pairs"):
+        chance_levels([], [], 4, 1)
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def test_paired_ids_merge_repeats_in_first_seen_order():
+    media = ["m2", "m1", "m2", "m3", "m1", "m2"]
+    captions = ["dog", "cat", "dog", "cat", "dog", "fish"]
+    item_ids, text_ids, pi, pt = paired_ids(media, captions)
+    assert item_ids == ["m2", "m1", "m3"]
+    assert text_ids == ["dog", "cat", "fish"]
+    # Distinct (item, text) pairs, sorted: (m2, dog) once although listed twice, and "cat" with two items.
+    assert list(zip(pi.tolist(), pt.tolist(), strict=True)) == [(0, 0), (0, 2), (1, 0), (1, 1), (2, 1)]
+    assert pi.dtype == np.int64 and pt.dtype == np.int64
+    empty = paired_ids([], [])
+    assert empty[:2] == ([], []) and empty[2].shape == (0,) and empty[2].dtype == np.int64
+    with pytest.raises(ValueError, match="row-aligned"):
+        paired_ids(["m1"], [])
+
+
+def test_paired_split_checks_its_shapes():
+    item_ids, text_ids, pi, pt = paired_ids(["a", "b"], ["x", "x"])
+    ok = PairedSplit(item_ids, text_ids, np.zeros((2, 3)), np.zeros((1, 5)), pi, pt)
+    assert ok.items.shape == (2, 3) and ok.texts.shape == (1, 5)
+    with pytest.raises(ValueError, match="items must be \\[2, d\\]"):
+        PairedSplit(item_ids, text_ids, np.zeros((3, 3)), np.zeros((1, 5)), pi, pt)
+    with pytest.raises(ValueError, match="texts must be \\[1, d\\]"):
+        PairedSplit(item_ids, text_ids, np.zeros((2, 3)), np.zeros(5), pi, pt)
+    with pytest.raises(ValueError, match="pair_texts\\[0\\] = 1 is out of range for 1 texts"):
+        PairedSplit(item_ids, text_ids, np.zeros((2, 3)), np.zeros((1, 5)), pi, pt + 1)
+
+
+def _tiny_model(d_image: int, d_text: int) -> FusedModel:
+    torch.manual_seed(0)
+    cfg = AdapterConfig(depth=1, expansion=2, dropout=0.0, output_dim=8)
+    return FusedModel(
+        {"image": Adapter(d_image, cfg), "text": Adapter(d_text, cfg)},
+        {"image": EncoderRef("img", "fp-i", d_image), "text": EncoderRef("txt", "fp-t", d_text)},
+    )
+
+
+def test_evaluate_model_embeds_both_sides_and_scores_the_pairs():
+    rng = np.random.default_rng(0)
+    media = [f"m{i}" for i in rng.integers(0, 25, 60)]
+    captions = [f"c{i}" for i in rng.integers(0, 30, 60)]
+    item_ids, text_ids, pi, pt = paired_ids(media, captions)
+    split = PairedSplit(
+        item_ids,
+        text_ids,
+        rng.normal(size=(len(item_ids), 12)).astype(np.float32),
+        rng.normal(size=(len(text_ids), 7)).astype(np.float32),
+        pi,
+        pt,
+    )
+    model = _tiny_model(12, 7)
+    result, item_emb, text_emb = evaluate_model(model, split)
+    assert isinstance(item_emb, np.ndarray) and item_emb.shape == (len(item_ids), 8)
+    assert isinstance(text_emb, np.ndarray) and text_emb.shape == (len(text_ids), 8)
+    np.testing.assert_allclose(np.linalg.norm(item_emb, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(item_emb, model.embed("image", split.items).numpy())
+    assert_same(result, retrieval_metrics(item_emb, text_emb, pi, pt))
+    assert result.n_items == len(item_ids) and result.n_texts == len(text_ids)
+
+    class Identity:
+        """A baseline without adapters: both sides already share a space; returns numpy."""
+
+        sides = ("audio", "text")
+
+        def embed(self, side: str, x: np.ndarray) -> np.ndarray:
+            return np.asarray(x)[:, :5]
+
+    base, item_raw, _ = evaluate_model(Identity(), split)
+    np.testing.assert_array_equal(item_raw, split.items[:, :5])
+    assert_same(base, retrieval_metrics(split.items[:, :5], split.texts[:, :5], pi, pt))
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("items", "texts", "pi", "pt", "message"),
+    [
+        (np.zeros((3, 4)), np.zeros((2, 5)), [0, 1], [0, 1], "dimensions differ"),
+        (np.zeros((3, 4)), np.zeros((2, 4)), [0, 1, 2], [0, 1], "equally long, got 3 and 2"),
+        (
+            np.zeros((3, 4)),
+            np.zeros((2, 4)),
+            [0, 3],
+            [0, 1],
+            r"pair_items\[1\] = 3 is out of range for 3 items",
+        ),
+        (np.zeros((3, 4)), np.zeros((2, 4)), [-1, 0], [0, 1], r"pair_items\[0\] = -1 is out of range"),
+        (
+            np.zeros((3, 4)),
+            np.zeros((2, 4)),
+            [0, 1],
+            [0, 2],
+            r"pair_texts\[1\] = 2 is out of range for 2 texts",
+        ),
+        (np.zeros((3, 4)), np.zeros((2, 4)), [], [], "no pairs"),
+        (np.zeros((3, 4)), np.zeros((2, 4)), [0.0, 1.0], [0, 1], "pair_items must hold integers"),
+        (np.zeros((3, 4)), np.zeros((2, 4)), [0, 1], [True, False], "pair_texts must hold integers"),
+        (np.zeros((3, 4)), np.zeros((2, 4)), [[0, 1]], [[0, 1]], "pair_items must be 1-D"),
+        (np.zeros(4), np.zeros((2, 4)), [0], [0], r"item_emb must be a non-empty 2-D"),
+        (np.zeros((0, 4)), np.zeros((2, 4)), [0], [0], r"item_emb must be a non-empty 2-D"),
+        (np.zeros((3, 4)), np.zeros((0, 4)), [0], [0], r"text_emb must be a non-empty 2-D"),
+        (np.zeros((3, 4)), np.full((2, 4), np.nan), [0], [0], "text_emb contains NaN"),
+        ([[0.0, 1.0]], np.zeros((2, 2)), [0], [0], "numpy array or a torch tensor"),
+        (np.array([["a", "b"]]), np.zeros((2, 2)), [0], [0], "numeric array"),
+    ],
+)
+def test_invalid_input_is_a_clear_value_error(items, texts, pi, pt, message):
+    for fn in (retrieval_metrics, naive_retrieval):
+        with pytest.raises(ValueError, match=message):
+            fn(items, texts, pi, pt)
+
+
+def test_invalid_options_are_value_errors():
+    items, texts, pairs = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), [0, 1, 2]
+    for bad_ks in ((), (0,), (1, -5), (1.5,), (True,)):
+        with pytest.raises(ValueError, match="ks"):
+            retrieval_metrics(items, texts, pairs, pairs, ks=bad_ks)
+    with pytest.raises(ValueError, match="chunk_size"):
+        retrieval_metrics(items, texts, pairs, pairs, chunk_size=0)
+    with pytest.raises(ValueError, match="candidate_chunk_size"):
+        retrieval_metrics(items, texts, pairs, pairs, candidate_chunk_size=-1)
+    zero_row = np.vstack([items[:2], np.zeros((1, 3), dtype=np.float32)])
+    with pytest.raises(ValueError, match="item_emb row 2 has zero norm"):
+        retrieval_metrics(zero_row, texts, pairs, pairs, normalize=True)
 
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.fail("the gpu marker needs a CUDA device: run it where one exists")
-    items, texts, owner = multi_caption_data(12, 300, 32, levels=64)
+    items, texts, pi, pt = pair_data(12, 300, 400, 32, levels=64)
     on_gpu = retrieval_metrics(
-        torch.from_numpy(items).cuda(), torch.from_numpy(texts).cuda(), owner, chunk_size=64
+        torch.from_numpy(items).cuda(), torch.from_numpy(texts).cuda(), pi, pt, chunk_size=64
     )
-    assert_same(on_gpu, retrieval_metrics(items, texts, owner, chunk_size=64))
+    assert_same(on_gpu, retrieval_metrics(items, texts, pi, pt, chunk_size=64))
+    chunked = retrieval_metrics(
+        torch.from_numpy(items).cuda(),
+        torch.from_numpy(texts).cuda(),
+        pi,
+        pt,
+        chunk_size=50,
+        candidate_chunk_size=70,
+    )
+    assert_same(chunked, on_gpu)
