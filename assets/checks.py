@@ -1,10 +1,10 @@
-"""Non-blocking data-quality checks on ingestion."""
+"""Non-blocking data-quality checks on ingestion, answered in SQL over the lake (DuckDB catalog)."""
 
 import dagster as dg
 
-from pipelines.lake import table_name
+from pipelines.ingest import quarantine_counts
 from pipelines.partitions import Partitions
-from pipelines.resources import LanceLake
+from pipelines.resources import DuckDBCatalog
 
 MAX_QUARANTINE_RATE = 0.2
 
@@ -15,11 +15,8 @@ def build(parts: Partitions) -> list:
         blocking=False,
         description=f"Under {MAX_QUARANTINE_RATE:.0%} of the inputs are quarantined",
     )
-    def quarantine_rate(context: dg.AssetCheckExecutionContext, lake: LanceLake):
-        dataset = context.partition_key
-        lk = lake.lake()
-        bad = lk.count(table_name("quarantine", dataset), "stage = 'ingest'")
-        good = lk.count(table_name("pairs", dataset))
+    def quarantine_rate(context: dg.AssetCheckExecutionContext, catalog: DuckDBCatalog):
+        bad, good = quarantine_counts(catalog.catalog(), context.partition_key)
         rate = bad / max(1, bad + good)
         return dg.AssetCheckResult(
             passed=rate <= MAX_QUARANTINE_RATE,

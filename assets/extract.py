@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from pipelines.extraction import run_extraction
+from pipelines.extract import run_extraction
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake
 

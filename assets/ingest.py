@@ -3,9 +3,15 @@
 import dagster as dg
 from pydantic import Field
 
-from pipelines.ingest import load_dataset, write_dataset
+from pipelines.ingest import asset_metadata, load_dataset, write_dataset
 from pipelines.partitions import Partitions
 from pipelines.resources import LanceLake, PipelinePaths
+
+DESCRIPTIONS = {
+    "media": "One row per unique item (content-hash id)",
+    "pairs": "media <-> caption pairs with split and group",
+    "quarantine": "Every rejected input with its reason",
+}
 
 
 class IngestConfig(dg.Config):
@@ -15,24 +21,8 @@ class IngestConfig(dg.Config):
 def build(parts: Partitions) -> list:
     @dg.multi_asset(
         specs=[
-            dg.AssetSpec(
-                "media",
-                group_name="ingest",
-                kinds={"lance"},
-                description="One row per unique item (content-hash id)",
-            ),
-            dg.AssetSpec(
-                "pairs",
-                group_name="ingest",
-                kinds={"lance"},
-                description="media <-> caption pairs with split and group",
-            ),
-            dg.AssetSpec(
-                "quarantine",
-                group_name="ingest",
-                kinds={"lance"},
-                description="Every rejected input with its reason",
-            ),
+            dg.AssetSpec(k, group_name="ingest", kinds={"lance"}, description=d)
+            for k, d in DESCRIPTIONS.items()
         ],
         partitions_def=parts.dataset,
     )
@@ -42,37 +32,10 @@ def build(parts: Partitions) -> list:
         spec = parts.datasets[context.partition_key]
         ds = load_dataset(spec, paths.data_cache, progress=config.progress)
         info = write_dataset(lake.lake(), spec.name, ds)
-        versions = info["lance_versions"]
         context.log.info(
             f"{spec.name}: {info['pairs']} pairs, {info['quarantined']} quarantined {info['quarantine_reasons']}"
         )
-        yield dg.MaterializeResult(
-            asset_key="media",
-            metadata={
-                "unique_media": info["unique_media"],
-                "unique_captions": info["unique_captions"],
-                "new_media": info["new_media"],
-                "removed_media": info["removed_media"],
-                "lance_version": versions.get(f"media__{spec.name}"),
-            },
-        )
-        yield dg.MaterializeResult(
-            asset_key="pairs",
-            metadata={
-                "pairs": info["pairs"],
-                "concepts": info["concepts"],
-                "split_seed": info["split_seed"],
-                "lance_version": versions.get(f"pairs__{spec.name}"),
-            },
-        )
-        yield dg.MaterializeResult(
-            asset_key="quarantine",
-            metadata={
-                "quarantined": info["quarantined"],
-                "quarantine_rate": info["quarantined"] / max(1, info["quarantined"] + info["pairs"]),
-                "reasons": dg.MetadataValue.json(info["quarantine_reasons"]),
-                "lance_version": versions.get(f"quarantine__{spec.name}"),
-            },
-        )
+        for key, metadata in asset_metadata(spec.name, info).items():
+            yield dg.MaterializeResult(asset_key=key, metadata=metadata)
 
     return [ingest]

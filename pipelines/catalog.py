@@ -1,6 +1,6 @@
 """The DuckDB catalog over the Lance lake: every Lance table as a SQL view, plus union views across datasets.
 
-    cat = Catalog(default_lake_root())
+    cat = Catalog(default_lake_root())                               # pipelines.lake
     cat.sql("SELECT dataset, count(*) FROM pairs GROUP BY ALL")     # -> pyarrow.Table
     cat.saved("best_runs", metric="t2i_recall_at_1")               # configs/queries/best_runs.sql
 
@@ -13,7 +13,7 @@ Views (one connection sees the Lance versions that were current when it was open
     latents        latents__*__*       as latents_meta plus `vector` as FLOAT[] (encoders differ in dim)
     curated        curated__*          + `experiment`
     metrics        the metrics table
-A union view whose tables do not exist yet is an empty view with the documented columns, so saved
+A view whose tables do not exist yet has the columns of pipelines.schemas and no rows, so saved
 queries run (and return no rows) on a fresh lake. A bare table named like a union view (`media`, one
 table for every dataset) is registered as `media__table` and joins the `media` view.
 
@@ -35,22 +35,19 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from fusion.paths import configs_dir, fusemix_home
-from pipelines.lake import Lake
+from fusion.paths import configs_dir
+from pipelines import schemas
+from pipelines.lake import Lake, sql_str
+from pipelines.schemas import parse_table_name
 
-# Columns of the union views when no table of that kind exists yet (the schemas the assets write).
-_EMPTY = {
-    "media": "dataset VARCHAR, media_id VARCHAR, modality VARCHAR, path VARCHAR, data BLOB, text VARCHAR, "
-    "source VARCHAR, license VARCHAR, size_bytes BIGINT",
-    "pairs": "dataset VARCHAR, pair_id VARCHAR, media_id VARCHAR, caption_id VARCHAR, raw_caption_id VARCHAR, "
-    "split VARCHAR, group_id VARCHAR, concept VARCHAR, source VARCHAR, license VARCHAR, quality DOUBLE",
-    "quarantine": "dataset VARCHAR, source VARCHAR, item VARCHAR, reason VARCHAR, detail VARCHAR",
-    "latents_meta": "dataset VARCHAR, encoder VARCHAR, dim INTEGER, media_id VARCHAR, fingerprint VARCHAR",
-    "latents": "dataset VARCHAR, encoder VARCHAR, dim INTEGER, media_id VARCHAR, fingerprint VARCHAR, "
-    "vector FLOAT[]",
-    "curated": "experiment VARCHAR, pair_id VARCHAR",
-    "metrics": "experiment VARCHAR, dataset VARCHAR, split VARCHAR, metric VARCHAR, value DOUBLE, "
-    "mlflow_run_id VARCHAR, created_at TIMESTAMP, fingerprint_media VARCHAR, fingerprint_text VARCHAR",
+# Union views and the table kind (pipelines.schemas) each gathers.
+_UNIONS = {
+    "media": "media",
+    "pairs": "pairs",
+    "quarantine": "quarantine",
+    "latents_meta": "latents",
+    "latents": "latents",
+    "curated": "curated",
 }
 
 _PARAM_DECL = re.compile(r"^--\s*@param\s+([A-Za-z_]\w*)\s*(?:=\s*(.*?))?\s*$")
@@ -62,11 +59,6 @@ class CatalogError(ValueError):
     """A query, saved query or parameter the catalog cannot run; the message says why."""
 
 
-def default_lake_root() -> str:
-    """Where the Lance tables live: <FUSEMIX_HOME>/lance (as pipelines.resources, without importing dagster)."""
-    return str(fusemix_home() / "lance")
-
-
 def queries_dir() -> Path:
     """The saved queries: <configs>/queries (configs/ or $FUSEMIX_CONFIGS)."""
     return configs_dir() / "queries"
@@ -74,10 +66,6 @@ def queries_dir() -> Path:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _arrow(result: duckdb.DuckDBPyRelation | duckdb.DuckDBPyConnection) -> pa.Table:
@@ -96,26 +84,30 @@ def _select_with(
     """SELECT <constants>, <table columns except those and `drop`>, <extra expressions> FROM table."""
     drop = set(drop)
     consts = [
-        f"{quote_literal(v) if isinstance(v, str) else int(v)} AS {quote_ident(k)}"
-        for k, v in constants.items()
+        f"{sql_str(v) if isinstance(v, str) else int(v)} AS {quote_ident(k)}" for k, v in constants.items()
     ]
     cols = [quote_ident(n) for n in schema.names if n not in constants and n not in drop]
     return f"SELECT {', '.join(consts + cols + list(extra))} FROM {quote_ident(table)}"
 
 
-def _union(selects: list[str], empty: str) -> str:
-    if not selects:
-        return _empty_select(empty)
-    return "\nUNION ALL BY NAME\n".join(selects)
-
-
-def _empty_select(columns: str) -> str:
-    """A zero-row SELECT with the given 'name TYPE, ...' columns."""
-    parts = []
-    for col in columns.split(","):
-        name, typ = col.strip().split(" ", 1)
-        parts.append(f"CAST(NULL AS {typ}) AS {quote_ident(name)}")
-    return f"SELECT {', '.join(parts)} WHERE false"
+def _kind_selects(alias: str, schema: pa.Schema, kind: str, parts: tuple[str, ...]) -> dict[str, str]:
+    """view -> the SELECT that adds table `alias` (of pipeline table kind `kind`) to that union view."""
+    if kind in ("media", "pairs", "quarantine"):
+        return {kind: _select_with(alias, schema, {} if "dataset" in schema.names else {"dataset": parts[0]})}
+    if kind == "curated":
+        return {"curated": _select_with(alias, schema, {"experiment": parts[0]})}
+    if kind != "latents":
+        return {}
+    vec = schema.field("vector").type if "vector" in schema.names else None
+    dim = vec.list_size if vec is not None and pa.types.is_fixed_size_list(vec) else -1
+    consts = {"dataset": parts[0], "encoder": parts[1], "dim": dim}
+    out = {"latents_meta": _select_with(alias, schema, consts, drop=("vector",))}
+    if vec is not None:
+        # FLOAT[] rather than FLOAT[d]: encoders of different dimensions share one view.
+        out["latents"] = _select_with(
+            alias, schema, consts, drop=("vector",), extra=['"vector"::FLOAT[] AS "vector"']
+        )
+    return out
 
 
 class Catalog:
@@ -145,43 +137,35 @@ class Catalog:
         return con
 
     def _register(self, con: duckdb.DuckDBPyConnection) -> None:
-        unions: dict[str, list[str]] = {k: [] for k in _EMPTY if k != "metrics"}
-        has_metrics = False
-        for name in self.tables():
+        unions: dict[str, list[str]] = {view: [] for view in _UNIONS}
+        tables = self.tables()
+        for name in tables:
             ds = self.lake.open(name)
-            schema = ds.schema
-            parts = name.split("__")
-            kind = parts[0]
             if name in unions:
                 # A bare table named like a union view (one table for all datasets) joins that
                 # view under another name rather than being hidden by it.
                 alias = f"{name}__table"
                 con.register(alias, ds)
-                unions[name].append(_select_with(alias, schema, {}))
+                unions[name].append(_select_with(alias, ds.schema, {}))
                 continue
             con.register(name, ds)
-            if name == "metrics":
-                has_metrics = True
-            elif kind in ("media", "pairs", "quarantine") and len(parts) == 2:
-                consts = {} if "dataset" in schema.names else {"dataset": parts[1]}
-                unions[kind].append(_select_with(name, schema, consts))
-            elif kind == "curated" and len(parts) == 2:
-                unions["curated"].append(_select_with(name, schema, {"experiment": parts[1]}))
-            elif kind == "latents" and len(parts) == 3:
-                vec = schema.field("vector").type if "vector" in schema.names else None
-                dim = vec.list_size if vec is not None and pa.types.is_fixed_size_list(vec) else -1
-                consts = {"dataset": parts[1], "encoder": parts[2], "dim": dim}
-                unions["latents_meta"].append(_select_with(name, schema, consts, drop=("vector",)))
-                if vec is not None:
-                    # FLOAT[] rather than FLOAT[d]: encoders of different dimensions share one view.
-                    as_list = ['"vector"::FLOAT[] AS "vector"']
-                    unions["latents"].append(
-                        _select_with(name, schema, consts, drop=("vector",), extra=as_list)
-                    )
+            parsed = parse_table_name(name)
+            if parsed is not None:
+                for view, select in _kind_selects(name, ds.schema, *parsed).items():
+                    unions[view].append(select)
         for view, selects in unions.items():
-            con.execute(f"CREATE OR REPLACE TEMP VIEW {quote_ident(view)} AS {_union(selects, _EMPTY[view])}")
-        if not has_metrics:
-            con.execute(f"CREATE OR REPLACE TEMP VIEW metrics AS {_empty_select(_EMPTY['metrics'])}")
+            if not selects:
+                # No table of this kind yet: an empty stand-in of the schema the pipeline writes, so
+                # the view has every documented column on a fresh lake.
+                kind = _UNIONS[view]
+                alias = f"_empty_{kind}"
+                schema = schemas.KINDS[kind][1] or schemas.latents(1)
+                con.register(alias, schema.empty_table())
+                selects = [_kind_selects(alias, schema, kind, ("", ""))[view]]
+            union = "\nUNION ALL BY NAME\n".join(selects)
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {quote_ident(view)} AS {union}")
+        if "metrics" not in tables:
+            con.register("metrics", schemas.METRICS.empty_table())
 
     def sql(self, query: str, params: dict | None = None) -> pa.Table:
         """Runs one query on a fresh connection (the current Lance versions) -> pyarrow.Table."""

@@ -14,46 +14,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from fusion.data import Dataset
-from pipelines.lake import Lake, sql_in, table_name
+from pipelines import schemas
+from pipelines.catalog import Catalog
+from pipelines.lake import Lake, sql_in
 from pipelines.registries import DatasetSpec
-
-MEDIA_SCHEMA = pa.schema(
-    [
-        ("media_id", pa.string()),
-        ("modality", pa.string()),
-        ("path", pa.string()),
-        ("data", pa.large_binary()),
-        ("text", pa.string()),
-        ("source", pa.string()),
-        ("license", pa.string()),
-        ("size_bytes", pa.int64()),
-        ("ingested_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-PAIRS_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("media_id", pa.string()),
-        ("caption_id", pa.string()),
-        ("raw_caption_id", pa.string()),
-        ("split", pa.string()),
-        ("group_id", pa.string()),
-        ("concept", pa.string()),
-        ("source", pa.string()),
-        ("license", pa.string()),
-        ("quality", pa.float64()),
-    ]
-)
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("dataset", pa.string()),
-        ("stage", pa.string()),
-        ("source", pa.string()),
-        ("item", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
+from pipelines.schemas import table_name
 
 
 def load_dataset(spec: DatasetSpec, cache: Path, progress: bool = True) -> Dataset:
@@ -84,53 +49,16 @@ def media_table(ds: Dataset, ids: list[str] | None = None) -> pa.Table:
             return len(m.text.encode())
         return os.path.getsize(m.path) if os.path.exists(m.path) else -1
 
-    return pa.table(
-        {
-            "media_id": [m.media_id for m in rows],
-            "modality": [m.modality for m in rows],
-            "path": [m.path for m in rows],
-            "data": [m.data for m in rows],
-            "text": [m.text for m in rows],
-            "source": [m.source for m in rows],
-            "license": [m.license for m in rows],
-            "size_bytes": [size(m) for m in rows],
-            "ingested_at": [now] * len(rows),
-        },
-        schema=MEDIA_SCHEMA,
-    )
+    return schemas.table_of(schemas.MEDIA, rows, size_bytes=[size(m) for m in rows], ingested_at=now)
 
 
 def pairs_table(ds: Dataset) -> pa.Table:
-    p = ds.pairs
-    return pa.table(
-        {
-            "pair_id": [x.pair_id for x in p],
-            "media_id": [x.media_id for x in p],
-            "caption_id": [x.caption_id for x in p],
-            "raw_caption_id": [x.raw_caption_id for x in p],
-            "split": [x.split for x in p],
-            "group_id": [x.group_id for x in p],
-            "concept": [x.concept for x in p],
-            "source": [x.source for x in p],
-            "license": [x.license for x in p],
-            "quality": [x.quality for x in p],
-        },
-        schema=PAIRS_SCHEMA,
-    )
+    return schemas.table_of(schemas.PAIRS, ds.pairs)
 
 
 def quarantine_table(dataset: str, stage: str, rows: list) -> pa.Table:
-    return pa.table(
-        {
-            "dataset": [dataset] * len(rows),
-            "stage": [stage] * len(rows),
-            "source": [r.source for r in rows],
-            "item": [r.item for r in rows],
-            "reason": [r.reason for r in rows],
-            "detail": [r.detail for r in rows],
-        },
-        schema=QUARANTINE_SCHEMA,
-    )
+    """Quarantine rows (objects with source, item, reason, detail) of one dataset and stage."""
+    return schemas.table_of(schemas.QUARANTINE, rows, dataset=dataset, stage=stage)
 
 
 def write_dataset(lake: Lake, name: str, ds: Dataset) -> dict:
@@ -148,7 +76,7 @@ def write_dataset(lake: Lake, name: str, ds: Dataset) -> dict:
     kept = (
         lake.read(quar_t, filter="stage != 'ingest'")
         if lake.exists(quar_t)
-        else QUARANTINE_SCHEMA.empty_table()
+        else schemas.QUARANTINE.empty_table()
     )
     lake.overwrite(quar_t, pa.concat_tables([quarantine_table(name, "ingest", ds.quarantine), kept]))
     return {
@@ -159,3 +87,40 @@ def write_dataset(lake: Lake, name: str, ds: Dataset) -> dict:
         "split_seed": ds.split_seed,
         "lance_versions": lake.versions([media_t, pairs_t, quar_t]),
     }
+
+
+def asset_metadata(name: str, info: dict) -> dict[str, dict]:
+    """What each of the three ingest assets reports, from write_dataset's `info`."""
+    versions = info["lance_versions"]
+    quarantined = info["quarantined"]
+    return {
+        "media": {
+            "unique_media": info["unique_media"],
+            "unique_captions": info["unique_captions"],
+            "new_media": info["new_media"],
+            "removed_media": info["removed_media"],
+            "lance_version": versions.get(table_name("media", name)),
+        },
+        "pairs": {
+            "pairs": info["pairs"],
+            "concepts": info["concepts"],
+            "split_seed": info["split_seed"],
+            "lance_version": versions.get(table_name("pairs", name)),
+        },
+        "quarantine": {
+            "quarantined": quarantined,
+            "quarantine_rate": quarantined / max(1, quarantined + info["pairs"]),
+            "reasons": info["quarantine_reasons"],
+            "lance_version": versions.get(table_name("quarantine", name)),
+        },
+    }
+
+
+def quarantine_counts(catalog: Catalog, dataset: str) -> tuple[int, int]:
+    """(inputs ingest quarantined, pairs kept) of a dataset, in SQL over the lake's views."""
+    row = catalog.sql(
+        "SELECT (SELECT count(*) FROM quarantine WHERE dataset = $d AND stage = 'ingest') AS bad, "
+        "(SELECT count(*) FROM pairs WHERE dataset = $d) AS good",
+        {"d": dataset},
+    ).to_pylist()[0]
+    return int(row["bad"]), int(row["good"])

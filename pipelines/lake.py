@@ -1,12 +1,5 @@
-"""The Lance lake: one folder (or object-store prefix) of Lance tables, one per dataset and stage.
-
-Table names:
-    media__{dataset}                 one row per unique item (image, audio or text), key media_id
-    pairs__{dataset}                 media_id <-> caption_id, split, group, concept, source, license
-    quarantine__{dataset}            every rejected input with its reason
-    latents__{dataset}__{encoder}    media_id, vector (fixed-size list<float32>), fingerprint
-    curated__{experiment}            the selected pair ids of an experiment
-    metrics                          one row per (experiment, metric) evaluation
+"""The Lance lake: one folder (or object-store prefix) of Lance tables, one per dataset and stage
+(names and schemas: pipelines.schemas).
 
 Writes are atomic per call (a Lance commit); appends in batches make long jobs resumable: a kill
 loses at most the batch in flight, and a rerun skips what is already committed.
@@ -15,23 +8,20 @@ loses at most the batch in flight, and a rerun skips what is already committed.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+from fusion.paths import fusemix_home
 
 
-def table_name(*parts: str) -> str:
-    """Joins name parts with '__' after checking each is a safe identifier (no path tricks)."""
-    for p in parts:
-        if not _NAME.match(p) or "__" in p:
-            raise ValueError(f"invalid table name part {p!r}: letters, digits, '_', '-', '.' only, no '__'")
-    return "__".join(parts)
+def default_lake_root() -> str:
+    """Where the Lance tables live unless configured: <FUSEMIX_HOME>/lance."""
+    return str(fusemix_home() / "lance")
 
 
 def sql_str(value: str) -> str:
@@ -128,6 +118,22 @@ class Lake:
         if not self.exists(table):
             return set()
         return set(self.read(table, [column], filter).column(column).to_pylist())
+
+    def vectors(self, table: str, ids: list[str], fingerprint: str | None = None) -> np.ndarray:
+        """[len(ids), d] float32 of the `vector` column for these `media_id`s, in their order; raises
+        LookupError if any is missing (or, with `fingerprint`, has another fingerprint)."""
+        rows = self.read(table, ["media_id", "vector", "fingerprint"])
+        if fingerprint is not None:
+            rows = rows.filter(pc.equal(rows["fingerprint"], fingerprint))
+        index = {m: i for i, m in enumerate(rows["media_id"].to_pylist())}
+        missing = [m for m in ids if m not in index]
+        if missing:
+            raise LookupError(
+                f"{len(missing)} of {len(ids)} items have no latent in {table}"
+                f"{' with fingerprint ' + fingerprint if fingerprint else ''} (first: {missing[0]}); run extraction"
+            )
+        vectors = arrow_to_vectors(rows["vector"])
+        return vectors[np.fromiter((index[m] for m in ids), dtype=np.int64, count=len(ids))]
 
     def tables(self) -> list[str]:
         if "://" in self.root:

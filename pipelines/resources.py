@@ -11,18 +11,10 @@ import dagster as dg
 from pydantic import Field
 
 from fusion.adapters import EncoderRef
-from fusion.encoders import EncoderSpec, FrozenEncoder, build_encoder, load_registry
+from fusion.encoders import EncoderSpec, FrozenEncoder, build_encoder, describe_encoder, load_registry
 from fusion.paths import configs_dir, fusemix_home
-from pipelines.lake import Lake
-
-
-def default_lake_root() -> str:
-    return str(fusemix_home() / "lance")
-
-
-def default_tracking_uri() -> str:
-    # No mkdir here: this runs whenever the Definitions load, which must not write anything.
-    return f"sqlite:///{fusemix_home() / 'mlflow' / 'mlflow.db'}"
+from pipelines.lake import Lake, default_lake_root
+from pipelines.tracking import default_artifact_root, default_tracking_uri
 
 
 class LanceLake(dg.ConfigurableResource):
@@ -41,8 +33,7 @@ class MlflowTracking(dg.ConfigurableResource):
         default_factory=default_tracking_uri, description="sqlite:///... or http://host:port"
     )
     artifact_root: str = Field(
-        default_factory=lambda: str(fusemix_home() / "mlflow" / "artifacts"),
-        description="Where new MLflow experiments keep their artifacts",
+        default_factory=default_artifact_root, description="Where new MLflow experiments keep their artifacts"
     )
     experiment_prefix: str = Field(default="fusemix", description="MLflow experiment name prefix")
 
@@ -87,9 +78,8 @@ class EncoderBank(dg.ConfigurableResource):
         return specs[name]
 
     def ref(self, name: str) -> EncoderRef:
-        """What a checkpoint records of an encoder: name, fingerprint, dimension."""
-        enc = self.get(name)
-        return EncoderRef(name, enc.fingerprint, enc.dim)
+        """What a checkpoint records of an encoder: name, fingerprint, dimension (weights not loaded)."""
+        return describe_encoder(self.spec(name), cache_dir=Path(self.cache_dir) if self.cache_dir else None)
 
     def get(self, name: str) -> FrozenEncoder:
         spec = self.spec(name)
@@ -105,13 +95,13 @@ class EncoderBank(dg.ConfigurableResource):
 class DuckDBCatalog(dg.ConfigurableResource):
     """SQL over the lake: every Lance table as a DuckDB view (see pipelines.catalog)."""
 
-    lake_root: str = Field(default_factory=default_lake_root)
+    lake: LanceLake
     database: str | None = Field(default=None, description="DuckDB file; in-memory when unset")
 
     def catalog(self):
         from pipelines.catalog import Catalog
 
-        return Catalog(self.lake_root, self.database)
+        return Catalog(self.lake.root, self.database)
 
 
 class PipelinePaths(dg.ConfigurableResource):

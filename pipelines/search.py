@@ -17,7 +17,8 @@ import numpy as np
 from fusion.adapters import EncoderRef
 from fusion.checkpoint import CheckpointMismatch, load_checkpoint, read_config
 from fusion.encoders import EncoderSpec, FrozenEncoder, build_encoder, load_registry
-from pipelines.lake import Lake, arrow_to_vectors, sql_in, table_name
+from pipelines.lake import Lake, arrow_to_vectors, sql_in
+from pipelines.schemas import table_name
 
 _EXTRA_KEYS = ("dataset", "media_encoder", "text_encoder", "media_side", "text_side")
 

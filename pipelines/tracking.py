@@ -1,10 +1,25 @@
-"""MLflow logging helpers: a run per training, params in batches, step metrics buffered."""
+"""MLflow tracking: the default store, a run per training, params in batches, step metrics buffered."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from fusion.paths import fusemix_home
+
+
+def default_tracking_uri(create: bool = False) -> str:
+    """MLflow's SQLite store under the home folder. `create` makes its folder (SQLite creates the file
+    but not the folder); without it nothing is written, as when the Definitions load."""
+    store = fusemix_home() / "mlflow"
+    if create:
+        store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def default_artifact_root() -> str:
+    return str(fusemix_home() / "mlflow" / "artifacts")
 
 
 class RunLogger:

@@ -33,14 +33,15 @@ class Project:
     n_pairs: int
 
     def resources(self) -> dict:
+        lake = LanceLake(root=str(self.home / "lance"))
         return {
-            "lake": LanceLake(root=str(self.home / "lance")),
+            "lake": lake,
             "encoders": EncoderBank(registry_path=str(self.configs / "encoders.yaml")),
             "tracking": MlflowTracking(
                 tracking_uri=f"sqlite:///{self.home / 'mlflow.db'}",
                 artifact_root=str(self.home / "artifacts"),
             ),
-            "catalog": DuckDBCatalog(lake_root=str(self.home / "lance")),
+            "catalog": DuckDBCatalog(lake=lake),
             "paths": PipelinePaths(home=str(self.home), configs=str(self.configs)),
         }
 

@@ -101,7 +101,7 @@ def graph(tmp_path_factory) -> Graph:
     old_home = os.environ.get("FUSEMIX_HOME")
     os.environ["FUSEMIX_HOME"] = str(Path(tmp) / "home")
     try:
-        from pipelines.definitions import build_defs
+        from app.definitions import build_defs
 
         project = make_project(tmp)
         # A third experiment whose text encoder is in the registry but never extracted.

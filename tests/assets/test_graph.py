@@ -299,6 +299,21 @@ def test_rerun_with_nothing_changed_does_not_retrain(graph):
     assert graph.notes["mlflow_runs_after_rerun"] == graph.notes["mlflow_runs_before_rerun"] == 2
 
 
+def test_every_table_the_graph_wrote_has_its_schema(graph):
+    from pipelines.schemas import parse_table_name, schema_of
+
+    lk = graph.lake()
+    kinds = set()
+    for name in lk.tables():
+        parsed = parse_table_name(name)
+        assert parsed is not None, f"{name} is not a table of pipelines.schemas"
+        kinds.add(parsed[0])
+        schema = lk.open(name).schema
+        dim = schema.field("vector").type.list_size if parsed[0] == "latents" else None
+        assert schema.equals(schema_of(name, dim), check_metadata=False), name
+    assert kinds == {"media", "pairs", "quarantine", "latents", "curated", "metrics"}
+
+
 def test_duckdb_catalog_over_the_lake(graph):
     lk = graph.lake()
     cat = Catalog(graph.project.home / "lance")

@@ -227,6 +227,26 @@ def test_empty_lake_has_empty_union_views(tmp_path):
     assert cat.saved("latents_per_encoder").num_rows == 0
 
 
+def test_empty_views_have_the_columns_of_the_schemas(tmp_path):
+    # A query on any column the pipeline writes works on a fresh lake, not only after the first run.
+    from pipelines import schemas
+
+    cat = Catalog(tmp_path / "empty")
+    expected = {
+        "media": ["dataset", *schemas.MEDIA.names],
+        "pairs": ["dataset", *schemas.PAIRS.names],
+        "quarantine": schemas.QUARANTINE.names,
+        "curated": ["experiment", *schemas.CURATED.names],
+        "latents_meta": ["dataset", "encoder", "dim", "media_id", "fingerprint", "encoder"],
+        "metrics": schemas.METRICS.names,
+    }
+    for view, columns in expected.items():
+        got = cat.sql(f"SELECT * FROM {view}").column_names
+        assert set(got) == set(columns), view
+    assert cat.sql("SELECT stage, ingested_at FROM quarantine, media").num_rows == 0
+    assert cat.sql("SELECT family, variable, inputs_hash FROM metrics").num_rows == 0
+
+
 def test_saved_latents_per_encoder(lake):
     rows = Catalog(lake.root).saved("latents_per_encoder").to_pylist()
     by_key = {(r["dataset"], r["encoder"]): r for r in rows}

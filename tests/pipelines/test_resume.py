@@ -1,4 +1,4 @@
-"""Kill-and-resume of latent extraction (pipelines.extraction.run_extraction) on the tiny project.
+"""Kill-and-resume of latent extraction (pipelines.extract.run_extraction) on the tiny project.
 
 A subprocess extracts with small commits and is SIGKILLed after it reported two commits; the rerun
 in-process must leave exactly the table an uninterrupted run writes. Also: a changed encoder
@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from fusion.encoders import build_encoder, load_registry
-from pipelines.extraction import run_extraction
+from pipelines.extract import run_extraction
 from pipelines.ingest import load_dataset, write_dataset
 from pipelines.lake import Lake, arrow_to_vectors
 from pipelines.registries import load_datasets
@@ -43,7 +43,7 @@ LATENTS = f"latents__{DATASET}__{ENCODER}"
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from pipelines.extraction import run_extraction
+    from pipelines.extract import run_extraction
     from pipelines.lake import Lake
     from pipelines.resources import EncoderBank
 

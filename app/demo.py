@@ -11,22 +11,24 @@ import time
 from pathlib import Path
 
 import dagster as dg
+from tabulate import tabulate
 
+from app.cli import dagster_home
+from evaluation.ablation import ablation_report
 from fusion.paths import fusemix_home
+from pipelines.lake import Lake, default_lake_root
 from pipelines.partitions import ENCODER_PARTITIONS, Partitions
 
 STAGES = ("ingest", "extract", "experiment", "all")
 
 
 def instance() -> dg.DagsterInstance:
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(fusemix_home() / "dagster")))
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch()
+    os.environ["DAGSTER_HOME"] = str(dagster_home())
     return dg.DagsterInstance.get()
 
 
 def _defs():
-    from pipelines.definitions import build_defs
+    from app.definitions import build_defs  # reads the registries: only when a run is asked for
 
     return build_defs()
 
@@ -55,12 +57,15 @@ def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, qu
     return result.success
 
 
+def add_encoder_partitions(parts: Partitions, inst: dg.DagsterInstance) -> None:
+    """Every encoder of the registry as a partition (the sensor does the same in the UI)."""
+    known = set(inst.get_dynamic_partitions(ENCODER_PARTITIONS))
+    inst.add_dynamic_partitions(ENCODER_PARTITIONS, [e for e in parts.encoders() if e not in known])
+
+
 def run_plan(defs, parts: Partitions, inst, experiments: list[str]) -> bool:
     """Ingest the datasets these experiments use, extract what their encoders need, then run them."""
-    inst.add_dynamic_partitions(
-        ENCODER_PARTITIONS,
-        [e for e in parts.encoders() if not inst.has_dynamic_partition(ENCODER_PARTITIONS, e)],
-    )
+    add_encoder_partitions(parts, inst)
     exps = [parts.experiments[e] for e in experiments]
     datasets = sorted({e.dataset for e in exps})
     ok = all(_run(defs, "ingest_job", d, inst) for d in datasets)
@@ -70,33 +75,39 @@ def run_plan(defs, parts: Partitions, inst, experiments: list[str]) -> bool:
     return ok
 
 
-def retrieval_table(experiments: list[str]) -> str:
-    from pipelines.lake import Lake
-    from pipelines.resources import default_lake_root
-
+def metric_rows() -> list[dict]:
+    """The rows of the lake's `metrics` table (none before the first evaluation)."""
     lake = Lake(default_lake_root())
-    if not lake.exists("metrics"):
+    return lake.read("metrics").to_pylist() if lake.exists("metrics") else []
+
+
+def retrieval_table(experiments: list[str]) -> str:
+    """The demo's table: test items, Recall@1/5/10 both ways and chance at R@1, in percent."""
+    rows = metric_rows()
+    if not rows:
         return "(no metrics yet)"
-    rows = lake.read("metrics").to_pylist()
-    by = {}
+    by: dict[str, dict[str, float]] = {}
     for r in rows:
         by.setdefault(r["experiment"], {})[r["metric"]] = r["value"]
-    head = f"{'experiment':<22} {'items':>6} {'t2i R@1':>8} {'R@5':>6} {'R@10':>6} {'i2t R@1':>8} {'R@5':>6} {'R@10':>6} {'chance':>7} {'chance':>7}"
-    lines = [head, "-" * len(head)]
+    cols = [f"{d}_recall_at_{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    cols += ["chance_t2i_recall_at_1", "chance_i2t_recall_at_1"]
+    head = ["experiment", "items", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5", "R@10", "chance", "chance"]
+    table = []
     for e in experiments:
         m = by.get(e)
         if not m:
-            lines.append(f"{e:<22} (not evaluated)")
+            table.append([e, "(not evaluated)"] + [""] * (len(head) - 2))
             continue
+        table.append([e, int(m.get("test_items", 0))] + [100 * m.get(c, float("nan")) for c in cols])
+    return tabulate(table, headers=head, tablefmt="simple", floatfmt=".1f", disable_numparse=False)
 
-        def pct(k: str, m: dict = m) -> str:
-            return f"{100 * m.get(k, float('nan')):.1f}"
 
-        lines.append(
-            f"{e:<22} {int(m.get('test_items', 0)):>6} {pct('t2i_recall_at_1'):>8} {pct('t2i_recall_at_5'):>6} {pct('t2i_recall_at_10'):>6} "
-            f"{pct('i2t_recall_at_1'):>8} {pct('i2t_recall_at_5'):>6} {pct('i2t_recall_at_10'):>6} {pct('chance_t2i_recall_at_1'):>7} {pct('chance_i2t_recall_at_1'):>7}"
-        )
-    return "\n".join(lines)
+def family_report(family: str, experiments: list[str]) -> Path | None:
+    """An ablation family's table and plot (evaluation.ablation) under <home>/reports/families."""
+    rows = [r for r in metric_rows() if r["experiment"] in experiments]
+    if not rows:
+        return None
+    return ablation_report(rows, family, fusemix_home() / "reports" / "families")
 
 
 def run_demo(family: str = "demo") -> int:
@@ -115,6 +126,9 @@ def run_demo(family: str = "demo") -> int:
     )
     print(retrieval_table(experiments))
     print()
+    if family != "demo" and (report := family_report(family, experiments)) is not None:
+        print(f"Ablation table and plot: {report}")
+        print()
     print("Where to look next:")
     print(f"  reports        {home / 'reports'}/<experiment>/report.md")
     print("  Dagster UI     fusemix ui          (http://127.0.0.1:3000)")
@@ -141,10 +155,7 @@ def materialize(stage: str, partition: str | None = None) -> int:
     if stage == "ingest":
         keys = [partition] if partition else sorted(parts.datasets)
         return 0 if all([_run(defs, "ingest_job", k, inst) for k in keys]) else 1
-    inst.add_dynamic_partitions(
-        ENCODER_PARTITIONS,
-        [e for e in parts.encoders() if not inst.has_dynamic_partition(ENCODER_PARTITIONS, e)],
-    )
+    add_encoder_partitions(parts, inst)
     specs = parts.encoders()
     if partition:
         dataset, _, encoder = partition.partition("|")

@@ -1,4 +1,4 @@
-"""The `fusemix` command line (entry point `fusemix = "pipelines.cli:main"`).
+"""The `fusemix` command line (entry point `fusemix = "app.cli:main"`).
 
     fusemix data list                              the default-corpus sources
     fusemix data fetch notes --limit 8             fetch into the data cache and print its report
@@ -29,6 +29,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fusion.paths import PROJECT_ROOT, cache_dir, fusemix_home
+
+
+def dagster_home() -> Path:
+    """Dagster's instance folder: $DAGSTER_HOME, else <FUSEMIX_HOME>/dagster; made with an empty
+    dagster.yaml (the defaults, without Dagster's warning about a missing one)."""
+    home = Path(os.environ.get("DAGSTER_HOME") or fusemix_home() / "dagster")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").touch()
+    return home
 
 
 class UserError(Exception):
@@ -62,24 +71,17 @@ def format_cell(value: object, max_width: int = 40) -> str:
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[object]], max_width: int = 40) -> str:
-    """An aligned text table: header, rule, rows; numbers right-aligned."""
-    cells = [[format_cell(v, max_width) for v in row] for row in rows]
-    widths = [len(c) for c in columns]
-    for row in cells:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    """An aligned text table (tabulate's "simple" layout): header, rule, rows; numbers right-aligned."""
+    from tabulate import tabulate
+
     numeric = [
         bool(rows)
         and all(isinstance(r[i], int | float) and not isinstance(r[i], bool) or r[i] is None for r in rows)
         for i in range(len(columns))
     ]
-
-    def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
-        return "  ".join(parts).rstrip()
-
-    out = [line(list(columns)), "  ".join("-" * w for w in widths)]
-    out += [line(row) for row in cells]
-    return "\n".join(out)
+    cells = [[format_cell(v, max_width) for v in row] for row in rows]
+    align = ["right" if num else "left" for num in numeric]
+    return tabulate(cells, headers=list(columns), tablefmt="simple", disable_numparse=True, colalign=align)
 
 
 def print_arrow(table, as_csv: bool, max_width: int, max_rows: int) -> None:
@@ -102,7 +104,7 @@ def print_arrow(table, as_csv: bool, max_width: int, max_rows: int) -> None:
 
 
 def _lake_root(args) -> str:
-    from pipelines.catalog import default_lake_root
+    from pipelines.lake import default_lake_root
 
     return args.lake or default_lake_root()
 
@@ -144,7 +146,7 @@ def cmd_encoder_list(args) -> int:
 def cmd_encoder_add(args) -> int:
     from fusion.encoders import add_encoder
     from fusion.encoders.registry import default_registry_path
-    from pipelines.lake import table_name
+    from pipelines.schemas import table_name
 
     try:
         table_name("latents", "dataset", args.name)  # the name becomes part of Lance table names
@@ -234,44 +236,32 @@ def cmd_ui(args) -> int:
         raise UserError(
             f"{workspace} does not exist; the Dagster definitions are not set up in this checkout"
         )
-    # The same instance that `fusemix demo` runs in (pipelines.demo.instance): $DAGSTER_HOME if set.
-    dagster_home = Path(os.environ.get("DAGSTER_HOME") or fusemix_home() / "dagster")
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    (dagster_home / "dagster.yaml").touch()  # an empty config: defaults, without Dagster's warning
-    env = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
+    home = dagster_home()  # the same instance that `fusemix demo` runs in
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
     argv = [_tool("dagster"), "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
-    print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={dagster_home})", flush=True)
+    print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home})", flush=True)
     return exec_server(argv, env)
 
 
 def cmd_mlflow_ui(args) -> int:
-    store = fusemix_home() / "mlflow"
-    store.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{store / 'mlflow.db'}"
+    from pipelines.tracking import default_tracking_uri
+
+    uri = default_tracking_uri(create=True)
     argv = [_tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri})", flush=True)
     return exec_server(argv, dict(os.environ))
 
 
-def _owner_function(name: str):
-    try:
-        from pipelines import demo
-    except ImportError as err:
-        raise UserError(
-            f"pipelines.demo cannot be imported ({err}); the pipeline is not set up in this checkout"
-        ) from err
-    fn = getattr(demo, name, None)
-    if fn is None:
-        raise UserError(f"pipelines.demo has no {name}()")
-    return fn
-
-
 def cmd_demo(args) -> int:
-    return int(_owner_function("run_demo")(family=args.family))
+    from app.demo import run_demo
+
+    return int(run_demo(family=args.family))
 
 
 def cmd_materialize(args) -> int:
-    return int(_owner_function("materialize")(args.stage, args.partition))
+    from app.demo import materialize
+
+    return int(materialize(args.stage, args.partition))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("materialize", help="materialise one stage's assets, or all")
-    # pipelines.demo validates the stage: the CLI does not keep a second list that could drift.
+    # app.demo validates the stage: the CLI does not keep a second list that could drift.
     p.add_argument("stage", metavar="STAGE", help="ingest, extract, experiment or all")
     p.add_argument("--partition", metavar="KEY", help="partition key (default: every partition)")
     p.set_defaults(func=cmd_materialize)

@@ -1,4 +1,4 @@
-"""Dataset curation for the quantity, quality and diversity ablations (pure NumPy).
+"""Pair selection for the quantity, quality and diversity ablations of the curate stage (pure NumPy).
 
 Every selector returns indices into the candidate list, sorted ascending, deterministic for a seed.
     quantity:  the first n of a seeded order, so a larger n contains every smaller one (nested).

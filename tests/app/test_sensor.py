@@ -1,7 +1,7 @@
 """The encoder sensor and the latent refresh schedule, evaluated on a real Dagster instance and a real
 Lance lake of the tiny project (tests.pipeline_fixture).
 
-    .venv/bin/pytest -q tests/pipelines/test_sensor.py
+    .venv/bin/pytest -q tests/app/test_sensor.py
 
 The project gets a second dataset, `sounds` (audio), beside the ingested image dataset `shapes`:
 `sounds` is declared but not ingested until a test creates its media table.
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from fusion.encoders import add_encoder, load_registry
-from pipelines.ingest import MEDIA_SCHEMA
+from pipelines import schemas
 from pipelines.partitions import ENCODER_PARTITIONS
 from tests.pipeline_fixture import make_project
 
@@ -25,7 +25,7 @@ REGISTRY = ["tiny-audio", "tiny-image", "tiny-text"]
 
 @pytest.fixture(scope="module", autouse=True)
 def home(tmp_path_factory):
-    """FUSEMIX_HOME in a temporary folder before pipelines.definitions is first imported: building
+    """FUSEMIX_HOME in a temporary folder before app.definitions is first imported: building
     its default Definitions creates the MLflow folder under the home."""
     mp = pytest.MonkeyPatch()
     mp.setenv("FUSEMIX_HOME", str(tmp_path_factory.mktemp("home")))
@@ -36,7 +36,7 @@ def home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
     """The tiny project with `shapes` ingested (by ingest_job) and `sounds` declared only."""
-    from pipelines.definitions import build_defs
+    from app.definitions import build_defs
 
     tmp = tmp_path_factory.mktemp("sensor")
     project = make_project(tmp)
@@ -139,7 +139,7 @@ def test_dataset_ingested_later_gets_its_extractions(ingested, instance):
     before = requested(tick(defs, project, instance))
     assert not [r for r in before if r[0] == "sounds"]
     # The sensor only asks whether the media table exists; an empty one stands for an ingestion.
-    lake.append("media__sounds", MEDIA_SCHEMA.empty_table())
+    lake.append("media__sounds", schemas.MEDIA.empty_table())
     try:
         result = tick(defs, project, instance)
     finally:
@@ -155,7 +155,7 @@ def test_dataset_ingested_later_gets_its_extractions(ingested, instance):
 
 
 def test_sensor_skips_when_nothing_is_new_or_ingested(tmp_path, instance):
-    from pipelines.definitions import build_defs
+    from app.definitions import build_defs
 
     project = make_project(tmp_path)
     defs, _ = build_defs(project.configs, resources=project.resources())

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 import pipelines
+from app import cli
 from fusion.encoders import build_encoder, load_registry
-from pipelines import cli
 from pipelines.catalog import Catalog
 from pipelines.sources import SOURCES
 from tests.pipelines.test_catalog import make_lake
@@ -239,7 +239,7 @@ def test_demo_and_materialize_call_the_pipeline(monkeypatch, capsys):
         materialize=lambda stage, partition: calls.append(("materialize", stage, partition)) or 3,
     )
     monkeypatch.setattr(pipelines, "demo", fake, raising=False)
-    monkeypatch.setitem(sys.modules, "pipelines.demo", fake)
+    monkeypatch.setitem(sys.modules, "app.demo", fake)
     assert run(capsys, "demo")[0] == 0
     assert run(capsys, "demo", "--family", "quantity")[0] == 0
     assert run(capsys, "materialize", "extract", "--partition", "emoji|minilm")[0] == 3
@@ -274,7 +274,7 @@ def test_bugs_keep_their_traceback(home, capsys, monkeypatch):
 
 def test_importing_the_cli_stays_light():
     """`fusemix --help` must not pay for torch, DuckDB, Lance or Dagster."""
-    code = "import sys, pipelines.cli; print(sorted(m for m in ('torch', 'duckdb', 'lance', 'dagster') if m in sys.modules))"
+    code = "import sys, app.cli; print(sorted(m for m in ('torch', 'duckdb', 'lance', 'dagster') if m in sys.modules))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=cli.PROJECT_ROOT, check=True
     )

@@ -1,4 +1,4 @@
-"""fusion.curate: the quantity, quality and diversity selectors and the k-means under diversity.
+"""fusion.selection: the quantity, quality and diversity selectors and the k-means under diversity.
 
 .venv/bin/pytest -q tests/fusion/test_curate.py
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusion.curate import kmeans, seeded_order, select_diversity, select_quality, select_quantity
+from fusion.selection import kmeans, seeded_order, select_diversity, select_quality, select_quantity
 
 KEYS = [f"pair-{i:03d}" for i in range(100)]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from app.automation import build_jobs, build_schedule, build_sensor
 from assets import checks, curate, evaluate, extract, ingest, train
 from fusion.paths import configs_dir
-from pipelines.automation import build_jobs, build_schedule, build_sensor
 from pipelines.partitions import Partitions, build_partitions
 from pipelines.resources import DuckDBCatalog, EncoderBank, LanceLake, MlflowTracking, PipelinePaths
 
@@ -25,11 +25,12 @@ def build_defs(
     built = [x for m in modules for x in m.build(parts)]
     assets = [x for x in built if not isinstance(x, dg.AssetChecksDefinition)]
     asset_checks = [x for x in built if isinstance(x, dg.AssetChecksDefinition)]
+    resources = dict(resources or {})
+    lake = resources.setdefault("lake", LanceLake())
     defaults = {
-        "lake": LanceLake(),
         "encoders": EncoderBank(registry_path=str(parts.configs / "encoders.yaml")),
         "tracking": MlflowTracking(),
-        "catalog": DuckDBCatalog(),
+        "catalog": DuckDBCatalog(lake=lake),  # SQL over the same lake the assets write
         "paths": PipelinePaths(configs=str(parts.configs)),
     }
     defs = dg.Definitions(
@@ -38,7 +39,7 @@ def build_defs(
         jobs=list(build_jobs(parts).values()),
         sensors=[build_sensor(parts)],
         schedules=[build_schedule(parts)],
-        resources={**defaults, **(resources or {})},
+        resources={**defaults, **resources},
     )
     return defs, parts
 

@@ -2,7 +2,7 @@
 them) and `build_defs` on the tiny project, with the asset keys, groups, partitions, jobs, sensor,
 schedule and asset checks the pipeline promises.
 
-    .venv/bin/pytest -q tests/pipelines/test_definitions.py
+    .venv/bin/pytest -q tests/app/test_definitions.py
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ JOBS = {
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    """pipelines.definitions imported with FUSEMIX_HOME in a temporary folder, so nothing is written
+    """app.definitions imported with FUSEMIX_HOME in a temporary folder, so nothing is written
     into the checkout (its resources create the MLflow folder under the home)."""
     mp = pytest.MonkeyPatch()
     home = tmp_path_factory.mktemp("home")
@@ -44,7 +44,7 @@ def real(tmp_path_factory):
     mp.delenv("FUSEMIX_CONFIGS", raising=False)
     try:
         # Reloaded: another test module may have imported it under another home first.
-        module = importlib.reload(importlib.import_module("pipelines.definitions"))
+        module = importlib.reload(importlib.import_module("app.definitions"))
         module.test_home = home
         yield module
     finally:
@@ -116,7 +116,7 @@ def test_real_default_resources_live_under_fusemix_home(real):
     res = real.defs.resources
     assert res["lake"].root == str(home / "lance")
     assert res["tracking"].tracking_uri == f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
-    assert res["catalog"].lake_root == str(home / "lance")
+    assert res["catalog"].lake.root == str(home / "lance")
     assert res["paths"].home == str(home)
     assert res["encoders"].registry_path == str(PROJECT_ROOT / "configs" / "encoders.yaml")
 

@@ -16,19 +16,10 @@ import pyarrow as pa
 
 from fusion.data import QuarantineRow
 from fusion.encoders import FrozenEncoder, extract
+from pipelines import schemas
 from pipelines.ingest import quarantine_table
-from pipelines.lake import Lake, sql_in, sql_str, table_name, vectors_to_arrow
-
-
-def latents_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("media_id", pa.string()),
-            ("vector", pa.list_(pa.float32(), dim)),
-            ("fingerprint", pa.string()),
-            ("encoder", pa.string()),
-        ]
-    )
+from pipelines.lake import Lake, sql_in, sql_str, vectors_to_arrow
+from pipelines.schemas import table_name
 
 
 def pending(lake: Lake, dataset: str, encoder: FrozenEncoder) -> tuple[list[str], int]:
@@ -82,7 +73,7 @@ def run_extraction(
     todo, stale = pending(lake, dataset, encoder)
     already_failed = lake.ids(quar_t, "item", f"stage = {sql_str('extract:' + encoder.spec.name)}")
     todo = [i for i in todo if i not in already_failed]
-    schema = latents_schema(encoder.dim)
+    schema = schemas.latents(encoder.dim)
     ids: list[str] = []
     vecs: list[np.ndarray] = []
     failures: list = []

@@ -1,10 +1,10 @@
-"""The command-line runner behind `fusemix demo` / `fusemix materialize` (pipelines.demo) on the tiny project.
+"""The command-line runner behind `fusemix demo` / `fusemix materialize` (app.demo) on the tiny project.
 
 run_plan ingests, extracts and runs one experiment through an ephemeral Dagster instance;
 retrieval_table then shows the experiment's row from the Lance metrics table; materialize rejects
 unknown stages and experiments with exit code 2.
 
-    .venv/bin/pytest -q tests/pipelines/test_demo.py
+    .venv/bin/pytest -q tests/app/test_demo.py
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def project(tmp_path, monkeypatch):
 
 
 def test_run_plan_runs_an_experiment_and_the_table_shows_it(project, capsys):
-    from pipelines.definitions import build_defs
-    from pipelines.demo import retrieval_table, run_plan
+    from app.definitions import build_defs
+    from app.demo import retrieval_table, run_plan
 
     defs, parts = build_defs(project.configs, resources=project.resources())
     inst = dg.DagsterInstance.ephemeral()
@@ -69,13 +69,13 @@ def test_run_plan_runs_an_experiment_and_the_table_shows_it(project, capsys):
 
 
 def test_retrieval_table_without_metrics(project):
-    from pipelines.demo import retrieval_table
+    from app.demo import retrieval_table
 
     assert retrieval_table([EXPERIMENT]) == "(no metrics yet)"
 
 
 def test_materialize_rejects_unknown_stage_and_experiment(project, capsys):
-    from pipelines.demo import STAGES, materialize
+    from app.demo import STAGES, materialize
 
     assert materialize("bogus") == 2
     out = capsys.readouterr().out

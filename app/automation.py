@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from pipelines.lake import Lake, table_name
+from pipelines.lake import Lake
 from pipelines.partitions import ENCODER_PARTITIONS, Partitions
 from pipelines.resources import LanceLake
+from pipelines.schemas import table_name
 
 ABLATION_FAMILIES = ("quantity", "quality", "diversity", "augmentation")
 

@@ -1,0 +1,160 @@
+"""Curate glue: an experiment's pairs and latents as the lake holds them.
+
+`curate` selects the training pairs (quantity, quality, diversity; val and test stay whole),
+`latents_contract` is the data contract checked before any training, and `split_arrays` /
+`paired_split` read the curated splits' latents for training and evaluation. No Dagster here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from evaluation.retrieval import PairedSplit, paired_ids
+from fusion.adapters import EncoderRef
+from fusion.selection import select_diversity, select_quality, select_quantity
+from pipelines import schemas
+from pipelines.lake import Lake, sql_str
+from pipelines.registries import ExperimentSpec
+from pipelines.schemas import table_name
+
+
+def caption_column(exp: ExperimentSpec) -> str:
+    """The pairs column of the experiment's text side: cleaned or raw captions (quality ablation)."""
+    return "caption_id" if exp.caption == "clean" else "raw_caption_id"
+
+
+def latents_for(
+    lake: Lake, dataset: str, encoder: str, ids: list[str], fingerprint: str | None = None
+) -> np.ndarray:
+    """[len(ids), d] latents in the order of `ids`; raises if any is missing or of another fingerprint."""
+    return lake.vectors(table_name("latents", dataset, encoder), ids, fingerprint)
+
+
+def curate(lake: Lake, exp: ExperimentSpec, media_fp: str, text_fp: str) -> tuple[pa.Table, dict]:
+    """Selects the experiment's training pairs (val and test stay whole). Pairs whose media or caption
+    has no current latent are left out and counted."""
+    pairs = lake.read(table_name("pairs", exp.dataset))
+    cap_col = caption_column(exp)
+    pairs = pairs.filter(pc.is_valid(pairs[cap_col]))
+    media_ok = lake.ids(
+        table_name("latents", exp.dataset, exp.media_encoder), filter=f"fingerprint = {sql_str(media_fp)}"
+    )
+    text_ok = lake.ids(
+        table_name("latents", exp.dataset, exp.text_encoder), filter=f"fingerprint = {sql_str(text_fp)}"
+    )
+    has = np.array(
+        [
+            m in media_ok and c in text_ok
+            for m, c in zip(pairs["media_id"].to_pylist(), pairs[cap_col].to_pylist(), strict=True)
+        ],
+        dtype=bool,
+    )
+    without_latents = int((~has).sum())
+    pairs = pairs.filter(pa.array(has))
+    train = pairs.filter(pc.equal(pairs["split"], "train"))
+    rest = pairs.filter(pc.not_equal(pairs["split"], "train"))
+    sel = dict(exp.select)
+    strategy = sel.pop("strategy", "all")
+    seed = int(sel.pop("seed", exp.train.seed))
+    keys = train["pair_id"].to_pylist()
+    if strategy == "all":
+        idx = np.arange(len(keys))
+    elif strategy == "quantity":
+        idx = select_quantity(keys, min(int(sel["n"]), len(keys)), seed)
+    elif strategy == "quality":
+        idx = select_quality(train["quality"].to_numpy(zero_copy_only=False), float(sel["min_quality"]))
+    elif strategy == "diversity":
+        lat = latents_for(lake, exp.dataset, exp.media_encoder, train["media_id"].to_pylist(), media_fp)
+        idx = select_diversity(
+            lat, min(int(sel["n"]), len(keys)), int(sel.get("k", 16)), sel.get("mode", "balanced"), seed
+        )
+    else:
+        raise ValueError(f"experiment {exp.name}: unknown select strategy {strategy!r}")
+    chosen = pa.concat_tables([train.take(pa.array(idx, type=pa.int64())), rest])
+    out = pa.table(
+        {name: chosen[cap_col if name == "caption_id" else name] for name in schemas.CURATED.names},
+        schema=schemas.CURATED,
+    )
+    counts = {s: int(pc.sum(pc.equal(out["split"], s)).as_py() or 0) for s in ("train", "val", "test")}
+    return out, {
+        "strategy": strategy,
+        "candidates": len(keys),
+        "selected_train_pairs": counts["train"],
+        "val_pairs": counts["val"],
+        "test_pairs": counts["test"],
+        "pairs_without_latents": without_latents,
+    }
+
+
+def read_tables(exp: ExperimentSpec) -> list[str]:
+    """The lake tables an experiment's curation reads (their versions are recorded)."""
+    return [
+        table_name("pairs", exp.dataset),
+        table_name("latents", exp.dataset, exp.media_encoder),
+        table_name("latents", exp.dataset, exp.text_encoder),
+    ]
+
+
+def latents_contract(
+    lake: Lake, exp: ExperimentSpec, media: EncoderRef, text: EncoderRef
+) -> tuple[list[str], dict]:
+    """(problems, what was checked per encoder): every paired item that extraction did not quarantine
+    has a latent of the encoder's current fingerprint and dimension, and no latent holds NaN or inf.
+
+    curate() leaves out pairs without a current latent, so the curated table alone would always pass:
+    the contract is on every paired item, less those extraction quarantined (known bad, reported there).
+    """
+    problems, checked = [], {}
+    cur = lake.read(table_name("curated", exp.name))
+    pairs = lake.read(table_name("pairs", exp.dataset))
+    quar_t = table_name("quarantine", exp.dataset)
+    for col, pair_col, ref in (("media_id", "media_id", media), ("caption_id", caption_column(exp), text)):
+        failed = lake.ids(quar_t, "item", f"stage = {sql_str('extract:' + ref.name)}")
+        paired = {i for i in pairs[pair_col].to_pylist() if i is not None} - failed
+        want = set(cur[col].to_pylist()) | paired
+        lat_t = table_name("latents", exp.dataset, ref.name)
+        if not lake.exists(lat_t):
+            checked[ref.name] = {"items": len(want), "missing": len(want), "dim": None, "nonfinite": 0}
+            problems.append(f"no {lat_t} table: run extract_job for ({exp.dataset}, {ref.name})")
+            continue
+        lat = lake.read(lat_t, ["media_id", "vector", "fingerprint"])
+        fps = lat["fingerprint"].to_pylist()
+        current = {m for m, f in zip(lat["media_id"].to_pylist(), fps, strict=True) if f == ref.fingerprint}
+        missing = len(want - current)
+        dim = lat.schema.field("vector").type.list_size
+        flat = lat["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(lat) else []
+        nonfinite = int((~np.isfinite(flat)).sum())
+        checked[ref.name] = {"items": len(want), "missing": missing, "dim": dim, "nonfinite": nonfinite}
+        if missing:
+            problems.append(f"{missing} of {len(want)} {col} without a current {ref.name} latent")
+        if dim != ref.dim:
+            problems.append(f"{ref.name} latents are {dim}-d, the encoder gives {ref.dim}-d")
+        if nonfinite:
+            problems.append(f"{nonfinite} NaN/inf values in {ref.name} latents")
+    return problems, checked
+
+
+def split_rows(curated: pa.Table, split: str) -> pa.Table:
+    return curated.filter(pc.equal(curated["split"], split))
+
+
+def split_arrays(lake: Lake, exp: ExperimentSpec, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Row-aligned latents of curated pairs: media [n, d_m] and captions [n, d_t]."""
+    x = latents_for(lake, exp.dataset, exp.media_encoder, rows["media_id"].to_pylist())
+    y = latents_for(lake, exp.dataset, exp.text_encoder, rows["caption_id"].to_pylist())
+    return x, y
+
+
+def paired_split(lake: Lake, exp: ExperimentSpec, rows: pa.Table) -> PairedSplit:
+    """Unique items and captions of curated pairs with their latents, for retrieval."""
+    item_ids, text_ids, pi, pt = paired_ids(rows["media_id"].to_pylist(), rows["caption_id"].to_pylist())
+    return PairedSplit(
+        item_ids,
+        text_ids,
+        latents_for(lake, exp.dataset, exp.media_encoder, item_ids),
+        latents_for(lake, exp.dataset, exp.text_encoder, text_ids),
+        pi,
+        pt,
+    )
