@@ -67,6 +67,16 @@ def test_run_plan_runs_an_experiment_and_the_table_shows_it(project, capsys):
     # An experiment of the registry that was not run is listed as such, not with made-up numbers.
     assert next(line for line in lines if line.startswith("shapes-n12")).endswith("(not evaluated)")
 
+    # The family report (evaluation.ablation) of what ran: its table holds the stored Recall@1.
+    from app.demo import family_report
+
+    report = family_report("demo", [EXPERIMENT, "shapes-n12"])
+    assert report == project.home / "reports" / "families" / "demo.md"
+    text = report.read_text()
+    assert EXPERIMENT in text and f"{100 * metrics['t2i_recall_at_1']:.1f}" in text
+    assert report.with_suffix(".png").stat().st_size > 0
+    assert family_report("quantity", ["shapes-n12"]) is None  # nothing of it evaluated yet
+
 
 def test_retrieval_table_without_metrics(project):
     from app.demo import retrieval_table
