@@ -145,13 +145,14 @@ def split_retrieval_metrics(metrics: Mapping[str, float]) -> tuple[list[dict], d
     return list(rows.values()), other
 
 
-def retrieval_table_markdown(rows: list[dict] | Mapping[str, float]) -> str:
+def retrieval_table_markdown(rows: list[dict] | Mapping[str, float], label: str = "experiment") -> str:
     """Markdown table of retrieval metrics, recalls in percent with one decimal.
 
     `rows`: dicts with keys ``experiment`` (optional), ``direction``, ``R@K`` (fractions in [0, 1],
     any K), ``mean rank``, ``median rank`` (and any further keys, shown after these); or one flat dict
     of metric names -> value as ``RetrievalResult.as_dict`` gives (``t2i_recall_at_1``, ...), whose
-    non-retrieval metrics are left out here (``write_report`` lists them separately).
+    non-retrieval metrics are left out here (``write_report`` lists them separately). `label` heads
+    the ``experiment`` column (e.g. "group").
 
     Raises ValueError on no rows, a recall outside [0, 1] or a non-dict row.
     """
@@ -178,10 +179,33 @@ def retrieval_table_markdown(rows: list[dict] | Mapping[str, float]) -> str:
             return _format_rank(value)
         return format_number(value)
 
-    header = [f"{c} (%)" if c.startswith("R@") else c for c in columns]
+    header = [f"{c} (%)" if c.startswith("R@") else (label if c == "experiment" else c) for c in columns]
     body = [[fmt(c, r.get(c)) for c in columns] for r in rows]
     numeric = [c not in _TABLE_FIXED and not all(isinstance(r.get(c), str) for r in rows) for c in columns]
     return markdown_table(header, body, numeric)
+
+
+def groups_table_markdown(groups: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table of per-group retrieval metrics: one row per (group, direction).
+
+    `groups`: {group: {metric: value}} with flat names as ``RetrievalResult.as_dict`` writes them
+    (e.g. ``{g: r.as_dict() for g, r in retrieval_by_group(...).items()}``); other metrics are left
+    out. Groups in the given order. Raises ValueError on no groups, a group that is not a dict or has
+    no retrieval metric, and as `retrieval_table_markdown`.
+    """
+    if not isinstance(groups, Mapping) or not groups:
+        raise ValueError("groups must be a non-empty dict of group -> {metric: value}")
+    rows: list[dict] = []
+    for group, metrics in groups.items():
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"groups[{group!r}] must be a dict of metric name -> value")
+        found, _ = split_retrieval_metrics(metrics)
+        if not found:
+            raise ValueError(f"groups[{group!r}] has no retrieval metrics (names like 't2i_recall_at_1')")
+        for row in found:
+            name = str(group) if not row["experiment"] else f"{group} ({row['experiment']})"
+            rows.append(row | {"experiment": name})
+    return retrieval_table_markdown(rows, label="group")
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -604,6 +628,7 @@ def write_report(
     examples: list[dict] | None = None,
     pairs: tuple[np.ndarray, np.ndarray] | None = None,
     seed: int = 0,
+    groups: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Write ``out_dir/report.md`` with loss.png, recall_at_k.png and shared_space.png beside it.
 
@@ -615,7 +640,9 @@ def write_report(
     None: no chance line); item_emb [N_items, d], text_emb [N_texts, d], labels, pairs (pair_items,
     pair_texts): as `plot_shared_space`; params: run parameters shown as a table; examples: what
     ``evaluation.examples.query_examples`` returns, ``[{"query": str, "results": [{"item": str,
-    "score": float, "hit": bool}, ...]}]``.
+    "score": float, "hit": bool}, ...]}]``; groups: per-group galleries as `groups_table_markdown`
+    takes them, {group: {metric: value}} (e.g. from ``evaluation.retrieval.retrieval_by_group``),
+    shown as their own table (None: no such section; their mean belongs in `metrics`, with a prefix).
     An empty history (an untrained baseline, a lost history file) gives a report without loss.png that
     says so; malformed rows are still an error. All inputs are checked before anything is written.
     Returns the path of report.md.
@@ -633,6 +660,7 @@ def write_report(
     _check_examples(examples)
     retrieval_rows, other = split_retrieval_metrics(metrics)
     retrieval_md = retrieval_table_markdown(retrieval_rows) if retrieval_rows else None
+    groups_md = groups_table_markdown(groups) if groups is not None else None
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -653,6 +681,16 @@ def write_report(
     )
     md += _chance_lines(chance)
     md += ["", "![Recall@K](recall_at_k.png)", ""]
+    if groups_md:
+        md += [
+            "### Per-group galleries",
+            "",
+            "One gallery per group: its items are the candidates, the texts paired with them the queries "
+            "(groups of fewer than 2 items are left out).",
+            "",
+            groups_md,
+            "",
+        ]
     if other:
         md += [
             "### Other metrics",

@@ -31,9 +31,20 @@ plus a few MB for counting in column slices. ``candidate_chunk_size`` also split
 matmul work) for candidate sets too large for one block. ``naive_retrieval`` is the full-matrix
 argsort reference the tests compare it with.
 
+Hubness (a few candidates that are the nearest neighbour of many queries) can be corrected as an
+evaluation option, ``hubness="csls"`` or ``"inverted_softmax"``: the chunked loop then ranks by an
+adjusted score, computed in place in each block from the dot products and per-row / per-column terms
+that one chunked pass per side computes first (see `retrieval_metrics`). The default (None) ranks by
+the dot products themselves.
+
+Per-group galleries (`retrieval_by_group`): the same metrics with one group of items at a time (an image
+source such as "twemoji" or "noto") as the gallery, so that a style that is easy to tell apart from the
+others does not make retrieval look easier than it is; `mean_over_groups` and
+`chance_levels_by_group` / `mean_chance_over_groups` average them with equal weights.
+
 Also here: `PairedSplit` and `paired_ids` (one split's unique ids, latents and pairs), `chance_levels`
-(Recall@K of a random ranking for the same pairs) and `evaluate_model` (embed a split with a model's
-two sides and score it).
+(Recall@K of a random ranking for the same pairs), `evaluate_model` (embed a split with a model's
+two sides and score it) and `evaluate_model_by_group` (the same, pooled and per group).
 
 Run the benchmark with ``python -m benchmarks.bench_retrieval``.
 """
@@ -41,8 +52,8 @@ Run the benchmark with ``python -m benchmarks.bench_retrieval``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -51,6 +62,9 @@ from tqdm.auto import tqdm
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 DEFAULT_CHUNK_SIZE = 256
+HUBNESS_METHODS: tuple[str, ...] = ("csls", "inverted_softmax")
+DEFAULT_HUBNESS_K = 10  # CSLS neighbourhood size (Conneau et al. 2018)
+DEFAULT_HUBNESS_BETA = 30.0  # inverse temperature of the inverted softmax (Smith et al. 2017)
 # Elements per comparison slice when counting (1 MB of mask, 4 MB once summed as int32).
 _COUNT_SLICE = 2**20
 
@@ -234,6 +248,9 @@ def retrieval_metrics(
     candidate_chunk_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    hubness: str | None = None,
+    hubness_k: int = DEFAULT_HUBNESS_K,
+    hubness_beta: float = DEFAULT_HUBNESS_BETA,
 ) -> RetrievalResult:
     """Recall@K, mean and median rank in both directions, computed in chunks of queries.
 
@@ -245,13 +262,37 @@ def retrieval_metrics(
     all candidates at once) bounds the candidate axis too, at the cost of computing each block twice;
     neither changes the result. `progress`: tqdm bars (None: only on a terminal).
 
+    `hubness` ranks by a hubness-corrected score instead of the dot product s(q, c) (cosine when
+    normalised); the statistics are taken over ALL rows of the other set, paired or not:
+
+    - ``"csls"`` (Conneau et al. 2018): 2 s(t, i) - r_i - r_t, where r_i is the mean of item i's
+      `hubness_k` highest scores against the texts and r_t the mean of text t's `hubness_k` highest
+      scores against the items (k is capped at the size of the other set). The score is symmetric,
+      so both directions rank by the same matrix; a hub (high r_c) is pushed down every query's list.
+      r_q is constant within a query's list and does not change its ranks, but it is kept.
+    - ``"inverted_softmax"`` (Smith et al. 2017): each candidate's column is normalised by a softmax
+      over the queries at inverse temperature `hubness_beta`, P(c | q) = exp(b s(q, c)) /
+      sum_q' exp(b s(q', c)); text->item normalises each item over all texts, item->text each text
+      over all items. It is ranked as its logarithm, b s(q, c) - logsumexp_q' b s(q', c).
+
+    The per-row terms come from one chunked pass over each side first (the same chunk sizes; a running
+    top-k, or a logsumexp from the exact maximum and a float64 sum of exponentials, so the candidate
+    chunking changes them by float64 rounding at most), and each block of
+    the ranking loop is adjusted in place, so memory stays as without correction; the time grows by
+    those passes and their top-k or exponentials (2.5x for CSLS, 4x for the inverted softmax on CPU at
+    8k x 8k). The corrected scores are float32 like the dot products: candidates whose corrected scores
+    differ by less than float32 resolves at their size (about 1e-7 * beta for the inverted softmax's
+    log-probabilities, which a large beta packs together) tie, against the query. None (the default)
+    ranks by the dot products themselves, as before.
+
     Raises ValueError on mismatched or empty shapes, non-finite values, no pairs, pair indices that are
-    not integers or out of range, and bad ks or chunk sizes.
+    not integers or out of range, and bad ks, chunk sizes or hubness options.
     """
     ks_t = _check_ks(ks)
     _check_chunk("chunk_size", chunk_size)
     if candidate_chunk_size is not None:
         _check_chunk("candidate_chunk_size", candidate_chunk_size)
+    _check_hubness(hubness, hubness_k, hubness_beta)
     if device is None:
         device = item_emb.device if isinstance(item_emb, torch.Tensor) else torch.device("cpu")
     items, texts, pi, pt = _prepare(
@@ -261,6 +302,9 @@ def retrieval_metrics(
     t_rows, t_ptr, t_cols = _csr(pt, pi, n_texts, n_items)
     i_rows, i_ptr, i_cols = _csr(pi, pt, n_items, n_texts)
     with torch.no_grad():
+        t2i_adjust, i2t_adjust = _hubness_adjustments(
+            items, texts, hubness, hubness_k, hubness_beta, chunk_size, candidate_chunk_size, progress
+        )
         t2i_ranks = _chunked_ranks(
             texts,
             items,
@@ -271,6 +315,7 @@ def retrieval_metrics(
             candidate_chunk_size,
             progress,
             "text->item ranks",
+            t2i_adjust,
         )
         i2t_ranks = _chunked_ranks(
             items,
@@ -282,6 +327,7 @@ def retrieval_metrics(
             candidate_chunk_size,
             progress,
             "item->text ranks",
+            i2t_adjust,
         )
     return _result(
         ks_t, t2i_ranks.numpy(), i2t_ranks.numpy(), t_rows.numpy(), i_rows.numpy(), n_items, n_texts
@@ -296,20 +342,46 @@ def naive_retrieval(
     *,
     ks: Iterable[int] = DEFAULT_KS,
     normalize: bool = False,
+    hubness: str | None = None,
+    hubness_k: int = DEFAULT_HUBNESS_K,
+    hubness_beta: float = DEFAULT_HUBNESS_BETA,
 ) -> RetrievalResult:
     """Reference: the full [N_texts, N_items] float64 score matrix, each row sorted with numpy.
 
-    Same inputs, tie rule and validation as `retrieval_metrics`; O(N_texts * N_items) memory, so for
-    tests and small sets only. Each query's row is sorted by descending score with incorrect candidates
-    before correct ones among equal scores, and the rank is the position of the first correct one.
+    Same inputs, tie rule, hubness options and validation as `retrieval_metrics`; O(N_texts * N_items)
+    memory, so for tests and small sets only. Each query's row is sorted by descending score with
+    incorrect candidates before correct ones among equal scores, and the rank is the position of the
+    first correct one. The hubness corrections are applied to the whole matrix as their papers write
+    them (CSLS from fully sorted rows and columns, the inverted softmax as the normalised
+    probabilities themselves).
     """
     ks_t = _check_ks(ks)
+    _check_hubness(hubness, hubness_k, hubness_beta)
     items_t, texts_t, pi, pt = _prepare(
         item_emb, text_emb, pair_items, pair_texts, normalize, torch.device("cpu")
     )
     items = items_t.numpy().astype(np.float64)
     texts = texts_t.numpy().astype(np.float64)
     scores = texts @ items.T  # [N_texts, N_items]
+    t2i_scores, i2t_scores = scores, scores.T
+    if hubness == "csls":
+
+        def knn_mean(s: np.ndarray) -> np.ndarray:
+            """Per row of s: the mean of its min(k, n) highest entries."""
+            k = min(hubness_k, s.shape[1])
+            return np.sort(s, axis=1)[:, ::-1][:, :k].mean(axis=1)
+
+        r_texts, r_items = knn_mean(scores), knn_mean(scores.T)
+        t2i_scores = 2.0 * scores - r_texts[:, None] - r_items[None, :]
+        i2t_scores = t2i_scores.T
+    elif hubness == "inverted_softmax":
+
+        def column_softmax(s: np.ndarray) -> np.ndarray:
+            """Each column of s [queries, candidates] as a softmax over the queries."""
+            e = np.exp(hubness_beta * (s - s.max(axis=0, keepdims=True)))
+            return e / e.sum(axis=0, keepdims=True)
+
+        t2i_scores, i2t_scores = column_softmax(scores), column_softmax(scores.T)
     correct = np.zeros(scores.shape, dtype=bool)
     correct[pt.numpy(), pi.numpy()] = True
 
@@ -320,26 +392,214 @@ def naive_retrieval(
 
     query_texts = np.flatnonzero(correct.any(axis=1))
     query_items = np.flatnonzero(correct.any(axis=0))
-    t2i_ranks = first_correct_rank(scores[query_texts], correct[query_texts])
-    i2t_ranks = first_correct_rank(scores.T[query_items], correct.T[query_items])
+    t2i_ranks = first_correct_rank(t2i_scores[query_texts], correct[query_texts])
+    i2t_ranks = first_correct_rank(i2t_scores[query_items], correct.T[query_items])
     return _result(ks_t, t2i_ranks, i2t_ranks, query_texts, query_items, items.shape[0], texts.shape[0])
 
 
 def evaluate_model(
-    model: Any, split: PairedSplit, progress: bool | None = False
+    model: Any, split: PairedSplit, progress: bool | None = False, **options: Any
 ) -> tuple[RetrievalResult, np.ndarray, np.ndarray]:
     """Embed a split with a model's two sides and score retrieval on its pairs.
 
     `model` needs ``sides`` (the media side first, then the text side, as a fusion.adapters.FusedModel
     has them) and ``embed(side, latents [B, d_side]) -> [B, d]`` returning a torch tensor or a numpy
-    array (a baseline without adapters can return its input). Returns (`retrieval_metrics` of the
-    embeddings on split's pairs, item embeddings [n_items, d], text embeddings [n_texts, d]) as numpy.
+    array (a baseline without adapters can return its input). `options` go to `retrieval_metrics`
+    (``hubness=``, chunk sizes, ...). Returns (`retrieval_metrics` of the embeddings on split's pairs,
+    item embeddings [n_items, d], text embeddings [n_texts, d]) as numpy.
     """
-    media_side, text_side = model.sides
-    item_emb = _to_numpy(model.embed(media_side, split.items))
-    text_emb = _to_numpy(model.embed(text_side, split.texts))
-    result = retrieval_metrics(item_emb, text_emb, split.pair_items, split.pair_texts, progress=progress)
+    item_emb, text_emb = _embed(model, split)
+    result = retrieval_metrics(
+        item_emb, text_emb, split.pair_items, split.pair_texts, progress=progress, **options
+    )
     return result, item_emb, text_emb
+
+
+def evaluate_model_by_group(
+    model: Any,
+    split: PairedSplit,
+    item_groups: Sequence[str],
+    progress: bool | None = False,
+    **options: Any,
+) -> tuple[RetrievalResult, dict[str, RetrievalResult], np.ndarray, np.ndarray]:
+    """`evaluate_model` plus `retrieval_by_group`, from one embedding of the split.
+
+    `item_groups`: one group name per item of the split (aligned with ``split.item_ids``). `options`
+    go to both scorings. Returns (pooled result, {group: result}, item embeddings, text embeddings).
+    """
+    item_emb, text_emb = _embed(model, split)
+    pooled = retrieval_metrics(
+        item_emb, text_emb, split.pair_items, split.pair_texts, progress=progress, **options
+    )
+    by_group = retrieval_by_group(
+        item_emb, text_emb, split.pair_items, split.pair_texts, item_groups, progress=progress, **options
+    )
+    return pooled, by_group, item_emb, text_emb
+
+
+def _embed(model: Any, split: PairedSplit) -> tuple[np.ndarray, np.ndarray]:
+    media_side, text_side = model.sides
+    return _to_numpy(model.embed(media_side, split.items)), _to_numpy(model.embed(text_side, split.texts))
+
+
+# ----------------------------------------------------------------------------------------------- groups
+
+
+@dataclass(frozen=True)
+class _GroupSubset:
+    """One group's gallery: its items and the texts paired with them (sorted global row indices), and
+    its pairs as local indices into those."""
+
+    items: np.ndarray
+    texts: np.ndarray
+    pair_items: np.ndarray
+    pair_texts: np.ndarray
+
+
+def _group_names(item_groups: object, n_items: int | None = None) -> list[str]:
+    """item_groups as a list of names, checked: one string per item."""
+    if isinstance(item_groups, str) or not isinstance(item_groups, Sequence | np.ndarray):
+        raise ValueError(f"item_groups must be a sequence of group names, got {type(item_groups).__name__}")
+    names = list(item_groups)
+    if n_items is not None and len(names) != n_items:
+        raise ValueError(f"item_groups has {len(names)} entries for {n_items} items (one per item)")
+    for i, g in enumerate(names):
+        if not isinstance(g, str):
+            raise ValueError(f"item_groups[{i}] must be a group name (str), got {g!r}")
+    return names
+
+
+def _group_subsets(pi: torch.Tensor, pt: torch.Tensor, names: list[str]) -> dict[str, _GroupSubset]:
+    """The scorable groups (>= 2 items, >= 1 pair) of items named by `names` [N_items], in sorted
+    order; pairs are checked by the caller."""
+    n_items = len(names)
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(names):
+        members.setdefault(g, []).append(i)
+    pi_np, pt_np = pi.numpy(), pt.numpy()
+    out: dict[str, _GroupSubset] = {}
+    for name in sorted(members):
+        rows = np.array(members[name], dtype=np.int64)
+        if rows.size < 2:
+            continue
+        inside = np.zeros(n_items, dtype=bool)
+        inside[rows] = True
+        keep = inside[pi_np]
+        if not keep.any():
+            continue
+        texts = np.unique(pt_np[keep])
+        out[name] = _GroupSubset(
+            rows, texts, np.searchsorted(rows, pi_np[keep]), np.searchsorted(texts, pt_np[keep])
+        )
+    return out
+
+
+def retrieval_by_group(
+    item_emb: ArrayLike,
+    text_emb: ArrayLike,
+    pair_items: IndexLike,
+    pair_texts: IndexLike,
+    item_groups: Sequence[str],
+    *,
+    ks: Iterable[int] = DEFAULT_KS,
+    normalize: bool = False,
+    **options: Any,
+) -> dict[str, RetrievalResult]:
+    """`retrieval_metrics` with one group of items at a time as the gallery: {group: result}.
+
+    item_groups [N_items]: the group name of each item (e.g. its image source, "twemoji" or "noto").
+    For group g the gallery is g's items (the unpaired ones stay in as distractors), the text queries
+    are the texts paired with them, and the candidate texts of item->text are those same texts; only the
+    pairs between them count. A text shared with another group's items is a query in both groups, each
+    time with that group's items alone. Groups with fewer than 2 items (no ranking to speak of), and
+    groups whose items are in no pair, are SKIPPED: they are not in the result. Groups come in sorted
+    order. Everything else (`ks`, `normalize`, and `options`: chunk sizes, device, progress, hubness,
+    whose statistics are then taken within the group) is as in `retrieval_metrics`, which each group's
+    result equals on the group's sub-arrays, except that ``t2i_query_texts`` and ``i2t_query_items``
+    are mapped back to rows of text_emb and item_emb (n_items and n_texts are the group's sizes).
+
+    Raises ValueError as `retrieval_metrics`, and when item_groups is not one string per item.
+    """
+    ks_t = _check_ks(ks)
+    device = options.pop("device", None)
+    if device is None:
+        device = item_emb.device if isinstance(item_emb, torch.Tensor) else torch.device("cpu")
+    items, texts, pi, pt = _prepare(
+        item_emb, text_emb, pair_items, pair_texts, normalize, torch.device(device)
+    )
+    out: dict[str, RetrievalResult] = {}
+    names = _group_names(item_groups, items.shape[0])
+    for name, g in _group_subsets(pi, pt, names).items():
+        sub_items = items[torch.from_numpy(g.items).to(items.device)]
+        sub_texts = texts[torch.from_numpy(g.texts).to(texts.device)]
+        result = retrieval_metrics(
+            sub_items, sub_texts, g.pair_items, g.pair_texts, ks=ks_t, device=device, **options
+        )
+        out[name] = replace(
+            result,
+            t2i_query_texts=g.texts[result.t2i_query_texts],
+            i2t_query_items=g.items[result.i2t_query_items],
+        )
+    return out
+
+
+def chance_levels_by_group(
+    pair_items: IndexLike,
+    pair_texts: IndexLike,
+    item_groups: Sequence[str],
+    ks: Iterable[int] = DEFAULT_KS,
+) -> dict[str, dict[str, dict[int, float]]]:
+    """`chance_levels` of each group's gallery, as `retrieval_by_group` forms and skips them.
+
+    item_groups [N_items]: one group name per item (their number is the number of items). Returns
+    {group: {"t2i": {K: p}, "i2t": {K: p}}} in sorted group order.
+    """
+    ks_t = _check_ks(ks)
+    pi = _as_index_vector("pair_items", pair_items)
+    pt = _as_index_vector("pair_texts", pair_texts)
+    names = _group_names(item_groups)
+    _check_pairs(pi, pt, len(names), int(pt.max()) + 1 if pt.numel() else 1)
+    return {
+        name: chance_levels(g.pair_items, g.pair_texts, g.items.size, g.texts.size, ks_t)
+        for name, g in _group_subsets(pi, pt, names).items()
+    }
+
+
+def mean_over_groups(
+    results: Mapping[str, RetrievalResult], prefix: str = "", directions: tuple[str, str] = ("t2i", "i2t")
+) -> dict[str, float]:
+    """The mean over groups, each weighted equally, of every metric of `retrieval_by_group`'s results.
+
+    Flat names as ``RetrievalResult.as_dict(prefix, directions)`` writes them. A small group counts as
+    much as a large one (the mean over galleries, not over queries). Raises ValueError on no groups or
+    results with different ks.
+    """
+    if not results:
+        raise ValueError("no group results to average (every group may have been skipped)")
+    flat = {name: r.as_dict(prefix, directions) for name, r in results.items()}
+    first_name, first = next(iter(flat.items()))
+    for name, d in flat.items():
+        if d.keys() != first.keys():
+            raise ValueError(f"groups {first_name!r} and {name!r} were scored with different ks")
+    return {m: float(np.mean([d[m] for d in flat.values()])) for m in first}
+
+
+def mean_chance_over_groups(
+    chances: Mapping[str, Mapping[str, Mapping[int, float]]],
+) -> dict[str, dict[int, float]]:
+    """`chance_levels_by_group`'s levels averaged over groups with equal weights, as `mean_over_groups`
+    averages the results: {"t2i": {K: p}, "i2t": {K: p}}. Raises ValueError on no groups or differing
+    directions or ks."""
+    if not chances:
+        raise ValueError("no group chance levels to average (every group may have been skipped)")
+    first_name, first = next(iter(chances.items()))
+    shape = {d: tuple(levels) for d, levels in first.items()}
+    for name, c in chances.items():
+        if {d: tuple(levels) for d, levels in c.items()} != shape:
+            raise ValueError(f"groups {first_name!r} and {name!r} have different directions or ks")
+    return {
+        d: {k: float(np.mean([c[d][k] for c in chances.values()])) for k in ks} for d, ks in shape.items()
+    }
 
 
 def _chunked_ranks(
@@ -352,12 +612,15 @@ def _chunked_ranks(
     candidate_chunk_size: int | None,
     progress: bool | None,
     desc: str,
+    adjust: _Adjust | None = None,
 ) -> torch.Tensor:
     """Best-correct rank of each query.
 
     queries [M, d], candidates [C, d] float32 on one device; query_rows int64 [Q] (CPU) picks the query
     rows of `queries` (None: all M, Q = M); ptr [Q + 1] and cols [P] int64 (CPU) list the correct
-    candidates of each query in CSR form, at least one per query. Returns int64 [Q] (CPU).
+    candidates of each query in CSR form, at least one per query. `adjust` (a hubness correction)
+    turns every block of dot products s into scale * s - query_bias - candidate_bias in place, before
+    anything is read from it. Returns int64 [Q] (CPU).
     """
     dev = queries.device
     n_q = queries.shape[0] if query_rows is None else query_rows.shape[0]
@@ -371,16 +634,27 @@ def _chunked_ranks(
     sim_buf = torch.empty(width, dtype=torch.float32, device=dev)
     mask_buf = torch.empty(min(width, max(_COUNT_SLICE, min(chunk_size, n_q))), dtype=torch.bool, device=dev)
 
-    def block(q: torch.Tensor, cs: int, ce: int) -> torch.Tensor:
+    def block(q: torch.Tensor, q_bias: torch.Tensor | None, cs: int, ce: int) -> torch.Tensor:
         """Scores [B, ce - cs] of the chunk's queries q [B, d] against candidates cs:ce."""
         out = sim_buf[: q.shape[0] * (ce - cs)].view(q.shape[0], ce - cs)
-        return torch.mm(q, candidates[cs:ce].T, out=out)
+        torch.mm(q, candidates[cs:ce].T, out=out)
+        if adjust is not None:
+            if adjust.scale != 1.0:
+                out.mul_(adjust.scale)
+            if q_bias is not None:
+                out.sub_(q_bias[:, None])
+            out.sub_(adjust.candidate_bias[None, cs:ce])
+        return out
 
     disable = None if progress is None else not progress
     for s in tqdm(range(0, n_q, chunk_size), desc=desc, unit="chunk", disable=disable, leave=False):
         e = min(s + chunk_size, n_q)
         # Gathering the query rows per chunk keeps a subset of the items from being copied whole.
         q = queries[s:e] if query_rows is None else queries[query_rows[s:e].to(dev)]
+        q_bias = None
+        if adjust is not None and adjust.query_bias is not None:
+            qb = adjust.query_bias
+            q_bias = qb[s:e] if query_rows is None else qb[query_rows[s:e].to(dev)]
         p0, p1 = int(ptr[s]), int(ptr[e])
         rows = torch.repeat_interleave(torch.arange(e - s), ptr[s + 1 : e + 1] - ptr[s:e]).to(dev)
         pcols = cols[p0:p1].to(dev)
@@ -390,7 +664,7 @@ def _chunked_ranks(
         # so that a candidate identical to the correct one ties exactly instead of by rounding luck.
         sim = None
         for cs, ce in blocks:
-            sim = block(q, cs, ce)
+            sim = block(q, q_bias, cs, ce)
             inside = (pcols >= cs) & (pcols < ce)
             vals[inside] = sim[rows[inside], pcols[inside] - cs]
         best = torch.full((e - s,), -math.inf, dtype=torch.float32, device=dev)
@@ -401,7 +675,7 @@ def _chunked_ranks(
         at_least = torch.zeros(e - s, dtype=torch.int64, device=dev)
         for cs, ce in blocks:
             if len(blocks) > 1:
-                sim = block(q, cs, ce)
+                sim = block(q, q_bias, cs, ce)
             # Column slices: sum() casts the boolean mask to an integer copy, which over the whole block
             # would be as large as the block itself. int32 because counts stay below 2**31.
             n_rows, n_cols = sim.shape
@@ -415,6 +689,107 @@ def _chunked_ranks(
         correct_at_least.index_add_(0, rows, (vals >= best[rows]).to(torch.int64))
         ranks[s:e] = (at_least - correct_at_least + 1).cpu()
     return ranks
+
+
+@dataclass(frozen=True)
+class _Adjust:
+    """A hubness correction of one direction: score = scale * s - query_bias[q] - candidate_bias[c].
+
+    query_bias [M] (one per row of the query matrix, None: no query term), candidate_bias [C]: float32
+    on the embeddings' device.
+    """
+
+    scale: float
+    query_bias: torch.Tensor | None
+    candidate_bias: torch.Tensor
+
+
+def _hubness_adjustments(
+    items: torch.Tensor,
+    texts: torch.Tensor,
+    hubness: str | None,
+    k: int,
+    beta: float,
+    chunk_size: int,
+    candidate_chunk_size: int | None,
+    progress: bool | None,
+) -> tuple[_Adjust | None, _Adjust | None]:
+    """(text->item, item->text) corrections of `hubness` for items [N_items, d], texts [N_texts, d]."""
+    if hubness is None:
+        return None, None
+    args = (chunk_size, candidate_chunk_size, progress)
+    if hubness == "csls":
+        r_items = _neighbour_stat(items, texts, "knn_mean", k, *args)  # [N_items]
+        r_texts = _neighbour_stat(texts, items, "knn_mean", k, *args)  # [N_texts]
+        return _Adjust(2.0, r_texts, r_items), _Adjust(2.0, r_items, r_texts)
+    # Inverted softmax: log P(c | q) = beta s(q, c) - logsumexp over all queries q' of beta s(q', c).
+    lse_items = _neighbour_stat(items, texts, "logsumexp", beta, *args)  # each item over the texts
+    lse_texts = _neighbour_stat(texts, items, "logsumexp", beta, *args)  # each text over the items
+    return _Adjust(float(beta), None, lse_items), _Adjust(float(beta), None, lse_texts)
+
+
+def _neighbour_stat(
+    rows: torch.Tensor,
+    others: torch.Tensor,
+    stat: str,
+    param: float,
+    chunk_size: int,
+    other_chunk_size: int | None,
+    progress: bool | None,
+) -> torch.Tensor:
+    """One number per row of rows [R, d] from its dot products with every row of others [O, d].
+
+    ``"knn_mean"``: the mean of the min(param, O) highest products (a running top-k over the blocks of
+    `others`, sorted, so the blocking does not change the sum). ``"logsumexp"``: logsumexp of param *
+    the products, as the block maximum plus the log of a float64 sum of exponentials (two passes over
+    the blocks when `others` is split). Rows in chunks of `chunk_size`, others in blocks of
+    `other_chunk_size` (None: all). Returns float32 [R] on rows' device.
+    """
+    dev = rows.device
+    n_r, n_o = rows.shape[0], others.shape[0]
+    step = n_o if other_chunk_size is None else min(other_chunk_size, n_o)
+    blocks = [(os_, min(os_ + step, n_o)) for os_ in range(0, n_o, step)]
+    out = torch.empty(n_r, dtype=torch.float32, device=dev)
+    disable = None if progress is None else not progress
+    for s in tqdm(range(0, n_r, chunk_size), desc=f"hubness ({stat})", disable=disable, leave=False):
+        e = min(s + chunk_size, n_r)
+        r = rows[s:e]
+        if stat == "knn_mean":
+            k = min(int(param), n_o)
+            top = None
+            for bs, be in blocks:
+                sim = torch.mm(r, others[bs:be].T)
+                cand = sim.topk(min(k, be - bs), dim=1).values
+                top = cand if top is None else torch.cat([top, cand], dim=1).topk(k, dim=1).values
+            out[s:e] = top.mean(dim=1)
+            continue
+        peak = torch.full((e - s,), -math.inf, dtype=torch.float32, device=dev)
+        sims = []
+        for bs, be in blocks:
+            sim = torch.mm(r, others[bs:be].T).mul_(param)
+            peak = torch.maximum(peak, sim.amax(dim=1))
+            if len(blocks) == 1:
+                sims.append(sim)
+        total = torch.zeros(e - s, dtype=torch.float64, device=dev)
+        for j, (bs, be) in enumerate(blocks):
+            sim = sims[j] if sims else torch.mm(r, others[bs:be].T).mul_(param)
+            total += sim.sub_(peak[:, None]).exp_().sum(dim=1, dtype=torch.float64)
+        out[s:e] = (peak.double() + torch.log(total)).float()
+    return out
+
+
+def _check_hubness(hubness: str | None, k: int, beta: float) -> None:
+    if hubness is not None and hubness not in HUBNESS_METHODS:
+        raise ValueError(f"hubness must be None or one of {list(HUBNESS_METHODS)}, got {hubness!r}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"hubness_k must be an integer >= 1, got {k!r}")
+    if (
+        isinstance(beta, bool)
+        or not isinstance(beta, int | float | np.integer | np.floating)
+        or not math.isfinite(float(beta))
+        or beta <= 0
+    ):
+        raise ValueError(f"hubness_beta must be a finite number > 0, got {beta!r}")
 
 
 def _csr(

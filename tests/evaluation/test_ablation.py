@@ -15,6 +15,7 @@ from evaluation.ablation import (
     ablation_report,
     ablation_table,
     plot_ablation,
+    scored_datasets,
 )
 from evaluation.report import DPI, FIGSIZE
 
@@ -185,16 +186,17 @@ def test_report_writes_the_table_and_the_plot(tmp_path):
 
 
 def test_plot_groups_repeated_values_and_keeps_experiments_without_a_variable_apart():
-    exps, numeric = _family(_rows(), "quantity")
-    values, mean, lo, hi = _grouped(exps, "t2i_recall_at_1", numeric)
+    fam = _family(_rows(), "quantity")
+    assert not fam.seeded and not fam.per_dataset
+    values, mean, lo, hi = _grouped(fam.exps, "t2i_recall_at_1", fam.numeric)
     assert values == [1000.0, 10000.0, 100000.0]  # the two 1k seeds are one point: mean and range
     np.testing.assert_allclose([mean[0], lo[0], hi[0]], [0.025, 0.015, 0.035])
     # The demo family varies nothing: its experiments (on different datasets) are never averaged.
     demo = _metric_rows("emoji-fusemix", "demo", "", {"t2i_recall_at_1": 0.4})
     demo += _metric_rows("notes-fusemix", "demo", "", {"t2i_recall_at_1": 0.2})
-    exps, numeric = _family(demo, "demo")
-    labels, mean, _, _ = _grouped(exps, "t2i_recall_at_1", numeric)
-    assert not numeric and labels == ["emoji-fusemix", "notes-fusemix"]
+    fam = _family(demo, "demo")
+    labels, mean, _, _ = _grouped(fam.exps, "t2i_recall_at_1", fam.numeric)
+    assert not fam.numeric and labels == ["emoji-fusemix", "notes-fusemix"]
     np.testing.assert_allclose(mean, [0.4, 0.2])
 
 
@@ -211,3 +213,159 @@ def test_numpy_values_count_as_numbers():
         rows += _metric_rows(f"n{n}", "quantity", np.int64(n), {"t2i_recall_at_1": np.float32(r)})
     _, body = _parse(ablation_table(rows, "quantity"))
     assert [r[:3] for r in body] == [["n50", "50", "12.5"], ["n500", "500", "**25.0**"]]
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+
+
+def _seeded_rows() -> list[dict]:
+    """Two experiments of the quantity family, with per-seed rows on two datasets and in two galleries,
+    and the evaluation's aggregated rows (seed None) beside them, holding values that must not be used."""
+    rows = []
+    per_seed = {
+        # experiment, N: [(t2i R@1, i2t R@1, t2i mean rank) per seed]
+        ("n500", "500"): [(0.10, 0.20, 3.0), (0.14, 0.22, 5.0), (0.12, 0.24, 4.0)],
+        ("n50", "50"): [(0.02, 0.05, 9.0), (0.04, 0.05, 7.0)],
+    }
+    for (name, n), seeds in per_seed.items():
+        for dataset, factor in (("emoji", 1.0), ("noto", 0.5)):
+            for gallery, shift in (("pooled", 0.0), ("per_source", 0.01)):
+                for seed, (t2i, i2t, rank) in enumerate(seeds):
+                    values = {
+                        "t2i_recall_at_1": factor * t2i + shift,
+                        "i2t_recall_at_1": factor * i2t + shift,
+                        "t2i_mean_rank": rank,
+                        "chance_t2i_recall_at_1": 0.001,
+                    }
+                    rows += [
+                        r | {"dataset": dataset, "gallery": gallery, "seed": seed, "std": None, "n_seeds": 1}
+                        for r in _metric_rows(name, "quantity", n, values)
+                    ]
+                rows += [
+                    r
+                    | {
+                        "dataset": dataset,
+                        "gallery": gallery,
+                        "seed": None,
+                        "std": 0.5,
+                        "n_seeds": len(seeds),
+                    }
+                    for r in _metric_rows(name, "quantity", n, {"t2i_recall_at_1": 0.99})
+                ]
+    return rows
+
+
+def test_seeds_show_as_mean_and_sample_std():
+    header, body = _parse(ablation_table(_seeded_rows(), "quantity", dataset="emoji"))
+    assert header == [
+        "experiment",
+        "quantity",
+        "seeds",
+        "t2i R@1 (%)",
+        "i2t R@1 (%)",
+        "t2i mean rank",
+        "chance t2i R@1 (%)",
+    ]
+    # n500: t2i 10, 14, 12 % -> 12.0 ± 2.0; i2t 20, 22, 24 -> 22.0 ± 2.0; ranks 3, 5, 4 -> 4.0 ± 1.0.
+    # n50: t2i 2, 4 -> 3.0 ± 1.4 (sqrt(2)); i2t 5, 5 -> 5.0 ± 0.0; ranks 9, 7 -> 8.0 ± 1.4.
+    # Best by the mean; chance shows its mean only; the aggregated rows (0.99) are not used.
+    assert body == [
+        ["n50", "50", "2", "3.0 ± 1.4", "5.0 ± 0.0", "8.0 ± 1.4", "0.1"],
+        ["n500", "500", "3", "**12.0 ± 2.0**", "**22.0 ± 2.0**", "**4.0 ± 1.0**", "0.1"],
+    ]
+
+
+def test_seed_error_bars_are_the_std_not_the_range():
+    fam = _family(_seeded_rows(), "quantity", dataset="emoji")
+    assert fam.seeded and not fam.per_dataset
+    values, mean, lo, hi = _grouped(fam.exps, "t2i_recall_at_1", fam.numeric)
+    assert values == [50.0, 500.0]
+    np.testing.assert_allclose(mean, [0.03, 0.12])
+    # mean ± std (0.01 * sqrt(2) and 0.02), where the range would be 0.02-0.04 and 0.10-0.14.
+    np.testing.assert_allclose(lo, [0.03 - 0.01 * np.sqrt(2), 0.10])
+    np.testing.assert_allclose(hi, [0.03 + 0.01 * np.sqrt(2), 0.14])
+    # Two experiments of the same value, each over seeds: the std of all their seeds together.
+    both = [r for r in _seeded_rows() if r["dataset"] == "emoji"]
+    both = [r | {"variable": "500"} if r["experiment"] == "n50" else r for r in both]
+    fam = _family(both, "quantity")
+    _, mean, lo, _ = _grouped(fam.exps, "t2i_recall_at_1", fam.numeric)
+    pooled = np.array([0.10, 0.14, 0.12, 0.02, 0.04])
+    np.testing.assert_allclose([mean[0], mean[0] - lo[0]], [pooled.mean(), pooled.std(ddof=1)])
+
+
+def test_other_galleries_and_aggregated_only_rows():
+    _, body = _parse(ablation_table(_seeded_rows(), "quantity", dataset="noto", gallery="per_source"))
+    # noto halves the recalls, per_source adds 1 point: n500 t2i 5, 7, 6 % + 1 -> 7.0 ± 1.0.
+    assert body[1][:4] == ["n500", "500", "3", "**7.0 ± 1.0**"]
+    with pytest.raises(
+        ValueError, match="no rows of gallery 'per_concept'; galleries present: \\['pooled', 'per_source'\\]"
+    ):
+        ablation_table(_seeded_rows(), "quantity", gallery="per_concept")
+    with pytest.raises(ValueError, match="no rows on dataset 'clips'"):
+        ablation_table(_seeded_rows(), "quantity", dataset="clips")
+    # Only the aggregated rows (as a summary table might hold them): their value ± their std.
+    agg = [
+        r
+        for r in _seeded_rows()
+        if r["seed"] is None and r["dataset"] == "emoji" and r["gallery"] == "pooled"
+    ]
+    header, body = _parse(ablation_table(agg, "quantity"))
+    assert header[2] == "seeds"
+    assert [r[2:] for r in body] == [["2", "99.0 ± 50.0"], ["3", "99.0 ± 50.0"]]
+
+
+def test_several_scored_datasets_are_shown_per_dataset(tmp_path):
+    rows = [r for r in _seeded_rows() if r["gallery"] == "pooled"]
+    assert scored_datasets(rows, "quantity") == ["emoji", "noto"]
+    header, body = _parse(ablation_table(rows, "quantity"))
+    assert header[:4] == ["experiment", "dataset", "quantity", "seeds"]
+    assert [r[:2] for r in body] == [["n50", "emoji"], ["n500", "emoji"], ["n50", "noto"], ["n500", "noto"]]
+    # Best per dataset: n500 on both, with noto's halved recalls 5, 7, 6 % -> 6.0 ± 1.0.
+    assert [r[4] for r in body] == ["3.0 ± 1.4", "**12.0 ± 2.0**", "1.5 ± 0.7", "**6.0 ± 1.0**"]
+    with pytest.raises(ValueError, match="several datasets \\['emoji', 'noto'\\]: plot one at a time"):
+        plot_ablation(rows, "quantity", tmp_path / "p.png")
+    _assert_png(plot_ablation(rows, "quantity", tmp_path / "noto.png", dataset="noto"))
+
+    md_path = ablation_report(rows, "quantity", tmp_path / "out")
+    md = md_path.read_text(encoding="utf-8")
+    assert md_path.name == "quantity.md"
+    assert "2 experiments" in md and "2 scored datasets" in md and "standard deviation" in md
+    assert re.findall(r"^## (.+)$", md, flags=re.M) == ["emoji", "noto"]
+    assert ablation_table(rows, "quantity", dataset="noto") in md
+    assert re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md) == ["quantity_emoji.png", "quantity_noto.png"]
+    for png in ("quantity_emoji.png", "quantity_noto.png"):
+        _assert_png(tmp_path / "out" / png)
+    # Another gallery gets its own report beside it.
+    other = ablation_report(_seeded_rows(), "quantity", tmp_path / "out", gallery="per_source")
+    assert other.name == "quantity_per_source.md"
+    assert "Gallery: per_source" in other.read_text(encoding="utf-8")
+    assert (tmp_path / "out" / "quantity_per_source_noto.png").exists()
+
+
+def test_one_dataset_per_experiment_is_one_table():
+    # The demo family: each experiment on its own dataset, as before datasets were a dimension.
+    demo = _metric_rows("emoji-fusemix", "demo", "", {"t2i_recall_at_1": 0.4})
+    demo += [
+        r | {"dataset": "notes"} for r in _metric_rows("notes-fusemix", "demo", "", {"t2i_recall_at_1": 0.2})
+    ]
+    assert scored_datasets(demo, "demo") == [None]
+    header, body = _parse(ablation_table(demo, "demo"))
+    assert header == ["experiment", "demo", "t2i R@1 (%)"]
+    assert [r[0] for r in body] == ["emoji-fusemix", "notes-fusemix"]
+
+
+def test_seed_rows_are_checked(tmp_path):
+    rows = _seeded_rows()
+    twice = rows + [rows[0] | {"value": 0.5}]
+    with pytest.raises(
+        ValueError, match="'n500' on dataset 'emoji' has metric 't2i_recall_at_1' twice for seed 0"
+    ):
+        ablation_table(twice, "quantity")
+    missing = [r for r in rows if not (r["seed"] == 1 and r["metric"] == "i2t_recall_at_1")]
+    with pytest.raises(ValueError, match="experiment 'n500': metric 'i2t_recall_at_1' is missing in seed"):
+        ablation_table(missing, "quantity", dataset="emoji")
+    with pytest.raises(ValueError, match="rows\\[0\\] has seed 'a'"):
+        ablation_table([rows[0] | {"seed": "a"}] + rows[1:], "quantity")
+    # A seed read back as a float (pandas upcasts nullable ints) still counts.
+    as_float = [r | {"seed": float(r["seed"])} if r["seed"] is not None else r for r in rows]
+    assert ablation_table(as_float, "quantity") == ablation_table(rows, "quantity")

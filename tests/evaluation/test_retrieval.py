@@ -1,5 +1,6 @@
 """Retrieval metrics over positive pairs: the chunked computation against the full-matrix reference,
-multi-match pairs, ties, chance levels, splits, model evaluation and bad input.
+multi-match pairs, ties, hubness corrections, per-group galleries, chance levels, splits, model
+evaluation and bad input.
 
 Most data is quantised to a dyadic grid with small integer numerators, so every dot product is exact in
 float32 and float64 alike: the chunked and the naive paths see identical scores, ties included.
@@ -13,14 +14,20 @@ import pytest
 import torch
 
 from evaluation import retrieval
+from evaluation.report import groups_table_markdown
 from evaluation.retrieval import (
     PairedSplit,
     RetrievalResult,
     chance_levels,
+    chance_levels_by_group,
     chance_recall,
     evaluate_model,
+    evaluate_model_by_group,
+    mean_chance_over_groups,
+    mean_over_groups,
     naive_retrieval,
     paired_ids,
+    retrieval_by_group,
     retrieval_metrics,
 )
 from fusion.adapters import Adapter, EncoderRef, FusedModel
@@ -439,6 +446,321 @@ def test_evaluate_model_embeds_both_sides_and_scores_the_pairs():
     np.testing.assert_array_equal(item_raw, split.items[:, :5])
     assert_same(base, retrieval_metrics(split.items[:, :5], split.texts[:, :5], pi, pt))
 
+    # Options reach retrieval_metrics; the per-group sibling scores the same embeddings both ways.
+    csls, _, _ = evaluate_model(model, split, hubness="csls", chunk_size=7)
+    assert_same(csls, retrieval_metrics(item_emb, text_emb, pi, pt, hubness="csls"))
+    groups = ["odd" if i % 2 else "even" for i in range(len(item_ids))]
+    pooled, by_group, item_emb2, text_emb2 = evaluate_model_by_group(model, split, groups, hubness="csls")
+    np.testing.assert_array_equal(item_emb2, item_emb)
+    np.testing.assert_array_equal(text_emb2, text_emb)
+    assert_same(pooled, csls)
+    expected = retrieval_by_group(item_emb, text_emb, pi, pt, groups, hubness="csls")
+    assert list(by_group) == ["even", "odd"]
+    for name in by_group:
+        assert_same(by_group[name], expected[name])
+
+
+# ----------------------------------------------------------------------------------------------- hubness
+
+
+def unit_sign_data(seed: int, n_items: int, n_texts: int):
+    """pair_data's pairs with exact unit vectors of 16 entries +-1/4 (dot products: multiples of 1/8);
+    each text is its first item with 4 signs flipped."""
+    _, _, pi, pt = pair_data(seed, n_items, n_texts, 2, levels=1)
+    rng = np.random.default_rng(seed)
+    items = rng.choice(np.array([-0.25, 0.25], dtype=np.float32), size=(n_items, 16))
+    first = np.zeros(n_texts, dtype=np.int64)
+    first[pt[::-1]] = pi[::-1]
+    texts = items[first].copy()
+    for row in texts:
+        row[rng.choice(16, size=4, replace=False)] *= -1
+    return items, texts, pi, pt
+
+
+def with_twins(items, texts, pi, pt, n_twins: int, seed: int):
+    """Append unpaired exact copies of some paired items and texts: each copy ties with its original in
+    every score, corrected or not, so the queries of those originals lose a rank to the tie rule."""
+    rng = np.random.default_rng(seed)
+    item_twins = rng.choice(np.unique(pi), size=n_twins, replace=False)
+    text_twins = rng.choice(np.unique(pt), size=n_twins, replace=False)
+    return np.concatenate([items, items[item_twins]]), np.concatenate([texts, texts[text_twins]])
+
+
+@pytest.mark.parametrize(
+    ("hubness", "options", "chunk_size", "candidate_chunk_size", "seed"),
+    [
+        ("csls", {"hubness_k": 4}, 7, None, 0),
+        ("csls", {"hubness_k": 2}, 16, 9, 1),
+        ("csls", {"hubness_k": 1}, 5, 3, 2),
+        ("csls", {"hubness_k": 8}, 256, 4, 3),
+        ("inverted_softmax", {}, 7, None, 0),
+        ("inverted_softmax", {"hubness_beta": 5.0}, 11, 6, 1),
+        ("inverted_softmax", {"hubness_beta": 12.0}, 4, 17, 2),
+        ("inverted_softmax", {"hubness_beta": 30}, 9, 20, 3),
+    ],
+)
+def test_hubness_chunked_matches_naive_with_ties(hubness, options, chunk_size, candidate_chunk_size, seed):
+    # Dyadic data: the CSLS terms (means of 1, 2, 4 or 8 dyadic products) are exact in both paths. The
+    # inverted softmax's logsumexp is not, so it gets exact unit vectors (its scale: b * cosine), and only
+    # the copies tie exactly, in both paths alike.
+    if hubness == "csls":
+        items, texts, pi, pt = pair_data(seed, 60, 70, 6, levels=2)
+    else:
+        items, texts, pi, pt = unit_sign_data(seed, 60, 70)
+    items, texts = with_twins(items, texts, pi, pt, 8, seed)
+    chunked = retrieval_metrics(
+        items,
+        texts,
+        pi,
+        pt,
+        chunk_size=chunk_size,
+        candidate_chunk_size=candidate_chunk_size,
+        hubness=hubness,
+        **options,
+    )
+    naive = naive_retrieval(items, texts, pi, pt, hubness=hubness, **options)
+    assert_same(chunked, naive)
+    # The correction changes the ranking (else this would test nothing new) ...
+    plain = retrieval_metrics(items, texts, pi, pt)
+    assert not np.array_equal(chunked.t2i_ranks, plain.t2i_ranks)
+    # ... and the twins still tie: without them every twinned query ranks strictly better.
+    n_i, n_t = len(items) - 8, len(texts) - 8
+    alone = retrieval_metrics(items[:n_i], texts[:n_t], pi, pt, hubness=hubness, **options)
+    assert (chunked.t2i_ranks > alone.t2i_ranks).sum() >= 8
+    assert (chunked.i2t_ranks > alone.i2t_ranks).sum() >= 8
+
+
+@pytest.mark.parametrize("hubness", ["csls", "inverted_softmax"])
+def test_hubness_defaults_on_continuous_data_match_naive(hubness):
+    # k = 10 and beta = 30, k larger than a small set (5 items: the mean of all 5), torch input.
+    rng = np.random.default_rng(21)
+    items = rng.normal(size=(90, 16))
+    owner = rng.integers(0, 90, size=120)
+    texts = items[owner] + 1.2 * rng.normal(size=(120, 16))
+    args = (owner, np.arange(120))
+    chunked = retrieval_metrics(
+        torch.from_numpy(items), texts, *args, normalize=True, chunk_size=13, hubness=hubness
+    )
+    assert_same(chunked, naive_retrieval(items, texts, *args, normalize=True, hubness=hubness))
+    split = retrieval_metrics(
+        items, texts, *args, normalize=True, chunk_size=31, candidate_chunk_size=8, hubness=hubness
+    )
+    assert_same(split, chunked)
+    small = retrieval_metrics(items[:5], texts[:7], [0, 1, 2, 3, 4, 0, 1], np.arange(7), hubness=hubness)
+    assert_same(
+        small, naive_retrieval(items[:5], texts[:7], [0, 1, 2, 3, 4, 0, 1], np.arange(7), hubness=hubness)
+    )
+
+
+def test_no_hubness_is_the_plain_ranking():
+    items, texts, pi, pt = pair_data(6, 50, 40, 8, levels=4)
+    assert_same(
+        retrieval_metrics(items, texts, pi, pt, hubness=None), retrieval_metrics(items, texts, pi, pt)
+    )
+    assert_same(naive_retrieval(items, texts, pi, pt, hubness=None), retrieval_metrics(items, texts, pi, pt))
+
+
+def hub_example() -> tuple[np.ndarray, np.ndarray]:
+    """Four captions t_j = e_j; their items i_j = 0.45 e_j + 0.893 e_(4+j) (cosine 0.45 with t_j, 0 with
+    the others); one unpaired hub h = (e_0 + e_1 + e_2 + e_3) / 2, at cosine 0.5 to EVERY caption."""
+    texts = np.eye(8)[:4]
+    items = np.zeros((5, 8))
+    for j in range(4):
+        items[j, j], items[j, 4 + j] = 0.45, math.sqrt(1 - 0.45**2)
+    items[4, :4] = 0.5
+    return items, texts
+
+
+def test_csls_and_inverted_softmax_demote_a_hub():
+    items, texts = hub_example()
+    pairs = (np.arange(4), np.arange(4))
+    plain = retrieval_metrics(items, texts, *pairs)
+    # Plain cosine: the hub (0.5) outranks every caption's own item (0.45).
+    np.testing.assert_array_equal(plain.t2i_ranks, [2, 2, 2, 2])
+    assert plain.t2i_recall[1] == 0.0
+    # CSLS with k = 2: r_hub = 0.5, r_item = (0.45 + 0) / 2, r_text = (0.5 + 0.45) / 2, so the own item
+    # scores 0.9 - 0.225 - 0.475 = 0.2 and the hub 1.0 - 0.5 - 0.475 = 0.025.
+    for options in (
+        {"hubness": "csls", "hubness_k": 2},
+        {"hubness": "csls"},
+        {"hubness": "inverted_softmax"},
+    ):
+        fixed = retrieval_metrics(items, texts, *pairs, **options)
+        np.testing.assert_array_equal(fixed.t2i_ranks, [1, 1, 1, 1])
+        np.testing.assert_array_equal(fixed.i2t_ranks, [1, 1, 1, 1])
+        assert_same(fixed, naive_retrieval(items, texts, *pairs, **options))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"hubness": "CSLS"}, "hubness must be None or one of"),
+        ({"hubness": "knn"}, "hubness must be None or one of"),
+        ({"hubness": "csls", "hubness_k": 0}, "hubness_k must be an integer >= 1"),
+        ({"hubness": "csls", "hubness_k": 2.0}, "hubness_k must be an integer >= 1"),
+        ({"hubness": "inverted_softmax", "hubness_beta": 0.0}, "hubness_beta must be a finite number > 0"),
+        ({"hubness": "inverted_softmax", "hubness_beta": math.inf}, "hubness_beta must be a finite"),
+    ],
+)
+def test_bad_hubness_options_are_value_errors(options, message):
+    items, pairs = np.eye(3, dtype=np.float32), [0, 1, 2]
+    for fn in (retrieval_metrics, naive_retrieval):
+        with pytest.raises(ValueError, match=message):
+            fn(items, items, pairs, pairs, **options)
+
+
+# ----------------------------------------------------------------------------------------------- groups
+
+
+def grouped_example():
+    """Five items in groups a, a, b, b, c (c: one item, skipped); text t2 names an item of a and two of
+    b. Item 2 (group b) is a copy of item 0 (group a): pooled, caption t0 ties with it; per group not."""
+    items = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8], [0, 1]])
+    texts = np.array([[1, 0], [0, 1], [0.8, 0.6], [0, 1]])
+    pi = np.array([0, 1, 1, 2, 3, 3, 4])
+    pt = np.array([0, 1, 2, 2, 2, 3, 3])
+    return items, texts, pi, pt, ["a", "a", "b", "b", "c"]
+
+
+def test_group_galleries_by_hand():
+    items, texts, pi, pt, groups = grouped_example()
+    by_group = retrieval_by_group(items, texts, pi, pt, groups, ks=(1, 2))
+    assert list(by_group) == ["a", "b"]
+    a, b = by_group["a"], by_group["b"]
+    # Group a: items 0, 1 against the texts paired with them, t0, t1, t2. t2 = (.8, .6) is paired with
+    # item 1 (.6) but item 0 scores .8: rank 2. Item 2, the copy of item 0, is not in a's gallery.
+    assert (a.n_items, a.n_texts) == (2, 3)
+    np.testing.assert_array_equal(a.t2i_query_texts, [0, 1, 2])
+    np.testing.assert_array_equal(a.t2i_ranks, [1, 1, 2])
+    np.testing.assert_array_equal(a.i2t_query_items, [0, 1])
+    np.testing.assert_array_equal(a.i2t_ranks, [1, 1])
+    # Group b: items 2, 3 (global rows) and texts t2, t3; t2 names both and is nearest item 3 (.96).
+    assert (b.n_items, b.n_texts) == (2, 2)
+    np.testing.assert_array_equal(b.t2i_query_texts, [2, 3])
+    np.testing.assert_array_equal(b.i2t_query_items, [2, 3])
+    np.testing.assert_array_equal(b.t2i_ranks, [1, 1])
+    np.testing.assert_array_equal(b.i2t_ranks, [1, 1])
+    # Pooled, t0 ties with item 2 (a copy of its item from another group) and loses a rank.
+    assert retrieval_metrics(items, texts, pi, pt).t2i_ranks[0] == 2
+
+    # Each group weighs the same: t2i R@1 is (2/3 + 1) / 2, not 4/5 as over the five queries.
+    mean = mean_over_groups(by_group)
+    assert list(mean) == list(a.as_dict())
+    assert mean["t2i_recall_at_1"] == pytest.approx(5 / 6)
+    assert mean["t2i_mean_rank"] == pytest.approx((4 / 3 + 1) / 2)
+    assert mean["i2t_recall_at_1"] == 1.0
+    prefixed = mean_over_groups(by_group, prefix="group_", directions=("t2a", "a2t"))
+    assert prefixed["group_t2a_recall_at_1"] == mean["t2i_recall_at_1"]
+
+
+def test_group_chance_levels_by_hand():
+    _, _, pi, pt, groups = grouped_example()
+    chance = chance_levels_by_group(pi, pt, groups, ks=(1,))
+    assert list(chance) == ["a", "b"]
+    # a: 2 items; t0, t1, t2 each name one of them -> 1/2. Over its 3 texts: item 0 has 1 (1/3),
+    # item 1 has 2 (1 - C(1, 1) / C(3, 1) = 2/3) -> 1/2.
+    assert chance["a"] == {"t2i": {1: pytest.approx(0.5)}, "i2t": {1: pytest.approx(0.5)}}
+    # b: t2 names both items (1), t3 one of 2 (1/2) -> 3/4; item 2 has 1 of 2 texts, item 3 both -> 3/4.
+    assert chance["b"] == {"t2i": {1: pytest.approx(0.75)}, "i2t": {1: pytest.approx(0.75)}}
+    assert mean_chance_over_groups(chance) == {
+        "t2i": {1: pytest.approx(0.625)},
+        "i2t": {1: pytest.approx(0.625)},
+    }
+    with pytest.raises(ValueError, match="no group chance levels"):
+        mean_chance_over_groups({})
+    with pytest.raises(ValueError, match="different directions or ks"):
+        mean_chance_over_groups({"a": {"t2i": {1: 0.5}}, "b": {"t2i": {5: 0.5}}})
+
+
+@pytest.mark.parametrize(
+    ("options", "seed"),
+    [
+        ({}, 0),
+        ({"chunk_size": 3, "candidate_chunk_size": 5}, 1),
+        ({"hubness": "csls", "hubness_k": 2}, 2),
+        ({"hubness": "inverted_softmax"}, 3),
+    ],
+)
+def test_group_results_equal_retrieval_on_each_groups_sub_arrays(options, seed):
+    items, texts, pi, pt = pair_data(seed, 80, 90, 6, levels=4)
+    rng = np.random.default_rng(seed)
+    groups = [str(g) for g in rng.choice(["noto", "twemoji", "openmoji"], size=80)]
+    groups[7] = "lonely"  # one item: skipped
+    groups[-4:] = ["unpaired"] * 4  # the last tenth of pair_data's items are in no pair: skipped
+    by_group = retrieval_by_group(items, texts, pi, pt, groups, ks=(1, 3), **options)
+    assert list(by_group) == ["noto", "openmoji", "twemoji"]
+    names = np.array(groups)
+    for name, result in by_group.items():
+        members = np.flatnonzero(names == name)
+        keep = np.isin(pi, members)
+        own_texts = np.unique(pt[keep])
+        local_pi = np.searchsorted(members, pi[keep])
+        local_pt = np.searchsorted(own_texts, pt[keep])
+        by_hand = retrieval_metrics(
+            items[members], texts[own_texts], local_pi, local_pt, ks=(1, 3), **options
+        )
+        assert result == by_hand
+        np.testing.assert_array_equal(result.t2i_ranks, by_hand.t2i_ranks)
+        np.testing.assert_array_equal(result.i2t_ranks, by_hand.i2t_ranks)
+        np.testing.assert_array_equal(result.t2i_query_texts, own_texts[by_hand.t2i_query_texts])
+        np.testing.assert_array_equal(result.i2t_query_items, members[by_hand.i2t_query_items])
+    expected = {m: np.mean([r.as_dict()[m] for r in by_group.values()]) for m in by_group["noto"].as_dict()}
+    assert mean_over_groups(by_group) == pytest.approx(expected)
+    # Chance per group: the same galleries.
+    chance = chance_levels_by_group(pi, pt, groups, ks=(1, 3))
+    assert list(chance) == list(by_group)
+    for name, result in by_group.items():
+        members = np.flatnonzero(names == name)
+        keep = np.isin(pi, members)
+        own_texts = np.unique(pt[keep])
+        assert chance[name] == chance_levels(
+            np.searchsorted(members, pi[keep]),
+            np.searchsorted(own_texts, pt[keep]),
+            result.n_items,
+            result.n_texts,
+            (1, 3),
+        )
+
+
+def test_group_input_is_checked():
+    items, texts, pi, pt, groups = grouped_example()
+    with pytest.raises(ValueError, match="item_groups has 4 entries for 5 items"):
+        retrieval_by_group(items, texts, pi, pt, groups[:4])
+    with pytest.raises(ValueError, match=r"item_groups\[2\] must be a group name"):
+        retrieval_by_group(items, texts, pi, pt, ["a", "a", None, "b", "c"])
+    with pytest.raises(ValueError, match="sequence of group names"):
+        retrieval_by_group(items, texts, pi, pt, "aabbc")
+    with pytest.raises(ValueError, match=r"pair_items\[6\] = 4 is out of range for 4 items"):
+        chance_levels_by_group(pi, pt, groups[:4])
+    # Every group too small: nothing to score, and nothing to average.
+    assert retrieval_by_group(items, texts, pi, pt, ["a", "b", "c", "d", "e"]) == {}
+    with pytest.raises(ValueError, match="no group results"):
+        mean_over_groups({})
+    one = retrieval_by_group(items, texts, pi, pt, groups)
+    other_ks = retrieval_by_group(items, texts, pi, pt, groups, ks=(1,))
+    with pytest.raises(ValueError, match="different ks"):
+        mean_over_groups({"a": one["a"], "b": other_ks["b"]})
+
+
+def test_group_results_render_as_a_report_table():
+    items, texts, pi, pt, groups = grouped_example()
+    by_group = retrieval_by_group(items, texts, pi, pt, groups, ks=(1, 2))
+    md = groups_table_markdown({name: r.as_dict() for name, r in by_group.items()})
+    lines = md.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["group", "direction", "R@1 (%)", "R@2 (%)", "mean rank", "median rank"]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert body == [
+        ["a", "t2i", "66.7", "100.0", "1.3", "1.0"],
+        ["a", "i2t", "100.0", "100.0", "1.0", "1.0"],
+        ["b", "t2i", "100.0", "100.0", "1.0", "1.0"],
+        ["b", "i2t", "100.0", "100.0", "1.0", "1.0"],
+    ]
+    with pytest.raises(ValueError, match="no retrieval metrics"):
+        groups_table_markdown({"a": {"val_loss": 1.0}})
+    with pytest.raises(ValueError, match="non-empty dict"):
+        groups_table_markdown({})
+
 
 # ----------------------------------------------------------------------------------------------- bad input
 
@@ -513,3 +835,16 @@ def test_cuda_matches_cpu():
         candidate_chunk_size=70,
     )
     assert_same(chunked, on_gpu)
+    # CSLS with k = 8: means of 8 exact products, exact on both devices; per group likewise.
+    csls = {"hubness": "csls", "hubness_k": 8, "chunk_size": 64, "candidate_chunk_size": 90}
+    items_gpu, texts_gpu = torch.from_numpy(items).cuda(), torch.from_numpy(texts).cuda()
+    assert_same(
+        retrieval_metrics(items_gpu, texts_gpu, pi, pt, **csls),
+        retrieval_metrics(items, texts, pi, pt, **csls),
+    )
+    groups = [("a", "b", "c")[i % 3] for i in range(len(items))]
+    on_gpu = retrieval_by_group(items_gpu, texts_gpu, pi, pt, groups, **csls)
+    on_cpu = retrieval_by_group(items, texts, pi, pt, groups, **csls)
+    assert list(on_gpu) == list(on_cpu) == ["a", "b", "c"]
+    for name in on_cpu:
+        assert_same(on_gpu[name], on_cpu[name])
