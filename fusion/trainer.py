@@ -8,6 +8,10 @@
 Data: two aligned float arrays x [N, dx] and y [N, dy] (row i of each a positive pair), or a
 callable returning a fresh iterator of (x_chunk, y_chunk) per epoch, so latents larger than
 memory can stream. Validation (never the test split) picks the best checkpoint.
+
+Shared positives: `groups` int64 [N, K] (or (x, y, g) chunks) gives each pair K keys (media id,
+caption id, concept code; -1 = none). With TrainConfig.loss "masked" or "multi", pairs of a batch that
+agree on a key (and mixed pairs with such sources) are not each other's negatives.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -24,10 +29,11 @@ from tqdm.auto import tqdm
 
 from fusion.adapters import Adapter, EncoderRef, FusedModel
 from fusion.config import AdapterConfig, FuseMixConfig, TrainConfig
-from fusion.fusemix import mix_latents
-from fusion.loss import clamp_temperature, clip_loss
+from fusion.fusemix import mix_with_sources, mixed_same_from_groups
+from fusion.loss import clamp_temperature, clip_loss, masked_clip_loss
 
-ChunkSource = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+# Each chunk is (x, y) or (x, y, groups); a source gives all chunks the same form.
+ChunkSource = Callable[[], Iterable[tuple[np.ndarray, ...]]]
 StepCallback = Callable[[dict], None]
 Validator = Callable[[FusedModel], float]
 
@@ -64,45 +70,78 @@ def param_groups(modules: Iterable[torch.nn.Module], weight_decay: float) -> lis
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _array_chunks(x: np.ndarray, y: np.ndarray) -> ChunkSource:
-    return lambda: [(x, y)]
+def _array_chunks(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> ChunkSource:
+    return (lambda: [(x, y)]) if groups is None else (lambda: [(x, y, groups)])
+
+
+def _check_groups(g: np.ndarray, n: int, where: str) -> np.ndarray:
+    g = np.asarray(g)
+    if g.ndim == 1:
+        g = g[:, None]
+    if g.ndim != 2 or len(g) != n:
+        raise ValueError(f"groups{where} must be [N, K] with N = {n} pairs, got shape {g.shape}")
+    if not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"groups{where} must hold integer keys (-1 = none), got {g.dtype}")
+    if g.size and g.min() < -1:
+        raise ValueError(f"groups{where} keys must be >= 0, or -1 for none; got {g.min()}")
+    return g.astype(np.int64, copy=False)
+
+
+def _split_chunk(chunk: tuple, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    if len(chunk) not in (2, 3):
+        raise ValueError(f"chunk {k} must be (x, y) or (x, y, groups), got {len(chunk)} items")
+    return chunk[0], chunk[1], (chunk[2] if len(chunk) == 3 else None)
 
 
 def _batches(
-    source: ChunkSource, batch_size: int, rng: np.random.Generator
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Shuffled full batches across chunks; the remainder of a chunk carries into the next."""
-    carry_x: np.ndarray | None = None
-    carry_y: np.ndarray | None = None
-    for k, (cx, cy) in enumerate(source()):
+    source: ChunkSource, batch_size: int, rng: np.random.Generator, with_groups: bool = False
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Shuffled full batches across chunks; the remainder of a chunk carries into the next.
+
+    Yields (x, y) batches, or (x, y, groups) with `with_groups` (then every chunk must carry groups).
+    Groups never change the shuffle: the same seed gives the same batches with or without them.
+    """
+    carry: list[np.ndarray] | None = None
+    for k, chunk in enumerate(source()):
+        cx, cy, cg = _split_chunk(chunk, k)
         cx, cy = np.asarray(cx, dtype=np.float32), np.asarray(cy, dtype=np.float32)
         if len(cx) != len(cy):
             raise ValueError(f"chunk holds {len(cx)} x rows but {len(cy)} y rows")
         # Streamed chunks are never all in memory at once, so they are checked here, as they arrive.
         if not (np.isfinite(cx).all() and np.isfinite(cy).all()):
             raise ValueError(f"training latents contain NaN or inf (chunk {k})")
-        if carry_x is not None:
-            cx, cy = np.concatenate([carry_x, cx]), np.concatenate([carry_y, cy])
-        order = rng.permutation(len(cx))
-        n_full = len(cx) // batch_size
+        parts = [cx, cy]
+        if with_groups:
+            if cg is None:
+                raise ValueError(f"chunk {k} has no groups; give (x, y, groups) for every chunk")
+            parts.append(_check_groups(cg, len(cx), f" of chunk {k}"))
+        if carry is not None:
+            parts = [np.concatenate([c, p]) for c, p in zip(carry, parts, strict=True)]
+        order = rng.permutation(len(parts[0]))
+        n_full = len(parts[0]) // batch_size
         for b in range(n_full):
             idx = order[b * batch_size : (b + 1) * batch_size]
-            yield cx[idx], cy[idx]
+            yield tuple(p[idx] for p in parts)
         rest = order[n_full * batch_size :]
-        carry_x, carry_y = cx[rest], cy[rest]
+        carry = [p[rest] for p in parts]
     # A last partial batch still trains (small datasets would otherwise lose pairs every epoch).
-    if carry_x is not None and len(carry_x) >= 2:
-        yield carry_x, carry_y
+    if carry is not None and len(carry[0]) >= 2:
+        yield tuple(carry)
 
 
-def _peek_dims(source: ChunkSource) -> tuple[int, int, int]:
-    n, dx, dy = 0, None, None
-    for cx, cy in source():
+def _peek_dims(source: ChunkSource) -> tuple[int, int, int, bool]:
+    """(pairs, dx, dy, whether the chunks carry groups); all chunks must agree on the last."""
+    n, dx, dy, has_groups = 0, None, None, set()
+    for k, chunk in enumerate(source()):
+        cx, cy, cg = _split_chunk(chunk, k)
         n += len(cx)
         dx, dy = np.shape(cx)[1], np.shape(cy)[1]
+        has_groups.add(cg is not None)
     if dx is None or n == 0:
         raise ValueError("no training pairs")
-    return n, dx, dy
+    if len(has_groups) > 1:
+        raise ValueError("some chunks carry groups and others do not; give all (x, y, groups) or all (x, y)")
+    return n, dx, dy, has_groups.pop()
 
 
 @torch.no_grad()
@@ -139,6 +178,7 @@ def train_adapters(
     train_cfg: TrainConfig,
     *,
     chunks: ChunkSource | None = None,
+    groups: np.ndarray | None = None,
     x_val: np.ndarray | None = None,
     y_val: np.ndarray | None = None,
     validator: Validator | None = None,
@@ -150,17 +190,36 @@ def train_adapters(
 ) -> TrainResult:
     """Trains the two adapters and the temperature. Give (x, y) arrays or `chunks`.
 
-    x: [N, dx], y: [N, dy] aligned pairs. `validator(model) -> score` (higher is better) overrides the
-    default score on (x_val, y_val). Returns the best model on validation when validation data or a
-    validator is given, else the last one.
+    x: [N, dx], y: [N, dy] aligned pairs. `groups` int [N, K]: keys of the shared positives of each
+    pair (-1 = none; with `chunks`, give (x, y, groups) chunks instead); used by train_cfg.loss
+    "masked" and "multi", which need them, and ignored by "infonce". `validator(model) -> score`
+    (higher is better) overrides the default score on (x_val, y_val), which stays plain InfoNCE.
+    Returns the best model on validation when validation data or a validator is given, else the last.
     """
     if (x is None) == (chunks is None):
         raise ValueError("give either the arrays x, y or a chunk source, not both")
     if chunks is None:
         if y is None or len(x) != len(y):
             raise ValueError("x and y must be aligned arrays of the same length")
-        chunks = _array_chunks(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32))
-    n, dx, dy = _peek_dims(chunks)
+        if groups is not None:
+            groups = _check_groups(groups, len(x), "")
+        chunks = _array_chunks(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32), groups)
+    elif groups is not None:
+        raise ValueError("with a chunk source, give the groups inside the chunks as (x, y, groups)")
+    n, dx, dy, has_groups = _peek_dims(chunks)
+    use_groups = train_cfg.loss != "infonce"
+    if use_groups and not has_groups:
+        raise ValueError(
+            f"loss {train_cfg.loss!r} needs groups (the keys of the pairs' shared positives); "
+            "pass groups= or (x, y, groups) chunks, or use loss='infonce'"
+        )
+    if train_cfg.loss == "multi" and fusemix_cfg.mode != "none":
+        warnings.warn(
+            "loss='multi' with FuseMix mixing makes every mixed pair that shares one source with another "
+            "a full positive of it; on synthetic data this trained far worse than 'masked' (see "
+            "TrainConfig). Use 'masked', or 'multi' with FuseMixConfig('none').",
+            stacklevel=2,
+        )
     if not all(np.isfinite(np.asarray(a)).all() for a in (x, y) if a is not None):
         raise ValueError("training latents contain NaN or inf")
     # A NaN validation score would never compare greater, freezing the choice on the first one.
@@ -214,14 +273,20 @@ def train_adapters(
     bar = tqdm(total=total, desc="train adapters", unit="step", disable=not progress)
     while step < total:
         step_at_epoch_start = step
-        for bx, by in _batches(chunks, batch, rng):
+        for bx, by, *bg in _batches(chunks, batch, rng, with_groups=use_groups):
             xb = torch.from_numpy(bx).to(device, non_blocking=True)
             yb = torch.from_numpy(by).to(device, non_blocking=True)
-            xm, ym = mix_latents(xb, yb, fusemix_cfg, rng)
+            xm, ym, src_a, src_b = mix_with_sources(xb, yb, fusemix_cfg, rng)
+            same = None
+            if use_groups:
+                same = mixed_same_from_groups(torch.from_numpy(bg[0]).to(device), src_a, src_b)
             with _autocast(device, train_cfg.precision):
                 ex, ey = model.adapters[sx](xm), model.adapters[sy](ym)
                 t = clamp_temperature(model.temperature, train_cfg.temperature_min, train_cfg.temperature_max)
-                loss = clip_loss(ex, ey, t)
+                if use_groups:
+                    loss = masked_clip_loss(ex, ey, t, same, mode=train_cfg.loss)
+                else:
+                    loss = clip_loss(ex, ey, t)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
             lr_used = opt.param_groups[0]["lr"]  # read before sched.step() moves it to the next step

@@ -43,6 +43,7 @@ from fusion.config import (
         (TrainConfig, {"grad_clip": 0.0}, "grad_clip"),
         (TrainConfig, {"eval_every": 0}, "eval_every"),
         (TrainConfig, {"val_batch_size": 1}, "val_batch_size"),
+        (TrainConfig, {"loss": "supcon"}, "loss"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(cls, kwargs, words):
@@ -63,6 +64,16 @@ def test_defaults_are_the_reference_adapter():
     assert FuseMixConfig() == FuseMixConfig("fusemix", 1.0, "pair")
     t = TrainConfig()
     assert (t.temperature_init, t.temperature_min, t.temperature_max) == (0.07, 0.001, 0.5)
+
+
+def test_loss_defaults_to_plain_infonce_and_names_the_choices():
+    assert TrainConfig().loss == "infonce"
+    assert all(PRESETS[name].train.loss == "infonce" for name in PRESETS)
+    for loss in ("infonce", "masked", "multi"):
+        assert TrainConfig(loss=loss).loss == loss
+        assert from_dict(TrainConfig, {"loss": loss}).loss == loss
+    with pytest.raises(ValueError, match="unknown loss 'supcon'; use infonce, masked or multi"):
+        from_dict(TrainConfig, {"loss": "supcon"})
 
 
 def test_configs_are_frozen():

@@ -1,5 +1,6 @@
 """FuseMix latent mixup: convex combinations, shared lambda across modalities, pair alignment, batch
-sizes per mode, seeding, and the Beta(alpha, alpha) distribution of lambda."""
+sizes per mode, seeding, and the Beta(alpha, alpha) distribution of lambda; the source pairs of each
+mixed pair, and which mixed pairs share a positive."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from fusion.config import FuseMixConfig
-from fusion.fusemix import mix_latents
+from fusion.fusemix import mix_latents, mix_with_sources, mixed_same, mixed_same_from_groups
+from fusion.loss import same_from_groups
 
 
 def _recover(mixed: torch.Tensor, src: torch.Tensor) -> tuple[int, int, float]:
@@ -184,3 +186,103 @@ def test_errors():
         mix_latents(x, y[:3], FuseMixConfig(), np.random.default_rng(0))
     with pytest.raises(ValueError, match="at least two pairs"):
         mix_latents(x[:1], y[:1], FuseMixConfig(), np.random.default_rng(0))
+
+
+# --- sources of the mixed pairs, and which mixed pairs share a positive -----------------------------
+
+
+@pytest.mark.parametrize("mode", ["fusemix", "independent", "permutation", "none"])
+@pytest.mark.parametrize("lambda_per", ["pair", "batch"])
+def test_mix_with_sources_is_mix_latents_plus_sources_with_the_same_draws(mode, lambda_per):
+    cfg = FuseMixConfig(mode, lambda_per=lambda_per)
+    x, y = _pairs(b=9)
+    r1, r2 = np.random.default_rng(7), np.random.default_rng(7)
+    xm, ym = mix_latents(x, y, cfg, r1)
+    xs, ys, a, b = mix_with_sources(x, y, cfg, r2)
+    assert torch.equal(xm, xs) and torch.equal(ym, ys)
+    assert r1.bit_generator.state == r2.bit_generator.state  # same random numbers consumed
+    assert a.dtype == b.dtype == torch.int64 and len(a) == len(b) == len(xm)
+    # every mixed row lies on the segment between its two named sources, on both sides
+    for m in range(len(xm)):
+        for src, mixed in ((x, xs), (y, ys)):
+            d = src[a[m]] - src[b[m]]
+            if float(d.norm()) == 0.0:
+                torch.testing.assert_close(mixed[m], src[a[m]])
+                continue
+            lam = float((mixed[m] - src[b[m]]) @ d / (d @ d))
+            torch.testing.assert_close(mixed[m], lam * src[a[m]] + (1 - lam) * src[b[m]])
+            assert -1e-6 <= lam <= 1 + 1e-6
+
+
+def test_sources_per_mode():
+    x, y = _pairs(b=8)
+    _, _, a, b = mix_with_sources(x, y, FuseMixConfig("fusemix"), np.random.default_rng(0))
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(8))  # halves: each raw pair once
+    _, _, a, b = mix_with_sources(x, y, FuseMixConfig("permutation"), np.random.default_rng(0))
+    assert a.tolist() == list(range(8)) and sorted(b.tolist()) == list(range(8))
+    _, _, a, b = mix_with_sources(x, y, FuseMixConfig("none"), np.random.default_rng(0))
+    assert a.tolist() == b.tolist() == list(range(8))
+    # a mixed pair is the lambda-weighted row of its first source: check with one-hot latents
+    xm, _, a, b = mix_with_sources(
+        torch.eye(8), torch.eye(8), FuseMixConfig("fusemix"), np.random.default_rng(3)
+    )
+    lam = xm[torch.arange(4), a]
+    torch.testing.assert_close(xm[torch.arange(4), b], 1 - lam)
+
+
+# Raw pairs, keys (caption id, media id):
+#   0: (7, 0)   1: (8, 1)   2: (7, 2)   3: (9, 1)   4: (-1, 4)   5: (-1, 5)
+# raw same: {0, 2} (one caption), {1, 3} (one image); 4 and 5 alone (-1 matches nothing).
+GROUPS6 = torch.tensor([[7, 0], [8, 1], [7, 2], [9, 1], [-1, 4], [-1, 5]])
+
+
+def test_mixed_same_by_hand():
+    same = same_from_groups(GROUPS6)
+    # m0 = (0, 5), m1 = (1, 2), m2 = (4, 3)
+    a, b = torch.tensor([0, 1, 4]), torch.tensor([5, 2, 3])
+    want = torch.tensor(
+        [
+            [1, 1, 0],  # m0 ~ m1 through a(m0) = 0 ~ 2 = b(m1)
+            [1, 1, 1],  # m1 ~ m2 through a(m1) = 1 ~ 3 = b(m2)
+            [0, 1, 1],  # m0 and m2 share nothing: not transitive through m1
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mixed_same(same, a, b), want)
+    assert torch.equal(mixed_same_from_groups(GROUPS6, a, b), want)
+    # the other source combinations
+    cases = [
+        # m0 = (0, 1), m1 = (2, 5), m2 = (4, 3): m0 ~ m1 through a ~ a' (0 ~ 2), m0 ~ m2 through b ~ b' (1 ~ 3)
+        ([0, 2, 4], [1, 5, 3], [[1, 1, 1], [1, 1, 0], [1, 0, 1]]),
+        # m0 = (4, 0), m1 = (1, 5), m2 = (2, 3): m0 ~ m2 through b ~ a' (0 ~ 2), m1 ~ m2 through a ~ b' (1 ~ 3)
+        ([4, 1, 2], [0, 5, 3], [[1, 0, 1], [0, 1, 1], [1, 1, 1]]),
+    ]
+    for a2, b2, want2 in cases:
+        a2, b2, want2 = torch.tensor(a2), torch.tensor(b2), torch.tensor(want2, dtype=torch.bool)
+        assert torch.equal(mixed_same(same, a2, b2), want2)
+        assert torch.equal(mixed_same_from_groups(GROUPS6, a2, b2), want2)
+
+
+def test_mixed_pairs_with_a_common_source_are_the_same_even_without_keys():
+    """Permutation mixes pair i with partner p(i), so mixed pairs share raw pairs: p = [1, 2, 0, 3] gives
+    m0 = (0, 1), m1 = (1, 2), m2 = (2, 0), m3 = (3, 3)."""
+    no_keys = torch.full((4, 1), -1)
+    a, b = torch.arange(4), torch.tensor([1, 2, 0, 3])
+    want = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mixed_same(same_from_groups(no_keys), a, b), want)
+    assert torch.equal(mixed_same_from_groups(no_keys, a, b), want)
+    # without mixing the sources are the pairs themselves: the raw same
+    idx = torch.arange(6)
+    assert torch.equal(mixed_same_from_groups(GROUPS6, idx, idx), same_from_groups(GROUPS6))
+
+
+@pytest.mark.parametrize("mode", ["fusemix", "permutation", "none"])
+def test_mixed_same_from_groups_equals_the_raw_matrix_route(mode):
+    rng = np.random.default_rng(11)
+    groups = torch.as_tensor(rng.integers(-1, 6, size=(40, 3)))
+    x, y = _pairs(b=40)
+    *_, a, b = mix_with_sources(x, y, FuseMixConfig(mode), rng)
+    fast = mixed_same_from_groups(groups, a, b)
+    assert torch.equal(fast, mixed_same(same_from_groups(groups), a, b))
+    assert torch.equal(fast, fast.T) and fast.diagonal().all()
+    assert 0 < int(fast.sum()) - len(a) < len(a) ** 2 - len(a)  # some sharing, not all
