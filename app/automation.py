@@ -31,6 +31,12 @@ def build_jobs(parts: Partitions) -> dict[str, dg.UnresolvedAssetJobDefinition]:
             partitions_def=parts.experiment,
             description="Curate, train and evaluate one experiment (the demo and every ablation run this job)",
         ),
+        "report_job": dg.define_asset_job(
+            "report_job",
+            selection=dg.AssetSelection.groups("report"),
+            partitions_def=parts.family,
+            description="A family's ablation report, after its experiments ran",
+        ),
     }
     return jobs
 

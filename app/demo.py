@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import dagster as dg
 from tabulate import tabulate
 
 from app.cli import dagster_home
-from evaluation.ablation import ablation_report
 from fusion.paths import fusemix_home
+from pipelines.evaluate import headline
 from pipelines.lake import Lake, default_lake_root
 from pipelines.partitions import ENCODER_PARTITIONS, Partitions
+from pipelines.registries import load_experiments
 
 STAGES = ("ingest", "extract", "experiment", "all")
 
@@ -86,9 +86,12 @@ def retrieval_table(experiments: list[str]) -> str:
     rows = metric_rows()
     if not rows:
         return "(no metrics yet)"
-    by: dict[str, dict[str, float]] = {}
-    for r in rows:
-        by.setdefault(r["experiment"], {})[r["metric"]] = r["value"]
+    specs = load_experiments()
+    by = {
+        e: headline([r for r in rows if r["experiment"] == e], specs[e].dataset)
+        for e in experiments
+        if e in specs
+    }
     cols = [f"{d}_recall_at_{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
     cols += ["chance_t2i_recall_at_1", "chance_i2t_recall_at_1"]
     head = ["experiment", "items", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5", "R@10", "chance", "chance"]
@@ -102,14 +105,6 @@ def retrieval_table(experiments: list[str]) -> str:
     return tabulate(table, headers=head, tablefmt="simple", floatfmt=".1f", disable_numparse=False)
 
 
-def family_report(family: str, experiments: list[str]) -> Path | None:
-    """An ablation family's table and plot (evaluation.ablation) under <home>/reports/families."""
-    rows = [r for r in metric_rows() if r["experiment"] in experiments]
-    if not rows:
-        return None
-    return ablation_report(rows, family, fusemix_home() / "reports" / "families")
-
-
 def run_demo(family: str = "demo") -> int:
     t0 = time.perf_counter()
     defs, parts = _defs()
@@ -117,7 +112,10 @@ def run_demo(family: str = "demo") -> int:
     if not experiments:
         print(f"no experiments of family {family!r} in experiments.yaml")
         return 2
-    ok = run_plan(defs, parts, instance(), experiments)
+    inst = instance()
+    ok = run_plan(defs, parts, inst, experiments)
+    if family != "demo":  # the family's ablation table and plot, with an MLflow parent run
+        ok = _run(defs, "report_job", family, inst) and ok
     home = fusemix_home()
     print()
     print(
@@ -126,8 +124,8 @@ def run_demo(family: str = "demo") -> int:
     )
     print(retrieval_table(experiments))
     print()
-    if family != "demo" and (report := family_report(family, experiments)) is not None:
-        print(f"Ablation table and plot: {report}")
+    if family != "demo":
+        print(f"Ablation table and plot: {home / 'reports' / 'families' / family}.md")
         print()
     print("Where to look next:")
     print(f"  reports        {home / 'reports'}/<experiment>/report.md")

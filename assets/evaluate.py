@@ -9,9 +9,9 @@ from pydantic import Field
 from pipelines import evaluate as glue
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, PipelinePaths
-from pipelines.train import checkpoint_dir
+from pipelines.train import seed_dirs
 
-EVAL_CODE_VERSION = "2"
+EVAL_CODE_VERSION = "3"  # 3: seeds, other datasets, per-group galleries
 
 
 class EvaluateConfig(dg.Config):
@@ -40,18 +40,22 @@ def build(parts: Partitions) -> list:
         exp = parts.experiments[context.partition_key]
         lk = lake.lake()
         refs = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
-        ckpt = checkpoint_dir(paths.models_dir, exp.name)
-        model, extra = glue.load_trained(ckpt, *refs)
-        run_id = extra["summary"]["mlflow_run_id"]
-        key = glue.eval_key(extra["inputs_hash"], EVAL_CODE_VERSION)
-        cached = None if config.force else glue.cached_metrics(lk, exp.name, key)
-        if cached is not None:
-            context.log.info(f"{exp.name}: metrics for this checkpoint exist; not recomputing")
-            return dg.MaterializeResult(metadata={**cached, "skipped": True, "mlflow_run_id": run_id})
-        metrics, version, report = glue.evaluate_experiment(
-            lk, exp, model, refs, run_id, key, ckpt, paths.reports_dir / exp.name, config.examples
+        dirs = seed_dirs(paths.models_dir, exp)
+        models = {seed: glue.load_trained(out, *refs) for seed, out in dirs.items()}
+        first = next(iter(models.values()))[1]
+        run_id, key = (
+            first["summary"]["mlflow_run_id"],
+            glue.eval_key(first["inputs_hash"], EVAL_CODE_VERSION),
         )
-        glue.log_evaluation(tracking.client(), run_id, metrics, report)
+        cached = None if config.force else glue.cached_metrics(lk, exp, key)
+        if cached is not None:
+            context.log.info(f"{exp.name}: metrics for these checkpoints exist; not recomputing")
+            return dg.MaterializeResult(metadata={**cached, "skipped": True, "mlflow_run_id": run_id})
+        first_dir = dirs[exp.train.seed]
+        metrics, rows, version, report = glue.evaluate_experiment(
+            lk, exp, models, refs, key, first_dir, paths.reports_dir / exp.name, config.examples
+        )
+        glue.log_evaluation(tracking.client(), rows, report, exp.dataset)
         metadata = {"mlflow_run_id": run_id, "lance_version": version, "report_path": str(report)}
         return dg.MaterializeResult(
             metadata={**metrics, **metadata, "report": dg.MetadataValue.md(report.read_text())}
@@ -59,7 +63,7 @@ def build(parts: Partitions) -> list:
 
     @dg.asset_check(asset=retrieval_metrics_asset, description="Recall@1 both ways is above chance")
     def recall_above_chance(context: dg.AssetCheckExecutionContext, lake: LanceLake):
-        passed, values = glue.recall_vs_chance(lake.lake(), context.partition_key)
+        passed, values = glue.recall_vs_chance(lake.lake(), parts.experiments[context.partition_key])
         return dg.AssetCheckResult(passed=passed, metadata=values)
 
     return [retrieval_metrics_asset, recall_above_chance]

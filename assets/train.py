@@ -8,7 +8,7 @@ from pydantic import Field
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, PipelinePaths
 from pipelines.schemas import table_name
-from pipelines.train import checkpoint_dir, inputs_hash, train_and_save, up_to_date
+from pipelines.train import all_up_to_date, inputs_hash, seed_dirs, train_and_save
 
 
 class TrainAssetConfig(dg.Config):
@@ -37,23 +37,19 @@ def build(parts: Partitions) -> list:
         refs = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         curated = lk.read(table_name("curated", exp.name))
         digest = inputs_hash(exp, curated["pair_id"].to_pylist(), refs[0].fingerprint, refs[1].fingerprint)
-        out = checkpoint_dir(paths.models_dir, exp.name)
-        summary = None if config.force else up_to_date(out, digest)
-        if summary is not None:
-            context.log.info(f"{exp.name}: checkpoint is up to date (inputs {digest}); not retraining")
-            return dg.MaterializeResult(
-                metadata={**summary, "skipped": True, "inputs_hash": digest},
-                data_version=dg.DataVersion(digest),
-            )
+        dirs = seed_dirs(paths.models_dir, exp)
+        summaries = None if config.force else all_up_to_date(dirs, digest)
+        if summaries is not None:
+            context.log.info(f"{exp.name}: checkpoints are up to date (inputs {digest}); not retraining")
+            metadata = {**summaries[0], "skipped": True, "inputs_hash": digest, "seeds": len(summaries)}
+            return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(digest))
         media_side = parts.datasets[exp.dataset].modality
         experiment_id = tracking.experiment_id(exp.family)
-        summary, versions = train_and_save(
-            lk, exp, curated, refs, media_side, tracking.client(), experiment_id, out, digest
+        summaries, versions = train_and_save(
+            lk, exp, curated, refs, media_side, tracking.client(), experiment_id, dirs, digest
         )
-        metadata = {**summary, "inputs_hash": digest, "checkpoint": str(out)}
-        return dg.MaterializeResult(
-            metadata={**metadata, "read_versions": dg.MetadataValue.json(versions)},
-            data_version=dg.DataVersion(digest),
-        )
+        metadata = {**summaries[0], "inputs_hash": digest, "checkpoint": str(dirs[exp.train.seed])}
+        metadata |= {"seeds": len(summaries), "read_versions": dg.MetadataValue.json(versions)}
+        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(digest))
 
     return [adapters]

@@ -147,14 +147,43 @@ def split_arrays(lake: Lake, exp: ExperimentSpec, rows: pa.Table) -> tuple[np.nd
     return x, y
 
 
-def paired_split(lake: Lake, exp: ExperimentSpec, rows: pa.Table) -> PairedSplit:
-    """Unique items and captions of curated pairs with their latents, for retrieval."""
+def paired_split(
+    lake: Lake,
+    exp: ExperimentSpec,
+    rows: pa.Table,
+    dataset: str | None = None,
+    fingerprints: tuple[str, str] | None = None,
+) -> PairedSplit:
+    """Unique items and captions of pairs (media_id, caption_id) with their latents, for retrieval:
+    of the experiment's dataset, or of `dataset` when scoring another one; with `fingerprints`, only
+    latents of exactly these encoders are used (LookupError otherwise)."""
+    dataset = dataset or exp.dataset
+    fp_media, fp_text = fingerprints or (None, None)
     item_ids, text_ids, pi, pt = paired_ids(rows["media_id"].to_pylist(), rows["caption_id"].to_pylist())
     return PairedSplit(
         item_ids,
         text_ids,
-        latents_for(lake, exp.dataset, exp.media_encoder, item_ids),
-        latents_for(lake, exp.dataset, exp.text_encoder, text_ids),
+        latents_for(lake, dataset, exp.media_encoder, item_ids, fp_media),
+        latents_for(lake, dataset, exp.text_encoder, text_ids, fp_text),
         pi,
         pt,
     )
+
+
+def holdout_pairs(lake: Lake, exp: ExperimentSpec, dataset: str) -> pa.Table:
+    """The test split of another dataset's pairs, with the experiment's caption side as caption_id
+    (cleaned or raw), for zero-shot scoring."""
+    pairs = lake.read(table_name("pairs", dataset))
+    pairs = pairs.filter(pc.and_(pc.equal(pairs["split"], "test"), pc.is_valid(pairs[caption_column(exp)])))
+    return pa.table({"media_id": pairs["media_id"], "caption_id": pairs[caption_column(exp)]})
+
+
+def pair_groups(rows: pa.Table) -> np.ndarray:
+    """int64 [n, 3] keys of curated pairs for a loss that knows its positives: the codes of each
+    pair's media item, caption and concept (two pairs sharing any of them are not negatives)."""
+    cols = []
+    for name in ("media_id", "caption_id", "concept"):
+        values = rows[name].to_pylist()
+        codes = {v: i for i, v in enumerate(dict.fromkeys(v for v in values if v))}
+        cols.append([codes.get(v, -1) if v else -1 for v in values])
+    return np.array(cols, dtype=np.int64).T.reshape(len(rows), 3)

@@ -1,69 +1,80 @@
-"""Evaluate glue: an experiment's trained adapters scored on its held-out test split with the metric
-code of `evaluation/`, stored as rows of the Lance `metrics` table, logged on the training's MLflow
-run, and written up as a report with plots. No Dagster here.
+"""Evaluate glue: an experiment's trained models (adapters or a baseline, one per seed) scored with
+the metric code of `evaluation/` on its held-out test split and, zero-shot, on the test splits of the
+other datasets it names; pooled and, with `group_by`, one gallery per group. Every score is stored as
+rows of the Lance `metrics` table, per seed and as mean and std over seeds, logged on the seeds'
+MLflow runs, and written up as a report with plots. No Dagster here.
 
-Stored metrics are keyed on the checkpoint's inputs hash and the evaluation's code version, so an
-unchanged checkpoint is not scored twice (`cached_metrics`).
+Stored metrics are keyed on the checkpoints' inputs hash and the evaluation's code version, so
+unchanged checkpoints are not scored twice (`cached_metrics`).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
 
+from evaluation.aggregate import aggregate_seeds
 from evaluation.examples import query_examples
-from evaluation.report import write_report
-from evaluation.retrieval import chance_levels, evaluate_model
-from fusion.adapters import EncoderRef, FusedModel
+from evaluation.report import markdown_table, write_report
+from evaluation.retrieval import (
+    PairedSplit,
+    chance_levels,
+    chance_levels_by_group,
+    evaluate_model,
+    mean_chance_over_groups,
+    mean_over_groups,
+    retrieval_by_group,
+)
+from fusion.adapters import EncoderRef
 from fusion.checkpoint import load_checkpoint, read_config
 from pipelines import schemas
-from pipelines.curate import paired_split, split_rows
+from pipelines.curate import holdout_pairs, paired_split, split_rows
 from pipelines.lake import Lake, sql_in, sql_str
 from pipelines.registries import ExperimentSpec
 from pipelines.schemas import table_name
 from pipelines.tracking import RunLogger
 from pipelines.train import read_history
 
+POOLED = "pooled"
 
-def load_trained(out: Path, media: EncoderRef, text: EncoderRef) -> tuple[FusedModel, dict]:
-    """The checkpoint in `out`, checked against the encoders' current fingerprints, and its record."""
-    extra = read_config(out)["extra"]
-    return load_checkpoint(out, expect={extra["media_side"]: media, "text": text}), extra
+
+def load_trained(out: Path, media: EncoderRef, text: EncoderRef) -> tuple[object, dict]:
+    """The model saved in `out` (adapters or a baseline), checked against the encoders' current
+    fingerprints, and its record."""
+    config = read_config(out)
+    extra = config["extra"]
+    expect = {extra["media_side"]: media, "text": text}
+    if config.get("kind") == "baseline":
+        from evaluation.baselines import load_baseline
+
+        return load_baseline(out, expect=expect), extra
+    return load_checkpoint(out, expect=expect), extra
 
 
 def eval_key(inputs_hash: str, code_version: str) -> str:
     return f"{inputs_hash}-p{code_version}"
 
 
-def cached_metrics(lake: Lake, experiment: str, key: str) -> dict[str, float] | None:
-    """The stored metrics of `experiment` evaluated under `key`, or None."""
-    if not lake.exists("metrics"):
+def headline(rows: list[dict], dataset: str) -> dict[str, float]:
+    """{metric: value} of the rows that summarise an experiment: its own dataset, the pooled gallery,
+    aggregated over seeds."""
+    return {
+        r["metric"]: r["value"]
+        for r in rows
+        if r["dataset"] == dataset and r.get("gallery", POOLED) == POOLED and r.get("seed") is None
+    }
+
+
+def cached_metrics(lake: Lake, exp: ExperimentSpec, key: str) -> dict[str, float] | None:
+    """The stored headline metrics of `exp` evaluated under `key`, or None."""
+    if not lake.exists("metrics") or lake.open("metrics").schema != schemas.METRICS:
         return None
-    old = lake.read("metrics", filter=f"experiment = {sql_str(experiment)} AND inputs_hash = {sql_str(key)}")
-    return dict(zip(old["metric"].to_pylist(), old["value"].to_pylist(), strict=True)) if len(old) else None
-
-
-def metric_rows(
-    exp: ExperimentSpec, metrics: dict[str, float], run_id: str, key: str, fingerprints: tuple[str, str]
-) -> pa.Table:
-    """One row per metric of an evaluation on the test split."""
-    return schemas.table_of(
-        schemas.METRICS,
-        [SimpleNamespace(metric=k, value=float(v)) for k, v in metrics.items()],
-        experiment=exp.name,
-        family=exp.family,
-        variable=exp.variable,
-        dataset=exp.dataset,
-        split="test",
-        mlflow_run_id=run_id,
-        inputs_hash=key,
-        created_at=datetime.now(UTC),
-        fingerprint_media=fingerprints[0],
-        fingerprint_text=fingerprints[1],
-    )
+    old = lake.read("metrics", filter=f"experiment = {sql_str(exp.name)} AND inputs_hash = {sql_str(key)}")
+    return headline(old.to_pylist(), exp.dataset) or None
 
 
 def texts_of(lake: Lake, dataset: str, ids: list[str]) -> dict[str, str]:
@@ -74,37 +85,144 @@ def texts_of(lake: Lake, dataset: str, ids: list[str]) -> dict[str, str]:
     return dict(zip(rows["media_id"].to_pylist(), rows["text"].to_pylist(), strict=True))
 
 
+def item_groups(lake: Lake, dataset: str, column: str, item_ids: list[str]) -> list[str]:
+    """The `column` value (source, group_id, concept) of each item, from the dataset's pairs."""
+    pairs = lake.read(table_name("pairs", dataset), ["media_id", column])
+    of = dict(zip(pairs["media_id"].to_pylist(), pairs[column].to_pylist(), strict=True))
+    return [str(of.get(m)) for m in item_ids]
+
+
+def scoring_targets(
+    lake: Lake, exp: ExperimentSpec, refs: tuple[EncoderRef, EncoderRef]
+) -> dict[str, PairedSplit]:
+    """The test split of every dataset the experiment is scored on, its own first, with latents of
+    exactly the experiment's encoders (a clear error when another dataset lacks them)."""
+    fps = (refs[0].fingerprint, refs[1].fingerprint)
+    test = split_rows(lake.read(table_name("curated", exp.name)), "test")
+    if len(test) == 0:
+        raise ValueError(f"experiment {exp.name}: the test split is empty; nothing to evaluate")
+    targets = {exp.dataset: paired_split(lake, exp, test, fingerprints=fps)}
+    for other in exp.eval_datasets:
+        rows = holdout_pairs(lake, exp, other)
+        if len(rows) == 0:
+            raise ValueError(f"experiment {exp.name}: dataset {other} has no test pairs to score")
+        try:
+            targets[other] = paired_split(lake, exp, rows, dataset=other, fingerprints=fps)
+        except LookupError as err:
+            raise LookupError(
+                f"experiment {exp.name} is also scored on {other}, which needs latents of "
+                f"{exp.media_encoder} ({fps[0]}) and {exp.text_encoder} ({fps[1]}): {err}; "
+                f"run extract_job for ({other}, {exp.media_encoder}) and ({other}, {exp.text_encoder})"
+            ) from err
+    return targets
+
+
+def score(model, split: PairedSplit, groups: list[str] | None) -> tuple[dict[str, dict[str, float]], tuple]:
+    """{gallery: metrics} of one model on one split (pooled, and per group when `groups` is given),
+    plus (result, item embeddings, text embeddings) of the pooled scoring."""
+    result, item_emb, text_emb = evaluate_model(model, split)
+    chance = chance_levels(
+        split.pair_items, split.pair_texts, len(split.item_ids), len(split.text_ids), result.ks
+    )
+    pooled = result.as_dict()
+    pooled["chance_t2i_recall_at_1"] = chance["t2i"][1]
+    pooled["chance_i2t_recall_at_1"] = chance["i2t"][1]
+    pooled["test_items"], pooled["test_captions"] = float(len(item_emb)), float(len(text_emb))
+    out = {POOLED: pooled}
+    if groups is not None:
+        by_group = retrieval_by_group(item_emb, text_emb, split.pair_items, split.pair_texts, groups)
+        per_group = mean_over_groups(by_group)
+        group_chance = mean_chance_over_groups(
+            chance_levels_by_group(split.pair_items, split.pair_texts, groups)
+        )
+        per_group["chance_t2i_recall_at_1"] = group_chance["t2i"][1]
+        per_group["chance_i2t_recall_at_1"] = group_chance["i2t"][1]
+        per_group["groups"] = float(len(by_group))
+        out["groups"] = per_group
+    return out, (result, item_emb, text_emb, chance)
+
+
+def metric_table(exp: ExperimentSpec, rows: list[dict], key: str, fingerprints: tuple[str, str]) -> pa.Table:
+    """The `metrics` table rows of an evaluation: `rows` hold dataset, gallery, seed, metric, value,
+    std, n_seeds and mlflow_run_id."""
+    return schemas.table_of(
+        schemas.METRICS,
+        [SimpleNamespace(**r) for r in rows],
+        experiment=exp.name,
+        family=exp.family,
+        variable=exp.variable,
+        method=exp.method,
+        split="test",
+        inputs_hash=key,
+        created_at=datetime.now(UTC),
+        fingerprint_media=fingerprints[0],
+        fingerprint_text=fingerprints[1],
+    )
+
+
+def upgrade_metrics_table(lake: Lake) -> None:
+    """A metrics table written before seeds, galleries and methods existed gets those columns (its
+    rows were one seed, pooled, adapters)."""
+    if not lake.exists("metrics") or lake.open("metrics").schema == schemas.METRICS:
+        return
+    old = lake.read("metrics")
+    fill = {"method": "adapters", "gallery": POOLED, "seed": None, "std": 0.0, "n_seeds": 1}
+    columns = {
+        name: old[name] if name in old.column_names else pa.array([fill[name]] * len(old), field.type)
+        for name, field in zip(schemas.METRICS.names, schemas.METRICS, strict=True)
+    }
+    lake.overwrite("metrics", pa.table(columns, schema=schemas.METRICS))
+
+
 def evaluate_experiment(
     lake: Lake,
     exp: ExperimentSpec,
-    model: FusedModel,
+    models: dict[int, tuple[object, dict]],
     refs: tuple[EncoderRef, EncoderRef],
-    run_id: str,
     key: str,
     checkpoint: Path,
     report_dir: Path,
     examples: int = 3,
-) -> tuple[dict[str, float], int, Path]:
-    """Scores the test split, replaces the experiment's rows of the `metrics` table, writes the report.
-    Returns (metrics, the metrics table's Lance version, report.md)."""
-    test = split_rows(lake.read(table_name("curated", exp.name)), "test")
-    if len(test) == 0:
-        raise ValueError(f"experiment {exp.name}: the test split is empty; nothing to evaluate")
-    split = paired_split(lake, exp, test)
-    result, item_emb, text_emb = evaluate_model(model, split)
-    metrics = result.as_dict()
-    chance = chance_levels(
-        split.pair_items, split.pair_texts, len(split.item_ids), len(split.text_ids), result.ks
-    )
-    metrics["chance_t2i_recall_at_1"] = chance["t2i"][1]
-    metrics["chance_i2t_recall_at_1"] = chance["i2t"][1]
-    metrics["test_items"], metrics["test_captions"] = float(len(item_emb)), float(len(text_emb))
-
-    rows = metric_rows(exp, metrics, run_id, key, (refs[0].fingerprint, refs[1].fingerprint))
+) -> tuple[dict[str, float], list[dict], int, Path]:
+    """Scores every seed's model (`models`: seed -> (model, checkpoint record)) on every target,
+    replaces the experiment's rows of the `metrics` table, writes the report of the first seed on the
+    experiment's own test split. Returns (headline metrics, every row, the table's Lance version,
+    report.md)."""
+    targets = scoring_targets(lake, exp, refs)
+    groups = {
+        name: item_groups(lake, name, exp.group_by, split.item_ids) if exp.group_by else None
+        for name, split in targets.items()
+    }
+    rows: list[dict] = []
+    per_seed: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
+    first = None
+    for seed, (model, extra) in models.items():
+        run_id = extra["summary"]["mlflow_run_id"]
+        for name, split in targets.items():
+            scored, detail = score(model, split, groups[name])
+            if first is None:
+                first = (split, detail)
+            for gallery, values in scored.items():
+                gallery = POOLED if gallery == POOLED else f"per_{exp.group_by}"
+                per_seed[(name, gallery)].append(values)
+                rows += [
+                    {"dataset": name, "gallery": gallery, "seed": seed, "metric": m, "value": float(v),
+                     "std": None, "n_seeds": 1, "mlflow_run_id": run_id}
+                    for m, v in values.items()
+                ]  # fmt: skip
+    first_run = next(iter(models.values()))[1]["summary"]["mlflow_run_id"]
+    for (name, gallery), values in per_seed.items():
+        for metric, (mean, std, n) in aggregate_seeds(values).items():
+            rows.append(
+                {"dataset": name, "gallery": gallery, "seed": None, "metric": metric, "value": mean,
+                 "std": std, "n_seeds": n, "mlflow_run_id": first_run}
+            )  # fmt: skip
+    upgrade_metrics_table(lake)
     lake.delete("metrics", f"experiment = {sql_str(exp.name)}")
-    version = lake.append("metrics", rows)
+    version = lake.append("metrics", metric_table(exp, rows, key, (refs[0].fingerprint, refs[1].fingerprint)))
 
-    texts = texts_of(lake, exp.dataset, split.text_ids)
+    split, (result, item_emb, text_emb, chance) = first
+    metrics = headline(rows, exp.dataset)
     hist = read_history(checkpoint)
     report = write_report(
         report_dir,
@@ -116,25 +234,67 @@ def evaluate_experiment(
         chance=chance,
         item_emb=item_emb,
         text_emb=text_emb,
-        params={"family": exp.family, "fusemix": exp.fusemix.mode, "select": exp.select},
-        examples=query_examples(split, item_emb, text_emb, texts, examples),
+        params={
+            "family": exp.family,
+            "method": exp.method,
+            "fusemix": exp.fusemix.mode,
+            "select": exp.select,
+        },
+        examples=query_examples(
+            split, item_emb, text_emb, texts_of(lake, exp.dataset, split.text_ids), examples
+        ),
         pairs=(split.pair_items, split.pair_texts),
     )
-    return metrics, version, report
+    if len(per_seed) > 1 or len(models) > 1:
+        with report.open("a", encoding="utf-8") as fh:
+            fh.write(
+                "\n## Every scored dataset and gallery (mean ± std over seeds)\n\n" + seeds_table(rows) + "\n"
+            )
+    return metrics, rows, version, report
 
 
-def log_evaluation(client, run_id: str, metrics: dict[str, float], report: Path) -> None:
-    """The metrics on the training's MLflow run, the report folder as its artifacts."""
-    log = RunLogger(client, run_id)
-    log.metrics(metrics)
-    log.flush()
-    client.log_artifacts(run_id, str(report.parent), "report")
+def seeds_table(rows: list[dict]) -> str:
+    """Markdown: one line per (dataset, gallery), Recall@1/5/10 both ways as mean ± std in percent."""
+    agg = [r for r in rows if r["seed"] is None]
+    cols = [f"{d}_recall_at_{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    body = []
+    for name, gallery in dict.fromkeys((r["dataset"], r["gallery"]) for r in agg):
+        cell = {r["metric"]: r for r in agg if r["dataset"] == name and r["gallery"] == gallery}
+        n = next(iter(cell.values()))["n_seeds"]
+        body.append(
+            [name, gallery, str(n)]
+            + [
+                f"{100 * cell[c]['value']:.1f} ± {100 * cell[c]['std']:.1f}" if c in cell else "–"
+                for c in cols
+            ]
+        )
+    header = ["dataset", "gallery", "seeds", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5", "R@10"]
+    return markdown_table(header, body, [False, False, True] + [True] * 6)
 
 
-def recall_vs_chance(lake: Lake, experiment: str) -> tuple[bool, dict[str, float]]:
-    """Whether Recall@1 beats chance both ways on the stored metrics, and the four numbers."""
-    rows = lake.read("metrics", filter=f"experiment = {sql_str(experiment)}")
-    values = dict(zip(rows["metric"].to_pylist(), rows["value"].to_pylist(), strict=True))
+def log_evaluation(client, rows: list[dict], report: Path, own: str) -> None:
+    """Each seed's scores on its MLflow run (other datasets and galleries prefixed with their names),
+    the mean and std over seeds on the first seed's run, the report folder as its artifacts."""
+    by_run: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        prefix = "" if (r["dataset"], r["gallery"]) == (own, POOLED) else f"{r['dataset']}.{r['gallery']}."
+        if r["seed"] is not None:
+            by_run[r["mlflow_run_id"]][prefix + r["metric"]] = r["value"]
+        elif r["n_seeds"] > 1:
+            by_run[r["mlflow_run_id"]][f"mean.{prefix}{r['metric']}"] = r["value"]
+            by_run[r["mlflow_run_id"]][f"std.{prefix}{r['metric']}"] = r["std"]
+    for run_id, values in by_run.items():
+        log = RunLogger(client, run_id)
+        log.metrics(values)
+        log.flush()
+    first = next(r["mlflow_run_id"] for r in rows if r["seed"] is None)
+    client.log_artifacts(first, str(report.parent), "report")
+
+
+def recall_vs_chance(lake: Lake, exp: ExperimentSpec) -> tuple[bool, dict[str, float]]:
+    """Whether Recall@1 beats chance both ways on the stored headline metrics, and the four numbers."""
+    rows = lake.read("metrics", filter=f"experiment = {sql_str(exp.name)}").to_pylist()
+    values = headline(rows, exp.dataset)
     out = {
         "t2i_recall_at_1": values.get("t2i_recall_at_1", 0.0),
         "chance_t2i": values.get("chance_t2i_recall_at_1", 1.0),
@@ -142,3 +302,37 @@ def recall_vs_chance(lake: Lake, experiment: str) -> tuple[bool, dict[str, float
         "chance_i2t": values.get("chance_i2t_recall_at_1", 1.0),
     }
     return out["t2i_recall_at_1"] > out["chance_t2i"] and out["i2t_recall_at_1"] > out["chance_i2t"], out
+
+
+def family_rows(lake: Lake, experiments: list[str]) -> list[dict]:
+    """The `metrics` rows of these experiments (none before the first evaluation)."""
+    if not lake.exists("metrics") or not experiments:
+        return []
+    return lake.read("metrics", filter=sql_in("experiment", experiments)).to_pylist()
+
+
+def write_family_report(lake: Lake, family: str, experiments: list[str], out_dir: Path) -> Path | None:
+    """A family's ablation table and plot (evaluation.ablation) as <out_dir>/<family>.md, or None
+    while none of its experiments has been evaluated."""
+    from evaluation.ablation import ablation_report
+
+    rows = family_rows(lake, experiments)
+    if not rows:
+        return None
+    for gallery in sorted({r["gallery"] for r in rows} - {POOLED}):
+        ablation_report(rows, family, out_dir, gallery=gallery)  # <family>_<gallery>.md beside it
+    return ablation_report(rows, family, out_dir)
+
+
+def log_family_report(client, experiment_id: str, family: str, report: Path, run_ids: list[str]) -> str:
+    """An MLflow parent run for the family holding its report; the experiments' runs become its
+    children. Returns the parent run's id."""
+    parent = client.create_run(experiment_id, run_name=f"family:{family}", tags={"family": family})
+    parent_id = parent.info.run_id
+    client.log_artifact(parent_id, str(report), "report")
+    for png in report.parent.glob(f"{report.stem}*.png"):
+        client.log_artifact(parent_id, str(png), "report")
+    for run_id in dict.fromkeys(run_ids):
+        client.set_tag(run_id, "mlflow.parentRunId", parent_id)
+    client.set_terminated(parent_id, "FINISHED")
+    return parent_id

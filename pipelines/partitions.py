@@ -4,6 +4,7 @@ dataset      ingest, one per entry of datasets.yaml
 dataset x encoder   extract; the encoder dimension is dynamic: the encoder sensor adds a
              partition when an encoder appears in encoders.yaml
 experiment   curate, train, evaluate, one per entry of experiments.yaml
+family       the ablation report, one per family of experiments.yaml
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Partitions:
     encoder: dg.DynamicPartitionsDefinition
     extract: dg.MultiPartitionsDefinition
     experiment: dg.StaticPartitionsDefinition
+    family: dg.StaticPartitionsDefinition
 
     def encoders(self) -> dict[str, EncoderSpec]:
         """Read on every call: the sensor notices edits without a reload."""
@@ -45,10 +47,11 @@ def build_partitions(configs: Path) -> Partitions:
     datasets = load_datasets(configs / "datasets.yaml")
     experiments = load_experiments(configs / "experiments.yaml")
     for exp in experiments.values():
-        if exp.dataset not in datasets:
-            raise ValueError(
-                f"experiment {exp.name!r} names dataset {exp.dataset!r}, which is not in datasets.yaml"
-            )
+        for name in (exp.dataset, *exp.eval_datasets):
+            if name not in datasets:
+                raise ValueError(
+                    f"experiment {exp.name!r} names dataset {name!r}, which is not in datasets.yaml"
+                )
     dataset = dg.StaticPartitionsDefinition(sorted(datasets))
     encoder = dg.DynamicPartitionsDefinition(name=ENCODER_PARTITIONS)
     return Partitions(
@@ -59,4 +62,5 @@ def build_partitions(configs: Path) -> Partitions:
         encoder=encoder,
         extract=dg.MultiPartitionsDefinition({"dataset": dataset, "encoder": encoder}),
         experiment=dg.StaticPartitionsDefinition(sorted(experiments)),
+        family=dg.StaticPartitionsDefinition(sorted({e.family for e in experiments.values()})),
     )

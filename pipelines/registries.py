@@ -10,8 +10,15 @@ from typing import Any
 
 import yaml
 
+from evaluation.baselines import BASELINES
 from fusion.config import AdapterConfig, FuseMixConfig, TrainConfig, from_dict, preset
 from fusion.paths import configs_dir
+
+# "adapters" trains the FuseMix adapters (fusemix.mode picks FuseMix or an ablation); the others are
+# the baselines of evaluation.baselines, scored by the same code.
+METHODS = ("adapters", *BASELINES)
+# Pairs columns an experiment may score one gallery at a time by.
+GROUP_COLUMNS = (None, "source", "group_id", "concept")
 
 
 class RegistryError(ValueError):
@@ -55,6 +62,15 @@ class ExperimentSpec:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     fusemix: FuseMixConfig = field(default_factory=FuseMixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # adapters (FuseMix or its ablations, by fusemix.mode) or a baseline of evaluation.baselines
+    method: str = "adapters"
+    method_params: dict = field(default_factory=dict)  # fixes a baseline's hyperparameters
+    seeds: int = 1  # train.seed, train.seed + 1, ...: metrics are reported per seed and as mean and std
+    eval_datasets: tuple[str, ...] = ()  # other datasets scored zero-shot (their test split)
+    group_by: str | None = None  # also score one gallery per value of this pairs column (e.g. source)
+
+    def seed_list(self) -> list[int]:
+        return [self.train.seed + i for i in range(self.seeds)]
 
 
 def load_datasets(path: str | Path | None = None) -> dict[str, DatasetSpec]:
@@ -86,15 +102,28 @@ def load_experiments(path: str | Path | None = None) -> dict[str, ExperimentSpec
     out = {}
     for name, entry in data["experiments"].items():
         entry = {**defaults, **(entry or {})}
+        for part in ("adapter", "fusemix", "train"):  # an entry's overrides add to the defaults' ones
+            entry[part] = {**(defaults.get(part) or {}), **(entry.get(part) or {})}
         try:
             base = preset(entry.pop("preset", "cpu-small"))
             adapter = replace(base.adapter, **entry.pop("adapter", {}) or {})
             fusemix = from_dict(FuseMixConfig, {**vars(base.fusemix), **(entry.pop("fusemix", {}) or {})})
             train = from_dict(TrainConfig, {**vars(base.train), **(entry.pop("train", {}) or {})})
+            entry["eval_datasets"] = tuple(entry.get("eval_datasets") or ())
             spec = ExperimentSpec(name=name, adapter=adapter, fusemix=fusemix, train=train, **entry)
         except (TypeError, ValueError, KeyError) as err:
             raise RegistryError(f"{path}: experiment {name!r}: {err}") from err
         if spec.caption not in ("clean", "raw"):
             raise RegistryError(f"{path}: experiment {name!r}: caption must be clean or raw")
+        if spec.method not in METHODS:
+            raise RegistryError(
+                f"{path}: experiment {name!r}: method must be one of {', '.join(METHODS)}, got {spec.method!r}"
+            )
+        if not isinstance(spec.seeds, int) or spec.seeds < 1:
+            raise RegistryError(f"{path}: experiment {name!r}: seeds must be a whole number >= 1")
+        if spec.group_by not in GROUP_COLUMNS:
+            raise RegistryError(
+                f"{path}: experiment {name!r}: group_by must be one of {GROUP_COLUMNS[1:]}, got {spec.group_by!r}"
+            )
         out[name] = spec
     return out

@@ -6,7 +6,8 @@ with, the DuckDB catalog's views are derived from, and the tests check the writt
     quarantine__{dataset}           every rejected input with its stage and reason
     latents__{dataset}__{encoder}   media_id, vector (fixed-size list<float32>[dim]), fingerprint
     curated__{experiment}           the selected pairs of an experiment (val and test whole)
-    metrics                         one row per (experiment, metric) of an evaluation
+    metrics                         one row per (experiment, scored dataset, gallery, seed, metric);
+                                    seed null: the mean and std over the experiment's seeds
 """
 
 from __future__ import annotations
@@ -72,10 +73,15 @@ METRICS = pa.schema(
         ("experiment", pa.string()),
         ("family", pa.string()),
         ("variable", pa.string()),
-        ("dataset", pa.string()),
+        ("method", pa.string()),  # adapters or a baseline (evaluation.baselines)
+        ("dataset", pa.string()),  # the dataset scored: the experiment's own, or another zero-shot
         ("split", pa.string()),
+        ("gallery", pa.string()),  # pooled, or per_<column>: one gallery per source/group, averaged
+        ("seed", pa.int64()),  # null on the rows that aggregate every seed
         ("metric", pa.string()),
-        ("value", pa.float64()),
+        ("value", pa.float64()),  # a seed's value, or the mean over seeds
+        ("std", pa.float64()),  # standard deviation over seeds (aggregate rows; 0 for one seed)
+        ("n_seeds", pa.int64()),
         ("mlflow_run_id", pa.string()),
         ("inputs_hash", pa.string()),
         ("created_at", _UTC),

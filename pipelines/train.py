@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +20,7 @@ import pyarrow as pa
 from fusion.adapters import EncoderRef, FusedModel
 from fusion.checkpoint import read_config, save_checkpoint
 from fusion.trainer import TrainResult, train_adapters
-from pipelines.curate import paired_split, split_arrays, split_rows
+from pipelines.curate import pair_groups, paired_split, split_arrays, split_rows
 from pipelines.lake import Lake
 from pipelines.registries import ExperimentSpec
 from pipelines.schemas import table_name
@@ -55,6 +56,11 @@ def experiment_params(
         "family": exp.family,
         "variable": exp.variable,
         "caption": exp.caption,
+        "method": exp.method,
+        "seeds": exp.seeds,
+        "eval_datasets": ",".join(exp.eval_datasets),
+        "group_by": exp.group_by,
+        **{f"method.{k}": v for k, v in exp.method_params.items()},
         "media_encoder": media_ref.name,
         "media_fingerprint": media_ref.fingerprint,
         "text_encoder": text_ref.name,
@@ -82,7 +88,8 @@ def train_experiment(
     R-sum (R@1+R@5+R@10 both ways), never looking at test."""
     from evaluation.retrieval import evaluate_model
 
-    x, y = split_arrays(lake, exp, split_rows(curated, "train"))
+    train_rows = split_rows(curated, "train")
+    x, y = split_arrays(lake, exp, train_rows)
     if len(x) < 2:
         raise ValueError(f"experiment {exp.name}: {len(x)} training pairs; need at least 2")
     val_rows = split_rows(curated, "val")
@@ -104,38 +111,36 @@ def train_experiment(
         on_step=on_step,
         on_validate=on_validate,
         progress=True,
+        groups=pair_groups(train_rows) if exp.train.loss != "infonce" else None,
     )
 
 
-def train_and_save(
+def seed_dirs(models_dir: Path, exp: ExperimentSpec) -> dict[int, Path]:
+    """The checkpoint folder of each seed: the first in models/<experiment> (where `fusemix search`
+    looks), the others in models/<experiment>/seeds/<seed>."""
+    base = checkpoint_dir(models_dir, exp.name)
+    return {s: base if i == 0 else base / "seeds" / str(s) for i, s in enumerate(exp.seed_list())}
+
+
+def all_up_to_date(dirs: dict[int, Path], digest: str) -> list[dict] | None:
+    """The summaries of every seed's checkpoint if all were trained on inputs `digest`, else None."""
+    summaries = [up_to_date(out, digest) for out in dirs.values()]
+    return None if any(s is None for s in summaries) else summaries
+
+
+def fit_method(
     lake: Lake,
     exp: ExperimentSpec,
     curated: pa.Table,
     refs: tuple[EncoderRef, EncoderRef],
     media_side: str,
-    client,
-    experiment_id: str,
-    out: Path,
-    digest: str,
-) -> tuple[dict, dict[str, int]]:
-    """Trains in a new MLflow run (params, per-step loss, temperature and lr, the Lance versions read,
-    the checkpoint as artifacts) and saves the checkpoint to `out`. Returns (summary, versions read)."""
+    log,
+) -> tuple[object, dict, dict | None]:
+    """(model, summary, history or None): trained adapters, or a baseline fitted on the same train
+    pairs with its hyperparameters chosen on the val split."""
     media_ref, text_ref = refs
-    versions = lake.versions(
-        [
-            table_name("curated", exp.name),
-            table_name("latents", exp.dataset, exp.media_encoder),
-            table_name("latents", exp.dataset, exp.text_encoder),
-        ]
-    )
-    tags = {"experiment": exp.name, "dataset": exp.dataset}
-    with mlflow_run(client, experiment_id, exp.name, tags) as log:
-        log.params(
-            {
-                **experiment_params(exp, media_ref, text_ref, {}),
-                **{f"lance.{t}": str(v) for t, v in versions.items()},
-            }
-        )
+    train_pairs = int((curated["split"].to_numpy(zero_copy_only=False) == "train").sum())
+    if exp.method == "adapters":
         result = train_experiment(
             lake,
             exp,
@@ -149,35 +154,107 @@ def train_and_save(
             on_validate=lambda r: log.metrics({"val_rsum": r["score"]}, r["step"]),
         )
         summary = {
-            "mlflow_run_id": log.run_id,
             "steps": result.steps,
             "best_step": result.best_step,
             "best_val_rsum": result.best_score,
             "final_loss": result.history[-1]["loss"],
             "final_temperature": result.history[-1]["temperature"],
-            "train_pairs": int((curated["split"].to_numpy(zero_copy_only=False) == "train").sum()),
+            "train_pairs": train_pairs,
             "seconds": round(result.seconds, 2),
             "pairs_per_s": round(result.pairs_seen / max(result.seconds, 1e-9), 1),
         }
         log.metrics({"train_seconds": result.seconds, "best_step": result.best_step or 0})
-        extra = {
-            "experiment": exp.name,
-            "dataset": exp.dataset,
-            "media_encoder": exp.media_encoder,
-            "text_encoder": exp.text_encoder,
-            "media_side": media_side,
-            "text_side": "text",
-            "inputs_hash": digest,
-            "lance_versions": versions,
-            "summary": summary,
-        }
-        save_checkpoint(out, result.model, exp.adapter, extra=extra)
-        history = {"history": result.history, "val_history": result.val_history}
-        tmp = out / ".history.json.tmp"
-        tmp.write_text(json.dumps(history))
-        os.replace(tmp, out / "history.json")
-        client.log_artifacts(log.run_id, str(out), "adapters")
-    return summary, versions
+        return result.model, summary, {"history": result.history, "val_history": result.val_history}
+    from evaluation.baselines import fit_baseline
+
+    t0 = time.perf_counter()
+    x, y = split_arrays(lake, exp, split_rows(curated, "train"))
+    val_rows = split_rows(curated, "val")
+    model, chosen = fit_baseline(
+        exp.method,
+        x,
+        y,
+        val=paired_split(lake, exp, val_rows) if len(val_rows) >= 2 else None,
+        sides=(media_side, "text"),
+        encoders={media_side: media_ref, "text": text_ref},
+        seed=exp.train.seed,
+        params=dict(exp.method_params) or None,
+        adapter_cfg=exp.adapter,
+    )
+    seconds = time.perf_counter() - t0
+    log.params({f"chosen.{k}": v for k, v in chosen.items() if k != "grid"})
+    log.metrics({"train_seconds": seconds})
+    summary = {"steps": 0, "train_pairs": train_pairs, "seconds": round(seconds, 2), "chosen": chosen}
+    return model, summary, None
+
+
+def save_model(out: Path, model, exp: ExperimentSpec, extra: dict, history: dict | None) -> None:
+    """Adapters as a checkpoint with their history beside it; a baseline in its own format."""
+    if history is None:
+        from evaluation.baselines import save_baseline
+
+        save_baseline(out, model, extra=extra)
+        (out / "history.json").unlink(missing_ok=True)  # an adapters run's history would mislead
+        return
+    save_checkpoint(out, model, exp.adapter, extra=extra)
+    tmp = out / ".history.json.tmp"
+    tmp.write_text(json.dumps(history))
+    os.replace(tmp, out / "history.json")
+
+
+def train_and_save(
+    lake: Lake,
+    exp: ExperimentSpec,
+    curated: pa.Table,
+    refs: tuple[EncoderRef, EncoderRef],
+    media_side: str,
+    client,
+    experiment_id: str,
+    dirs: dict[int, Path],
+    digest: str,
+) -> tuple[list[dict], dict[str, int]]:
+    """Trains (or fits) the experiment once per seed, each in its own MLflow run (params, per-step
+    loss, temperature and lr, the Lance versions read, the saved files as artifacts), saved to that
+    seed's folder of `dirs`. Returns (one summary per seed, the Lance versions read)."""
+    media_ref, text_ref = refs
+    versions = lake.versions(
+        [
+            table_name("curated", exp.name),
+            table_name("latents", exp.dataset, exp.media_encoder),
+            table_name("latents", exp.dataset, exp.text_encoder),
+        ]
+    )
+    summaries = []
+    for seed, out in dirs.items():
+        exp_seed = replace(exp, train=replace(exp.train, seed=seed))
+        tags = {"experiment": exp.name, "dataset": exp.dataset, "seed": str(seed), "method": exp.method}
+        with mlflow_run(client, experiment_id, exp.name, tags) as log:
+            log.params(
+                {
+                    **experiment_params(exp_seed, media_ref, text_ref, {}),
+                    **{f"lance.{t}": str(v) for t, v in versions.items()},
+                }
+            )
+            model, summary, history = fit_method(lake, exp_seed, curated, refs, media_side, log)
+            summary = {"mlflow_run_id": log.run_id, "seed": seed, **summary}
+            extra = {
+                "experiment": exp.name,
+                "dataset": exp.dataset,
+                "method": exp.method,
+                "seed": seed,
+                "media_encoder": exp.media_encoder,
+                "text_encoder": exp.text_encoder,
+                "media_side": media_side,
+                "text_side": "text",
+                "inputs_hash": digest,
+                "lance_versions": versions,
+                "summary": summary,
+            }
+            save_model(out, model, exp, extra, history)
+            for path in sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith(".")):
+                client.log_artifact(log.run_id, str(path), "adapters")
+        summaries.append(summary)
+    return summaries, versions
 
 
 def read_history(out: Path) -> dict:

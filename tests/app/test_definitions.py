@@ -24,6 +24,7 @@ ASSETS = {
     "curated": "curate",
     "adapters": "train",
     "retrieval_metrics": "evaluate",
+    "ablation_report": "report",
 }
 CHECKS = {("curated", "latents_ready"): True, ("quarantine", "quarantine_rate"): False}
 CHECKS[("retrieval_metrics", "recall_above_chance")] = False
@@ -31,6 +32,7 @@ JOBS = {
     "ingest_job": {"media", "pairs", "quarantine"},
     "extract_job": {"latents"},
     "experiment_job": {"curated", "adapters", "retrieval_metrics"},
+    "report_job": {"ablation_report"},
 }
 
 
@@ -94,6 +96,9 @@ def test_real_partitions_follow_the_registries(real):
     experiments = yaml.safe_load((configs / "experiments.yaml").read_text())["experiments"]
     assert parts.dataset.get_partition_keys() == sorted(datasets)
     assert parts.experiment.get_partition_keys() == sorted(experiments)
+    assert parts.family.get_partition_keys() == sorted(
+        {e.get("family", "demo") for e in experiments.values()}
+    )
     assert parts.encoder.name == "encoder"
     graph = real.defs.resolve_asset_graph()
     for key, expected in (
@@ -102,6 +107,7 @@ def test_real_partitions_follow_the_registries(real):
         ("curated", parts.experiment),
         ("adapters", parts.experiment),
         ("retrieval_metrics", parts.experiment),
+        ("ablation_report", parts.family),
     ):
         assert graph.get(dg.AssetKey(key)).partitions_def == expected, key
     # Every experiment's encoders are in the registry, with the modality its side needs.

@@ -67,15 +67,24 @@ def test_run_plan_runs_an_experiment_and_the_table_shows_it(project, capsys):
     # An experiment of the registry that was not run is listed as such, not with made-up numbers.
     assert next(line for line in lines if line.startswith("shapes-n12")).endswith("(not evaluated)")
 
-    # The family report (evaluation.ablation) of what ran: its table holds the stored Recall@1.
-    from app.demo import family_report
+    # The family's ablation report asset: the table holds the stored Recall@1, and an MLflow parent
+    # run holds the report with the experiment's run as its child.
+    from app.demo import _run
 
-    report = family_report("demo", [EXPERIMENT, "shapes-n12"])
-    assert report == project.home / "reports" / "families" / "demo.md"
+    assert _run(defs, "report_job", "demo", inst) is True
+    report = project.home / "reports" / "families" / "demo.md"
     text = report.read_text()
     assert EXPERIMENT in text and f"{100 * metrics['t2i_recall_at_1']:.1f}" in text
     assert report.with_suffix(".png").stat().st_size > 0
-    assert family_report("quantity", ["shapes-n12"]) is None  # nothing of it evaluated yet
+    client = project.resources()["tracking"].client()
+    run_id = next(
+        r["mlflow_run_id"]
+        for r in Lake(project.home / "lance").read("metrics").to_pylist()
+        if r["experiment"] == EXPERIMENT
+    )
+    parent = client.get_run(run_id).data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent).info.run_name == "family:demo"
+    assert "report/demo.md" in [a.path for a in client.list_artifacts(parent, "report")]
 
 
 def test_retrieval_table_without_metrics(project):

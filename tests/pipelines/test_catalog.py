@@ -70,24 +70,26 @@ def latents_table(ids: list[str], dim: int, fingerprint: str, encoder: str, seed
     )
 
 
-def metrics_table(rows: list[tuple[str, str, str, float, str, int]]) -> pa.Table:
-    """rows: (experiment, split, metric, value, run_id, minute)."""
-    base = dt.datetime(2026, 1, 1, 12, 0)
-    return pa.table(
-        {
-            "experiment": [r[0] for r in rows],
-            "dataset": ["emoji"] * len(rows),
-            "split": [r[1] for r in rows],
-            "metric": [r[2] for r in rows],
-            "value": pa.array([r[3] for r in rows], type=pa.float64()),
-            "mlflow_run_id": [r[4] for r in rows],
-            "created_at": pa.array(
-                [base + dt.timedelta(minutes=r[5]) for r in rows], type=pa.timestamp("us")
-            ),
-            "fingerprint_media": ["fpm"] * len(rows),
-            "fingerprint_text": ["fpt"] * len(rows),
-        }
-    )
+def metrics_table(rows: list[tuple]) -> pa.Table:
+    """rows: (experiment, split, metric, value, run_id, minute[, seed]); rows without a seed are the
+    aggregates over seeds (what best_runs ranks), pooled gallery."""
+    from types import SimpleNamespace
+
+    from pipelines import schemas
+
+    base = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+    objs = [
+        SimpleNamespace(
+            experiment=r[0], split=r[1], metric=r[2], value=r[3], mlflow_run_id=r[4],
+            created_at=base + dt.timedelta(minutes=r[5]), seed=r[6] if len(r) > 6 else None,
+        )
+        for r in rows
+    ]  # fmt: skip
+    return schemas.table_of(
+        schemas.METRICS, objs, family="demo", variable="", method="adapters", dataset="emoji",
+        gallery="pooled", std=0.0, n_seeds=1, inputs_hash="h", fingerprint_media="fpm",
+        fingerprint_text="fpt",
+    )  # fmt: skip
 
 
 def make_lake(root) -> Lake:
@@ -123,6 +125,8 @@ def make_lake(root) -> Lake:
                 ("emoji-fusemix", "test", "i2t_recall_at_1", 0.90, "run1", 0),
                 ("emoji-none", "test", "t2i_recall_at_1", 0.20, "run3", 1),
                 ("emoji-none", "val", "t2i_recall_at_1", 0.25, "run3", 1),
+                # One seed's own row is not an experiment's result: best_runs ranks the aggregates.
+                ("emoji-none", "test", "t2i_recall_at_1", 0.99, "run3", 1, 7),
             ]
         ),
     )
@@ -302,7 +306,7 @@ def test_saved_query_errors_are_clear(lake, tmp_path, monkeypatch):
         load_saved_query("typo")
     with pytest.raises(CatalogError, match=r"needs parameter\(s\) \['experiment'\]"):
         cat.saved("needs")
-    assert cat.saved("needs", experiment="emoji-none").num_rows == 2
+    assert cat.saved("needs", experiment="emoji-none").num_rows == 3  # two aggregates and one seed
 
 
 def test_bad_sql_is_a_catalog_error(lake):

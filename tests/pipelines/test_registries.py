@@ -132,9 +132,11 @@ def test_experiments_merge_preset_defaults_and_overrides(tmp_path):
     )
     exps = load_experiments(path)
     base = preset("cpu-small")
-    # An experiment's own section replaces the defaults' section of the same name (a shallow merge).
+    # An experiment's own section adds to the defaults' section of the same name, field by field:
+    # `train: {epochs: 2}` keeps the defaults' batch size (and the preset's other fields).
     assert exps["a"].train.epochs == 2
-    assert exps["a"].train.batch_size == base.train.batch_size
+    assert exps["a"].train.batch_size == 32
+    assert exps["a"].train.lr == base.train.lr
     assert exps["b"].train.epochs == 7 and exps["b"].train.batch_size == 32
     assert exps["a"].adapter.depth == exps["b"].adapter.depth == 1
     assert exps["b"].fusemix.mode == "none" and exps["a"].fusemix.mode == base.fusemix.mode

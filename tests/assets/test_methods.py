@@ -1,0 +1,174 @@
+"""Experiment methods, seeds, zero-shot scoring on another dataset and per-group galleries, through
+real Dagster materialisations on the tiny project (tests.pipeline_fixture).
+
+`methods` (module scope) adds a second dataset (`shapes-copy`, the same pictures ingested under
+another name) and two experiments scored on both: `shapes-seeds` (FuseMix adapters, 2 seeds, one
+gallery per concept) and `shapes-asif` (the training-free ASIF baseline, 2 seeds); then it runs the
+family's ablation report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from tests.assets.conftest import mlflow_client
+from tests.pipeline_fixture import make_project
+
+ENCODERS = ("tiny-image", "tiny-text")
+
+
+@pytest.fixture(scope="module")
+def methods(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("methods")
+    old_home = os.environ.get("FUSEMIX_HOME")
+    os.environ["FUSEMIX_HOME"] = str(Path(tmp) / "home")
+    try:
+        from app.definitions import build_defs
+
+        project = make_project(tmp, epochs=2)
+        ds = yaml.safe_load((project.configs / "datasets.yaml").read_text())
+        ds["datasets"]["shapes-copy"] = dict(ds["datasets"]["shapes"])
+        (project.configs / "datasets.yaml").write_text(yaml.safe_dump(ds))
+        exps = yaml.safe_load((project.configs / "experiments.yaml").read_text())
+        base = {**exps["experiments"]["shapes-fusemix"], "family": "methods", "seeds": 2}
+        base["eval_datasets"] = ["shapes-copy"]
+        exps["experiments"] = {
+            "shapes-seeds": {**base, "variable": "fusemix", "group_by": "concept"},
+            "shapes-asif": {**base, "variable": "asif", "method": "asif"},
+        }
+        (project.configs / "experiments.yaml").write_text(yaml.safe_dump(exps))
+        defs, parts = build_defs(project.configs, resources=project.resources())
+        (Path(tmp) / "dagster").mkdir()
+        with dg.instance_for_test(temp_dir=str(Path(tmp) / "dagster")) as instance:
+            instance.add_dynamic_partitions("encoder", list(ENCODERS))
+            runs = {}
+
+            def run(label, job, key, **kw):
+                runs[label] = defs.resolve_job_def(job).execute_in_process(
+                    partition_key=key, instance=instance, raise_on_error=False, **kw
+                )
+                return runs[label]
+
+            for name in ("shapes", "shapes-copy"):
+                run(f"ingest:{name}", "ingest_job", name)
+                for enc in ENCODERS:
+                    run(f"extract:{name}:{enc}", "extract_job", parts.extract_key(name, enc))
+            for exp in ("shapes-seeds", "shapes-asif"):
+                run(exp, "experiment_job", exp)
+            run("report", "report_job", "methods")
+            yield project, defs, parts, instance, runs, run
+    finally:
+        if old_home is None:
+            os.environ.pop("FUSEMIX_HOME", None)
+        else:
+            os.environ["FUSEMIX_HOME"] = old_home
+
+
+def _rows(project, experiment: str) -> list[dict]:
+    lake = project.resources()["lake"].lake()
+    return [r for r in lake.read("metrics").to_pylist() if r["experiment"] == experiment]
+
+
+def test_every_run_succeeds(methods):
+    _, _, _, _, runs, _ = methods
+    assert {label: r.success for label, r in runs.items()} == dict.fromkeys(runs, True)
+
+
+def test_each_seed_is_a_checkpoint_and_an_mlflow_run(methods):
+    project = methods[0]
+    base = project.home / "models" / "shapes-seeds"
+    seeds = {0: base, 1: base / "seeds" / "1"}
+    client = mlflow_client(project)
+    run_ids = set()
+    for seed, folder in seeds.items():
+        config = json.loads((folder / "config.json").read_text())
+        assert config["extra"]["seed"] == seed
+        run_ids.add(config["extra"]["summary"]["mlflow_run_id"])
+        assert client.get_run(config["extra"]["summary"]["mlflow_run_id"]).data.tags["seed"] == str(seed)
+    assert len(run_ids) == 2
+    w0, w1 = ((f / "adapters.safetensors").read_bytes() for f in seeds.values())
+    assert w0 != w1  # another seed, another model
+
+
+def test_aggregate_rows_are_the_mean_and_std_of_the_seed_rows(methods):
+    rows = _rows(methods[0], "shapes-seeds")
+    per_seed = [r for r in rows if r["seed"] is not None]
+    agg = {(r["dataset"], r["gallery"], r["metric"]): r for r in rows if r["seed"] is None}
+    assert {r["seed"] for r in per_seed} == {0, 1}
+    assert {(d, g) for d, g, _ in agg} == {
+        ("shapes", "pooled"),
+        ("shapes", "per_concept"),
+        ("shapes-copy", "pooled"),
+        ("shapes-copy", "per_concept"),
+    }
+    for (dataset, gallery, metric), a in agg.items():
+        values = [
+            r["value"]
+            for r in per_seed
+            if (r["dataset"], r["gallery"], r["metric"]) == (dataset, gallery, metric)
+        ]
+        assert len(values) == 2 and a["n_seeds"] == 2
+        assert a["value"] == pytest.approx(np.mean(values))
+        assert a["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_the_copy_scores_like_the_original_and_groups_are_smaller_galleries(methods):
+    # shapes-copy holds the very same pictures and captions: zero-shot on it must give the same numbers.
+    rows = _rows(methods[0], "shapes-seeds")
+    value = {(r["dataset"], r["gallery"], r["seed"], r["metric"]): r["value"] for r in rows}
+    for (dataset, gallery, seed, metric), v in value.items():
+        if dataset == "shapes":
+            assert value[("shapes-copy", gallery, seed, metric)] == pytest.approx(v)
+    # One gallery per concept: fewer candidates, so chance is higher than in the pooled gallery.
+    pooled, grouped = (
+        value[("shapes", g, None, "chance_t2i_recall_at_1")] for g in ("pooled", "per_concept")
+    )
+    assert grouped > pooled
+    assert value[("shapes", "per_concept", None, "groups")] == 2.0
+
+
+def test_asif_is_a_baseline_checkpoint_scored_like_the_adapters(methods):
+    project = methods[0]
+    config = json.loads((project.home / "models" / "shapes-asif" / "config.json").read_text())
+    assert config["kind"] == "baseline" and config["method"] == "asif"
+    chosen = config["extra"]["summary"]["chosen"]
+    assert chosen["selected_by"] == "val"
+    params = mlflow_client(project).get_run(config["extra"]["summary"]["mlflow_run_id"]).data.params
+    assert params["method"] == "asif" and params["chosen.k"] == str(chosen["k"])
+    rows = _rows(project, "shapes-asif")
+    assert {r["method"] for r in rows} == {"asif"}
+    metrics = {r["metric"] for r in rows if r["seed"] is None and r["dataset"] == "shapes"}
+    assert {"t2i_recall_at_1", "i2t_recall_at_10", "chance_t2i_recall_at_1"} <= metrics
+
+
+def test_the_family_report_shows_both_methods_with_their_spread(methods):
+    project, _, _, _, runs, _ = methods
+    report = project.home / "reports" / "families" / "methods.md"
+    text = report.read_text()
+    assert "shapes-seeds" in text and "shapes-asif" in text and "±" in text
+    meta = runs["report"].asset_materializations_for_node("ablation_report")[0].metadata
+    parent = meta["mlflow_parent_run_id"].value
+    assert mlflow_client(project).get_run(parent).info.run_name == "family:methods"
+
+
+def test_scoring_another_dataset_refuses_latents_of_another_fingerprint(methods):
+    project, _, _, _, _, run = methods
+    lake = project.resources()["lake"].lake()
+    table = "latents__shapes-copy__tiny-text"
+    rows = lake.read(table)
+    stale = pa.array([f"{f}-old" for f in rows["fingerprint"].to_pylist()])
+    lake.overwrite(table, rows.set_column(rows.schema.get_field_index("fingerprint"), "fingerprint", stale))
+    force = {"ops": {"retrieval_metrics": {"config": {"force": True}}}}
+    result = run("stale", "experiment_job", "shapes-seeds", run_config=force)
+    assert not result.success
+    errors = [e.event_specific_data.error.to_string() for e in result.all_events if e.is_step_failure]
+    assert any("shapes-copy" in m and "run extract_job for (shapes-copy" in m for m in errors), errors
+    lake.overwrite(table, rows)  # the other tests of this module keep a consistent lake
