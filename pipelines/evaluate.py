@@ -117,10 +117,13 @@ def scoring_targets(
     return targets
 
 
-def score(model, split: PairedSplit, groups: list[str] | None) -> tuple[dict[str, dict[str, float]], tuple]:
+def score(
+    model, split: PairedSplit, groups: list[str] | None, hubness: str | None = None
+) -> tuple[dict[str, dict[str, float]], tuple]:
     """{gallery: metrics} of one model on one split (pooled, and per group when `groups` is given),
-    plus (result, item embeddings, text embeddings) of the pooled scoring."""
-    result, item_emb, text_emb = evaluate_model(model, split)
+    plus (result, item embeddings, text embeddings, chance) of the pooled scoring; `hubness` ranks
+    with a hubness correction (evaluation.retrieval)."""
+    result, item_emb, text_emb = evaluate_model(model, split, hubness=hubness)
     chance = chance_levels(
         split.pair_items, split.pair_texts, len(split.item_ids), len(split.text_ids), result.ks
     )
@@ -130,7 +133,9 @@ def score(model, split: PairedSplit, groups: list[str] | None) -> tuple[dict[str
     pooled["test_items"], pooled["test_captions"] = float(len(item_emb)), float(len(text_emb))
     out = {POOLED: pooled}
     if groups is not None:
-        by_group = retrieval_by_group(item_emb, text_emb, split.pair_items, split.pair_texts, groups)
+        by_group = retrieval_by_group(
+            item_emb, text_emb, split.pair_items, split.pair_texts, groups, hubness=hubness
+        )
         per_group = mean_over_groups(by_group)
         group_chance = mean_chance_over_groups(
             chance_levels_by_group(split.pair_items, split.pair_texts, groups)
@@ -199,7 +204,7 @@ def evaluate_experiment(
     for seed, (model, extra) in models.items():
         run_id = extra["summary"]["mlflow_run_id"]
         for name, split in targets.items():
-            scored, detail = score(model, split, groups[name])
+            scored, detail = score(model, split, groups[name], exp.hubness)
             if first is None:
                 first = (split, detail)
             for gallery, values in scored.items():

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from evaluation.baselines import BASELINES
+from evaluation.retrieval import HUBNESS_METHODS
 from fusion.config import AdapterConfig, FuseMixConfig, TrainConfig, from_dict, preset
 from fusion.paths import configs_dir
 
@@ -68,6 +69,7 @@ class ExperimentSpec:
     seeds: int = 1  # train.seed, train.seed + 1, ...: metrics are reported per seed and as mean and std
     eval_datasets: tuple[str, ...] = ()  # other datasets scored zero-shot (their test split)
     group_by: str | None = None  # also score one gallery per value of this pairs column (e.g. source)
+    hubness: str | None = None  # csls or inverted_softmax: rank with hubness correction (evaluation only)
 
     def seed_list(self) -> list[int]:
         return [self.train.seed + i for i in range(self.seeds)]
@@ -124,6 +126,10 @@ def load_experiments(path: str | Path | None = None) -> dict[str, ExperimentSpec
         if spec.group_by not in GROUP_COLUMNS:
             raise RegistryError(
                 f"{path}: experiment {name!r}: group_by must be one of {GROUP_COLUMNS[1:]}, got {spec.group_by!r}"
+            )
+        if spec.hubness not in (None, *HUBNESS_METHODS):
+            raise RegistryError(
+                f"{path}: experiment {name!r}: hubness must be one of {HUBNESS_METHODS}, got {spec.hubness!r}"
             )
         out[name] = spec
     return out

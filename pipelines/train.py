@@ -60,6 +60,7 @@ def experiment_params(
         "seeds": exp.seeds,
         "eval_datasets": ",".join(exp.eval_datasets),
         "group_by": exp.group_by,
+        "hubness": exp.hubness,
         **{f"method.{k}": v for k, v in exp.method_params.items()},
         "media_encoder": media_ref.name,
         "media_fingerprint": media_ref.fingerprint,

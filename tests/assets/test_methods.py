@@ -3,7 +3,7 @@ real Dagster materialisations on the tiny project (tests.pipeline_fixture).
 
 `methods` (module scope) adds a second dataset (`shapes-copy`, the same pictures ingested under
 another name) and two experiments scored on both: `shapes-seeds` (FuseMix adapters, 2 seeds, one
-gallery per concept) and `shapes-asif` (the training-free ASIF baseline, 2 seeds); then it runs the
+gallery per concept) and `shapes-asif` (the training-free ASIF baseline, 2 seeds, ranked with CSLS); then it runs the
 family's ablation report.
 """
 
@@ -42,7 +42,7 @@ def methods(tmp_path_factory):
         base["eval_datasets"] = ["shapes-copy"]
         exps["experiments"] = {
             "shapes-seeds": {**base, "variable": "fusemix", "group_by": "concept"},
-            "shapes-asif": {**base, "variable": "asif", "method": "asif"},
+            "shapes-asif": {**base, "variable": "asif", "method": "asif", "hubness": "csls"},
         }
         (project.configs / "experiments.yaml").write_text(yaml.safe_dump(exps))
         defs, parts = build_defs(project.configs, resources=project.resources())

@@ -155,6 +155,11 @@ def test_experiments_merge_preset_defaults_and_overrides(tmp_path):
         ({**EXP, "fusemix": {"beta": 2}}, r"experiment 'bad'.*unknown FuseMixConfig fields: \['beta'\]"),
         ({**EXP, "adapter": {"width": 3}}, r"experiment 'bad'.*width"),
         ({**EXP, "caption": "dirty"}, r"experiment 'bad': caption must be clean or raw"),
+        ({**EXP, "method": "svm"}, r"experiment 'bad': method must be one of adapters, asif, ridge"),
+        ({**EXP, "seeds": 0}, r"experiment 'bad': seeds must be a whole number >= 1"),
+        ({**EXP, "group_by": "colour"}, r"experiment 'bad': group_by must be one of"),
+        ({**EXP, "hubness": "magic"}, r"experiment 'bad': hubness must be one of \('csls'"),
+        ({**EXP, "train": {"loss": "hinge"}}, r"experiment 'bad'.*unknown loss 'hinge'"),
     ],
     ids=[
         "unknown-field",
@@ -164,6 +169,11 @@ def test_experiments_merge_preset_defaults_and_overrides(tmp_path):
         "fusemix-typo",
         "adapter-typo",
         "bad-caption",
+        "bad-method",
+        "no-seeds",
+        "bad-group",
+        "bad-hubness",
+        "bad-loss",
     ],
 )
 def test_experiment_errors_name_the_entry_and_the_field(tmp_path, entry, message):
