@@ -40,20 +40,14 @@ def build(parts: Partitions) -> list:
         exp = parts.experiments[context.partition_key]
         lk = lake.lake()
         refs = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
-        dirs = seed_dirs(paths.models_dir, exp)
-        models = {seed: glue.load_trained(out, *refs) for seed, out in dirs.items()}
-        first = next(iter(models.values()))[1]
-        run_id, key = (
-            first["summary"]["mlflow_run_id"],
-            glue.eval_key(first["inputs_hash"], EVAL_CODE_VERSION),
-        )
+        models = glue.load_seeds(seed_dirs(paths.models_dir, exp), *refs)
+        run_id, key = glue.run_and_key(models, EVAL_CODE_VERSION)
         cached = None if config.force else glue.cached_metrics(lk, exp, key)
         if cached is not None:
             context.log.info(f"{exp.name}: metrics for these checkpoints exist; not recomputing")
             return dg.MaterializeResult(metadata={**cached, "skipped": True, "mlflow_run_id": run_id})
-        first_dir = dirs[exp.train.seed]
         metrics, rows, version, report = glue.evaluate_experiment(
-            lk, exp, models, refs, key, first_dir, paths.reports_dir / exp.name, config.examples
+            lk, exp, models, refs, key, paths.reports_dir / exp.name, config.examples
         )
         glue.log_evaluation(tracking.client(), rows, report, exp.dataset)
         metadata = {"mlflow_run_id": run_id, "lance_version": version, "report_path": str(report)}

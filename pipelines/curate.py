@@ -13,7 +13,13 @@ import pyarrow.compute as pc
 
 from evaluation.retrieval import PairedSplit, paired_ids
 from fusion.adapters import EncoderRef
-from fusion.selection import select_diversity, select_quality, select_quantity
+from fusion.selection import (
+    alignment_quality,
+    select_diversity,
+    select_quality,
+    select_quality_fraction,
+    select_quantity,
+)
 from pipelines import schemas
 from pipelines.lake import Lake, sql_str
 from pipelines.registries import ExperimentSpec
@@ -64,7 +70,17 @@ def curate(lake: Lake, exp: ExperimentSpec, media_fp: str, text_fp: str) -> tupl
     elif strategy == "quantity":
         idx = select_quantity(keys, min(int(sel["n"]), len(keys)), seed)
     elif strategy == "quality":
-        idx = select_quality(train["quality"].to_numpy(zero_copy_only=False), float(sel["min_quality"]))
+        if sel.get("score", "source") == "alignment":
+            # Agreement under a cross-fitted reference alignment of the latents: works on any dataset.
+            x = latents_for(lake, exp.dataset, exp.media_encoder, train["media_id"].to_pylist(), media_fp)
+            y = latents_for(lake, exp.dataset, exp.text_encoder, train[cap_col].to_pylist(), text_fp)
+            scores = alignment_quality(x, y, seed=seed)
+        else:  # the score the dataset's source or manifest gives
+            scores = train["quality"].to_numpy(zero_copy_only=False)
+        if "keep" in sel:
+            idx = select_quality_fraction(scores, float(sel["keep"]))
+        else:
+            idx = select_quality(scores, float(sel["min_quality"]))
     elif strategy == "diversity":
         lat = latents_for(lake, exp.dataset, exp.media_encoder, train["media_id"].to_pylist(), media_fp)
         idx = select_diversity(

@@ -55,8 +55,19 @@ def load_trained(out: Path, media: EncoderRef, text: EncoderRef) -> tuple[object
     return load_checkpoint(out, expect=expect), extra
 
 
+def load_seeds(dirs: dict[int, Path], media: EncoderRef, text: EncoderRef) -> dict[int, tuple]:
+    """seed -> (model, record, folder) of every seed's saved model (train.seed_dirs)."""
+    return {seed: (*load_trained(out, media, text), out) for seed, out in dirs.items()}
+
+
 def eval_key(inputs_hash: str, code_version: str) -> str:
     return f"{inputs_hash}-p{code_version}"
+
+
+def run_and_key(models: dict[int, tuple], code_version: str) -> tuple[str, str]:
+    """The first seed's MLflow run and the key stored metrics of these checkpoints carry."""
+    record = next(iter(models.values()))[1]
+    return record["summary"]["mlflow_run_id"], eval_key(record["inputs_hash"], code_version)
 
 
 def headline(rows: list[dict], dataset: str) -> dict[str, float]:
@@ -182,14 +193,13 @@ def upgrade_metrics_table(lake: Lake) -> None:
 def evaluate_experiment(
     lake: Lake,
     exp: ExperimentSpec,
-    models: dict[int, tuple[object, dict]],
+    models: dict[int, tuple],
     refs: tuple[EncoderRef, EncoderRef],
     key: str,
-    checkpoint: Path,
     report_dir: Path,
     examples: int = 3,
 ) -> tuple[dict[str, float], list[dict], int, Path]:
-    """Scores every seed's model (`models`: seed -> (model, checkpoint record)) on every target,
+    """Scores every seed's model (`models`: seed -> (model, record, folder)) on every target,
     replaces the experiment's rows of the `metrics` table, writes the report of the first seed on the
     experiment's own test split. Returns (headline metrics, every row, the table's Lance version,
     report.md)."""
@@ -201,7 +211,7 @@ def evaluate_experiment(
     rows: list[dict] = []
     per_seed: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
     first = None
-    for seed, (model, extra) in models.items():
+    for seed, (model, extra, _) in models.items():
         run_id = extra["summary"]["mlflow_run_id"]
         for name, split in targets.items():
             scored, detail = score(model, split, groups[name], exp.hubness)
@@ -228,7 +238,7 @@ def evaluate_experiment(
 
     split, (result, item_emb, text_emb, chance) = first
     metrics = headline(rows, exp.dataset)
-    hist = read_history(checkpoint)
+    hist = read_history(next(iter(models.values()))[2])
     report = write_report(
         report_dir,
         title=f"{exp.name}: {exp.media_encoder} x {exp.text_encoder} on {exp.dataset}",

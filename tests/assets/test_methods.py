@@ -43,6 +43,8 @@ def methods(tmp_path_factory):
         exps["experiments"] = {
             "shapes-seeds": {**base, "variable": "fusemix", "group_by": "concept"},
             "shapes-asif": {**base, "variable": "asif", "method": "asif", "hubness": "csls"},
+            # Quality without hand-made scores: the best-agreeing half under a cross-fitted alignment.
+            "shapes-align": {**base, "select": {"strategy": "quality", "score": "alignment", "keep": 0.5}},
         }
         (project.configs / "experiments.yaml").write_text(yaml.safe_dump(exps))
         defs, parts = build_defs(project.configs, resources=project.resources())
@@ -64,6 +66,7 @@ def methods(tmp_path_factory):
             for exp in ("shapes-seeds", "shapes-asif"):
                 run(exp, "experiment_job", exp)
             run("report", "report_job", "methods")
+            run("align", "experiment_job", "shapes-align", asset_selection=[dg.AssetKey("curated")])
             yield project, defs, parts, instance, runs, run
     finally:
         if old_home is None:
@@ -147,6 +150,19 @@ def test_asif_is_a_baseline_checkpoint_scored_like_the_adapters(methods):
     assert {r["method"] for r in rows} == {"asif"}
     metrics = {r["metric"] for r in rows if r["seed"] is None and r["dataset"] == "shapes"}
     assert {"t2i_recall_at_1", "i2t_recall_at_10", "chance_t2i_recall_at_1"} <= metrics
+
+
+def test_alignment_quality_keeps_the_asked_share_of_train_pairs_and_all_of_val_and_test(methods):
+    project = methods[0]
+    lake = project.resources()["lake"].lake()
+    curated = lake.read("curated__shapes-align").to_pylist()
+    pairs = [p for p in lake.read("pairs__shapes").to_pylist() if p["caption_id"] is not None]
+    n_train = sum(p["split"] == "train" for p in pairs)
+    kept = [r for r in curated if r["split"] == "train"]
+    assert len(kept) == round(0.5 * n_train)
+    assert len({r["pair_id"] for r in kept}) == len(kept)
+    for split in ("val", "test"):
+        assert sum(r["split"] == split for r in curated) == sum(p["split"] == split for p in pairs)
 
 
 def test_the_family_report_shows_both_methods_with_their_spread(methods):
