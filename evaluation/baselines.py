@@ -64,7 +64,14 @@ from safetensors.numpy import load_file, save_file
 
 from evaluation.retrieval import PairedSplit, retrieval_metrics
 from fusion.adapters import Adapter, EncoderRef, FusedModel
-from fusion.checkpoint import CONFIG, FORMAT_VERSION, CheckpointMismatch, read_config
+from fusion.checkpoint import (
+    CONFIG,
+    FORMAT_VERSION,
+    CheckpointMismatch,
+    check_encoders,
+    read_config,
+    write_files,
+)
 from fusion.config import AdapterConfig, from_dict
 
 BASELINES: tuple[str, ...] = ("asif", "ridge", "procrustes", "random")
@@ -654,8 +661,6 @@ def save_baseline(directory: str | Path, model: Baseline, extra: dict | None = N
     """Writes baseline.safetensors and config.json to `directory` (temporary names, then renamed)."""
     if not isinstance(model, Baseline) or model.method not in BASELINES:
         raise ValueError(f"not a baseline model: {type(model).__name__}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v) for k, v in model.arrays().items()}
     config = {
         "format_version": FORMAT_VERSION,
@@ -668,12 +673,7 @@ def save_baseline(directory: str | Path, model: Baseline, extra: dict | None = N
     }
     if isinstance(model, RandomBaseline):
         config["adapter"] = asdict(model.adapter_cfg)
-    tmp_w, tmp_c = directory / (WEIGHTS + ".tmp"), directory / (CONFIG + ".tmp")
-    save_file(arrays, str(tmp_w))
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
-    tmp_w.replace(directory / WEIGHTS)
-    tmp_c.replace(directory / CONFIG)
-    return directory
+    return write_files(directory, WEIGHTS, lambda path: save_file(arrays, path), config)
 
 
 def is_baseline(directory: str | Path) -> bool:
@@ -685,25 +685,6 @@ def is_baseline(directory: str | Path) -> bool:
         return json.loads(path.read_text()).get("kind") == KIND
     except (json.JSONDecodeError, AttributeError):
         return False
-
-
-def _check_expect(
-    config: dict, encoders: dict[str, EncoderRef], expect: dict[str, EncoderRef] | None
-) -> None:
-    for side, want in (expect or {}).items():
-        if side not in encoders:
-            raise CheckpointMismatch(f"baseline has sides {config['sides']}, not {side!r}")
-        have = encoders[side]
-        if have.dim != want.dim:
-            raise CheckpointMismatch(
-                f"side {side!r}: baseline expects {have.dim}-d latents from {have.name}, "
-                f"got {want.dim}-d from {want.name}"
-            )
-        if have.fingerprint != want.fingerprint:
-            raise CheckpointMismatch(
-                f"side {side!r}: baseline was fitted on encoder {have.name} (fingerprint {have.fingerprint}), "
-                f"not {want.name} (fingerprint {want.fingerprint}); re-extract latents or refit"
-            )
 
 
 def load_baseline(directory: str | Path, expect: dict[str, EncoderRef] | None = None) -> Baseline:
@@ -720,7 +701,7 @@ def load_baseline(directory: str | Path, expect: dict[str, EncoderRef] | None = 
         raise ValueError(f"unknown baseline {method!r} in {directory}; known: {list(BASELINES)}")
     sides = tuple(config["sides"])
     encoders = {s: EncoderRef(**config["encoders"][s]) for s in sides}
-    _check_expect(config, encoders, expect)
+    check_encoders("baseline", config["sides"], encoders, expect)
     arrays = load_file(str(Path(directory) / WEIGHTS))
     adapter_cfg = from_dict(AdapterConfig, config["adapter"]) if method == "random" else None
     return _CLASSES[method].from_arrays(sides, encoders, dict(config["params"]), arrays, adapter_cfg)

@@ -10,6 +10,7 @@ the exact frozen encoders (same weights, preprocessing and pooling) that produce
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,12 +31,7 @@ class CheckpointMismatch(ValueError):
 def save_checkpoint(
     directory: str | Path, model: FusedModel, adapter_cfg: AdapterConfig, extra: dict | None = None
 ) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    # Write to temporary names first, so a crash never leaves a half checkpoint that looks complete.
-    tmp_w, tmp_c = directory / (WEIGHTS + ".tmp"), directory / (CONFIG + ".tmp")
-    save_file(tensors, str(tmp_w))
     config = {
         "format_version": FORMAT_VERSION,
         "sides": list(model.sides),
@@ -43,10 +39,44 @@ def save_checkpoint(
         "adapter": asdict(adapter_cfg),
         "extra": extra or {},
     }
+    return write_files(directory, WEIGHTS, lambda path: save_file(tensors, path), config)
+
+
+def write_files(
+    directory: str | Path, weights: str, save_weights: Callable[[str], None], config: dict
+) -> Path:
+    """Writes `weights` (by `save_weights(path)`) and config.json into `directory`, each to a temporary
+    name first and renamed after both are written, so a crash never leaves a half checkpoint that
+    looks complete. Shared by the adapters and the baselines (evaluation.baselines)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_w, tmp_c = directory / (weights + ".tmp"), directory / (CONFIG + ".tmp")
+    save_weights(str(tmp_w))
     tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
-    tmp_w.replace(directory / WEIGHTS)
+    tmp_w.replace(directory / weights)
     tmp_c.replace(directory / CONFIG)
     return directory
+
+
+def check_encoders(
+    what: str, sides: list[str], encoders: dict[str, EncoderRef], expect: dict[str, EncoderRef] | None
+) -> None:
+    """Refuses latents of other encoders: `expect` maps side -> the encoder whose latents will be fed;
+    another dimension or fingerprint than the one `what` (a checkpoint, a baseline) was made on
+    raises CheckpointMismatch naming both."""
+    for side, want in (expect or {}).items():
+        if side not in encoders:
+            raise CheckpointMismatch(f"{what} has sides {sides}, not {side!r}")
+        have = encoders[side]
+        if have.dim != want.dim:
+            raise CheckpointMismatch(
+                f"side {side!r}: {what} expects {have.dim}-d latents from {have.name}, got {want.dim}-d from {want.name}"
+            )
+        if have.fingerprint != want.fingerprint:
+            raise CheckpointMismatch(
+                f"side {side!r}: {what} was made on encoder {have.name} (fingerprint {have.fingerprint}), "
+                f"not {want.name} (fingerprint {want.fingerprint}); re-extract latents or retrain"
+            )
 
 
 def read_config(directory: str | Path) -> dict:
@@ -67,19 +97,7 @@ def load_checkpoint(
     config = read_config(directory)
     adapter_cfg = from_dict(AdapterConfig, config["adapter"])
     encoders = {s: EncoderRef(**config["encoders"][s]) for s in config["sides"]}
-    for side, want in (expect or {}).items():
-        if side not in encoders:
-            raise CheckpointMismatch(f"checkpoint has sides {config['sides']}, not {side!r}")
-        have = encoders[side]
-        if have.dim != want.dim:
-            raise CheckpointMismatch(
-                f"side {side!r}: checkpoint expects {have.dim}-d latents from {have.name}, got {want.dim}-d from {want.name}"
-            )
-        if have.fingerprint != want.fingerprint:
-            raise CheckpointMismatch(
-                f"side {side!r}: checkpoint was trained on encoder {have.name} (fingerprint {have.fingerprint}), "
-                f"not {want.name} (fingerprint {want.fingerprint}); re-extract latents or retrain"
-            )
+    check_encoders("checkpoint", config["sides"], encoders, expect)
     adapters = {s: Adapter(encoders[s].dim, adapter_cfg) for s in config["sides"]}
     model = FusedModel(adapters, encoders)
     state = load_file(str(Path(directory) / WEIGHTS), device=device)
