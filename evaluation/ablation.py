@@ -502,13 +502,18 @@ def _draw(fam: _Family, family: str, metrics: list[str], path: Path, where: str)
                 yerr=[scale * (mean - lo), scale * (hi - mean)] if bool((hi > lo).any()) else None,
                 capsize=3,
             )
-        ax.set_xticks(np.arange(len(keys)), keys, rotation=20 if len(keys) > 4 else 0)
+        # Long labels slanted and right-aligned under their bars, so neighbours do not overlap.
+        tilt = len(keys) > 4
+        ax.set_xticks(
+            np.arange(len(keys)), keys, rotation=30 if tilt else 0, ha="right" if tilt else "center"
+        )
         ax.set_xlabel(family)
     if is_recall:
         ax.set_ylim(bottom=0)
     ax.set_ylabel(ylabel)
     ax.set_title(
-        f"{family} ablation{where}: {ylabel}" + (" (mean ± std over seeds)" if _has_spread(fam) else "")
+        f"{family} ablation{where}: {ylabel}" + (" (mean ± std over seeds)" if _has_spread(fam) else ""),
+        fontsize=10,
     )
     ax.grid(alpha=0.3, axis="y" if not numeric else "both")
     ax.legend(fontsize=8)
