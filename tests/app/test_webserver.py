@@ -6,7 +6,7 @@ GraphQL, launches `ingest_job` for partition `shapes` (a DefaultRunCoordinator, 
 needed), waits for SUCCESS, checks that the run wrote into the temporary lake and nothing into the
 checkout, then stops the server by its process group.
 
-    .venv/bin/pytest -q -m slow tests/pipelines/test_webserver.py
+    .venv/bin/pytest -q -m slow tests/app/test_webserver.py
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from pathlib import Path
 import pytest
 
 from pipelines.lake import Lake
+from tests.app.test_definitions import ASSETS as GROUP_OF
 from tests.pipeline_fixture import make_project
 
 REPO = Path(__file__).resolve().parents[2]
 WEBSERVER = Path(sys.executable).parent / "dagster-webserver"
-ASSETS = {"media", "pairs", "quarantine", "latents", "curated", "adapters", "retrieval_metrics"}
-GROUPS = {"ingest", "extract", "curate", "train", "evaluate"}
+ASSETS = set(GROUP_OF)  # the graph the Definitions promise (tests/app/test_definitions.py)
+GROUPS = set(GROUP_OF.values())
 
 REPOSITORIES = """
 query {
