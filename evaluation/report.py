@@ -731,3 +731,24 @@ def write_report(
     tmp.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def seeds_table_markdown(rows: Sequence[Mapping]) -> str:
+    """Markdown: one line per (scored dataset, gallery) of metric rows shaped like the lake's `metrics`
+    table (dataset, gallery, seed, metric, value, std, n_seeds): Recall@1/5/10 both ways as mean ± std
+    in percent, from the rows that aggregate the seeds (seed None)."""
+    agg = [r for r in rows if r["seed"] is None]
+    cols = [f"{d}_recall_at_{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    body = []
+    for name, gallery in dict.fromkeys((r["dataset"], r["gallery"]) for r in agg):
+        cell = {r["metric"]: r for r in agg if r["dataset"] == name and r["gallery"] == gallery}
+        n = next(iter(cell.values()))["n_seeds"]
+        body.append(
+            [name, gallery, str(n)]
+            + [
+                f"{100 * cell[c]['value']:.1f} ± {100 * cell[c]['std']:.1f}" if c in cell else "–"
+                for c in cols
+            ]
+        )
+    header = ["dataset", "gallery", "seeds", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5", "R@10"]
+    return markdown_table(header, body, [False, False, True] + [True] * 6)

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from evaluation.aggregate import aggregate_seeds
 from evaluation.examples import query_examples
-from evaluation.report import markdown_table, write_report
+from evaluation.report import seeds_table_markdown, write_report
 from evaluation.retrieval import (
     PairedSplit,
     chance_levels,
@@ -263,28 +263,11 @@ def evaluate_experiment(
     if len(per_seed) > 1 or len(models) > 1:
         with report.open("a", encoding="utf-8") as fh:
             fh.write(
-                "\n## Every scored dataset and gallery (mean ± std over seeds)\n\n" + seeds_table(rows) + "\n"
+                "\n## Every scored dataset and gallery (mean ± std over seeds)\n\n"
+                + seeds_table_markdown(rows)
+                + "\n"
             )
     return metrics, rows, version, report
-
-
-def seeds_table(rows: list[dict]) -> str:
-    """Markdown: one line per (dataset, gallery), Recall@1/5/10 both ways as mean ± std in percent."""
-    agg = [r for r in rows if r["seed"] is None]
-    cols = [f"{d}_recall_at_{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
-    body = []
-    for name, gallery in dict.fromkeys((r["dataset"], r["gallery"]) for r in agg):
-        cell = {r["metric"]: r for r in agg if r["dataset"] == name and r["gallery"] == gallery}
-        n = next(iter(cell.values()))["n_seeds"]
-        body.append(
-            [name, gallery, str(n)]
-            + [
-                f"{100 * cell[c]['value']:.1f} ± {100 * cell[c]['std']:.1f}" if c in cell else "–"
-                for c in cols
-            ]
-        )
-    header = ["dataset", "gallery", "seeds", "t2i R@1", "R@5", "R@10", "i2t R@1", "R@5", "R@10"]
-    return markdown_table(header, body, [False, False, True] + [True] * 6)
 
 
 def log_evaluation(client, rows: list[dict], report: Path, own: str) -> None:

@@ -417,3 +417,23 @@ def test_report_without_history_or_chance(tmp_path):
     assert re.search(r"\|\s+1 \| a sound of rain\s* \|\s+0\.500 \| yes\s+\|", md)
     with pytest.raises(ValueError, match="text 'item'"):
         write_report(out, **(kwargs | {"examples": [{"query": "q", "results": [{"item": 3, "score": 0.5}]}]}))
+
+
+def test_seeds_table_shows_mean_and_std_of_the_aggregate_rows_per_dataset_and_gallery():
+    from evaluation.report import seeds_table_markdown
+
+    def row(dataset, gallery, seed, metric, value, std=None, n=1):
+        return {"dataset": dataset, "gallery": gallery, "seed": seed, "metric": metric, "value": value,
+                "std": std, "n_seeds": n}  # fmt: skip
+
+    rows = [
+        row("emoji", "pooled", 0, "t2i_recall_at_1", 0.30),  # a seed's own row: not shown
+        row("emoji", "pooled", None, "t2i_recall_at_1", 0.325, 0.025, 3),
+        row("icons", "per_source", None, "i2t_recall_at_1", 0.11, 0.0, 3),
+    ]
+    lines = seeds_table_markdown(rows).splitlines()
+    assert len(lines) == 4  # header, rule, one line per (dataset, gallery)
+    emoji = next(line for line in lines if "emoji" in line)
+    assert "32.5 ± 2.5" in emoji and "30.0" not in emoji and " 3 " in emoji
+    icons = next(line for line in lines if "icons" in line)
+    assert "per_source" in icons and "11.0 ± 0.0" in icons and "–" in icons
