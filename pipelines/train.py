@@ -12,11 +12,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
+from evaluation.retrieval import PairedSplit
 from fusion.adapters import EncoderRef, FusedModel
 from fusion.checkpoint import read_config, save_checkpoint
 from fusion.trainer import TrainResult, train_adapters
@@ -75,10 +77,33 @@ def experiment_params(
     return {k: str(v) for k, v in flat.items()}
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What every seed of an experiment trains on, read from the lake once: the train pairs' latents
+    x [n, d_m] and y [n, d_t], their group keys for a loss that knows its positives (None for plain
+    InfoNCE), and the val split for model selection (None with fewer than 2 val pairs)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray | None
+    val: PairedSplit | None
+
+
+def training_data(lake: Lake, exp: ExperimentSpec, curated: pa.Table) -> TrainingData:
+    train_rows = split_rows(curated, "train")
+    x, y = split_arrays(lake, exp, train_rows)
+    val_rows = split_rows(curated, "val")
+    return TrainingData(
+        x,
+        y,
+        pair_groups(train_rows) if exp.train.loss != "infonce" else None,
+        paired_split(lake, exp, val_rows) if len(val_rows) >= 2 else None,
+    )
+
+
 def train_experiment(
-    lake: Lake,
+    data: TrainingData,
     exp: ExperimentSpec,
-    curated: pa.Table,
     media_ref: EncoderRef,
     text_ref: EncoderRef,
     media_side: str,
@@ -89,30 +114,26 @@ def train_experiment(
     R-sum (R@1+R@5+R@10 both ways), never looking at test."""
     from evaluation.retrieval import evaluate_model
 
-    train_rows = split_rows(curated, "train")
-    x, y = split_arrays(lake, exp, train_rows)
-    if len(x) < 2:
-        raise ValueError(f"experiment {exp.name}: {len(x)} training pairs; need at least 2")
-    val_rows = split_rows(curated, "val")
-    val = paired_split(lake, exp, val_rows) if len(val_rows) >= 2 else None
+    if len(data.x) < 2:
+        raise ValueError(f"experiment {exp.name}: {len(data.x)} training pairs; need at least 2")
 
     def rsum(model: FusedModel) -> float:
-        r, _, _ = evaluate_model(model, val)
+        r, _, _ = evaluate_model(model, data.val)
         return float(sum(r.t2i_recall.values()) + sum(r.i2t_recall.values()))
 
     return train_adapters(
-        x,
-        y,
+        data.x,
+        data.y,
         exp.adapter,
         exp.fusemix,
         exp.train,
-        validator=rsum if val is not None else None,
+        validator=rsum if data.val is not None else None,
         sides=(media_side, "text"),
         encoders={media_side: media_ref, "text": text_ref},
         on_step=on_step,
         on_validate=on_validate,
         progress=True,
-        groups=pair_groups(train_rows) if exp.train.loss != "infonce" else None,
+        groups=data.groups,
     )
 
 
@@ -130,9 +151,8 @@ def all_up_to_date(dirs: dict[int, Path], digest: str) -> list[dict] | None:
 
 
 def fit_method(
-    lake: Lake,
+    data: TrainingData,
     exp: ExperimentSpec,
-    curated: pa.Table,
     refs: tuple[EncoderRef, EncoderRef],
     media_side: str,
     log,
@@ -140,12 +160,11 @@ def fit_method(
     """(model, summary, history or None): trained adapters, or a baseline fitted on the same train
     pairs with its hyperparameters chosen on the val split."""
     media_ref, text_ref = refs
-    train_pairs = int((curated["split"].to_numpy(zero_copy_only=False) == "train").sum())
+    train_pairs = len(data.x)
     if exp.method == "adapters":
         result = train_experiment(
-            lake,
+            data,
             exp,
-            curated,
             media_ref,
             text_ref,
             media_side,
@@ -169,13 +188,11 @@ def fit_method(
     from evaluation.baselines import fit_baseline
 
     t0 = time.perf_counter()
-    x, y = split_arrays(lake, exp, split_rows(curated, "train"))
-    val_rows = split_rows(curated, "val")
     model, chosen = fit_baseline(
         exp.method,
-        x,
-        y,
-        val=paired_split(lake, exp, val_rows) if len(val_rows) >= 2 else None,
+        data.x,
+        data.y,
+        val=data.val,
         sides=(media_side, "text"),
         encoders={media_side: media_ref, "text": text_ref},
         seed=exp.train.seed,
@@ -225,6 +242,7 @@ def train_and_save(
             table_name("latents", exp.dataset, exp.text_encoder),
         ]
     )
+    data = training_data(lake, exp, curated)  # the same pairs and latents for every seed
     summaries = []
     for seed, out in dirs.items():
         exp_seed = replace(exp, train=replace(exp.train, seed=seed))
@@ -236,7 +254,7 @@ def train_and_save(
                     **{f"lance.{t}": str(v) for t, v in versions.items()},
                 }
             )
-            model, summary, history = fit_method(lake, exp_seed, curated, refs, media_side, log)
+            model, summary, history = fit_method(data, exp_seed, refs, media_side, log)
             summary = {"mlflow_run_id": log.run_id, "seed": seed, **summary}
             extra = {
                 "experiment": exp.name,
