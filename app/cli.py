@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import numbers
 import os
 import shutil
 import sys
@@ -48,6 +49,36 @@ class UserError(Exception):
 # Tables
 
 
+# Characters a terminal or a bidi-aware viewer would act on rather than show: C0/C1 controls
+# (escape sequences, carriage returns), DEL, and the Unicode bidi overrides and isolates.
+_UNSAFE = {*range(0x00, 0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _UNSAFE}
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def visible(text: str, keep: str = "") -> str:
+    """`text` with every control character (except those in `keep`) written as a visible escape such
+    as \\x1b, so printed data cannot move the cursor, clear the screen or reorder a line."""
+    table = {c: e for c, e in _ESCAPES.items() if chr(c) not in keep}
+    return text.translate(table)
+
+
+def csv_cell(value: object) -> object:
+    """A CSV cell that no spreadsheet runs as a formula and that carries no control characters:
+    text starting with = + - @ tab or CR gets a leading apostrophe; numbers stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, numbers.Number | dt.datetime | dt.date):
+        return value
+    text = str(value)
+    if text.startswith(_FORMULA_START):
+        text = "'" + text
+    return visible(text, keep="\n")
+
+
 def format_cell(value: object, max_width: int = 40) -> str:
     """One cell as short single-line text: bytes as their size, floats to 6 significant digits,
     lists abbreviated, anything longer than `max_width` cut with an ellipsis."""
@@ -65,6 +96,7 @@ def format_cell(value: object, max_width: int = 40) -> str:
     else:
         text = str(value)
     text = " ".join(text.split()) if ("\n" in text or "\t" in text) else text
+    text = visible(text)
     if max_width > 0 and len(text) > max_width:
         text = text[: max(1, max_width - 1)] + "…"
     return text
@@ -89,9 +121,9 @@ def print_arrow(table, as_csv: bool, max_width: int, max_rows: int) -> None:
     columns = table.column_names
     if as_csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(columns)
+        writer.writerow([csv_cell(c) for c in columns])
         for r in rows:
-            writer.writerow(["" if r[c] is None else r[c] for c in columns])
+            writer.writerow([csv_cell(r[c]) for c in columns])
         return
     shown = rows if max_rows <= 0 else rows[:max_rows]
     print(format_table(columns, [[r[c] for c in columns] for r in shown], max_width))
@@ -207,7 +239,7 @@ def cmd_search(args) -> int:
         )
     except SearchError as err:
         raise UserError(str(err)) from err
-    print(format_results(results))
+    print(visible(format_results(results), keep="\n"))
     return 0
 
 

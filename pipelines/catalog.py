@@ -23,6 +23,12 @@ vector), so nothing is materialised up front.
 
 Saved queries are `configs/queries/NAME.sql` (or $FUSEMIX_CONFIGS/queries): one statement, with
 DuckDB named parameters `$name`; a header line `-- @param name = default` declares each parameter.
+
+`Catalog.sql` and `Catalog.saved` are read-only: one SELECT (or EXPLAIN) statement, run on a
+connection whose external access (files, ATTACH, COPY, extensions, the network) is disabled and whose
+configuration is locked before the query is parsed, so the lake is changed by the pipeline only.
+`Catalog.connect()` gives the library a writable connection (e.g. for tables of your own in a
+`database` file).
 """
 
 from __future__ import annotations
@@ -57,6 +63,34 @@ _QUERY_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 class CatalogError(ValueError):
     """A query, saved query or parameter the catalog cannot run; the message says why."""
+
+
+# Run on every read-only connection after the lake's views exist; lock_configuration comes last, so
+# no later SET can undo the others.
+_READ_ONLY = (
+    "SET enable_external_access = false",
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET lock_configuration = true",
+)
+_READ_STATEMENTS = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+
+
+def check_read_only(query: str) -> None:
+    """Raises CatalogError unless `query` is exactly one SELECT (incl. WITH, FROM, DESCRIBE, SHOW,
+    SUMMARIZE) or EXPLAIN statement."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as err:
+        raise CatalogError(f"query failed: {err}") from err
+    if len(statements) != 1:
+        raise CatalogError(f"give exactly one SQL statement; this query has {len(statements)}")
+    kind = statements[0].type
+    if kind not in _READ_STATEMENTS:
+        raise CatalogError(
+            f"the SQL surface is read-only: {kind.name} statements are refused (only SELECT and "
+            "EXPLAIN); the lake is written by the pipeline's assets"
+        )
 
 
 def queries_dir() -> Path:
@@ -126,11 +160,15 @@ class Catalog:
     def tables(self) -> list[str]:
         return list(self._tables) if self._tables is not None else self.lake.tables()
 
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        """A new connection with a view per Lance table and the union views (see the module docstring)."""
+    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        """A new connection with a view per Lance table and the union views (see the module docstring);
+        `read_only`: no file, network or extension access and a locked configuration."""
         con = duckdb.connect(self.database or ":memory:")
         try:
             self._register(con)
+            if read_only:
+                for setting in _READ_ONLY:
+                    con.execute(setting)
         except Exception:
             con.close()
             raise
@@ -168,15 +206,15 @@ class Catalog:
             con.register("metrics", schemas.METRICS.empty_table())
 
     def sql(self, query: str, params: dict | None = None) -> pa.Table:
-        """Runs one query on a fresh connection (the current Lance versions) -> pyarrow.Table."""
-        con = self.connect()
+        """Runs one read-only query (check_read_only) on a fresh locked-down connection (the current
+        Lance versions) -> pyarrow.Table."""
+        check_read_only(query)
+        con = self.connect(read_only=True)
         try:
             try:
                 result = con.sql(query, params=params) if params else con.sql(query)
             except duckdb.Error as err:
                 raise CatalogError(f"query failed: {err}") from err
-            if result is None:  # a statement without a result (CREATE, SET ...)
-                return pa.table({})
             return _arrow(result)
         finally:
             con.close()

@@ -279,3 +279,39 @@ def test_importing_the_cli_stays_light():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=cli.PROJECT_ROOT, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_sql_output_carries_no_control_sequences_or_formulas(home, capsys):
+    make_lake(home / "lance")
+    query = (
+        "SELECT chr(27) || '[2J' || 'cleared' AS caption, '=HYPERLINK(\"http://x\")' AS f, "
+        "'@SUM(A1)' AS g, 'plain' AS h, -1.5 AS x, 'a' || chr(8238) || 'txt' AS bidi"
+    )
+    rc, out, _ = run(capsys, "sql", query)
+    assert rc == 0
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\x1b[2Jcleared" in out and "a\\u202etxt" in out
+    rc, out, _ = run(capsys, "sql", query, "--csv")
+    assert rc == 0 and "\x1b" not in out
+    (row,) = list(csv.DictReader(io.StringIO(out)))
+    assert row == {
+        "caption": "\\x1b[2Jcleared",
+        "f": '\'=HYPERLINK("http://x")',
+        "g": "'@SUM(A1)",
+        "h": "plain",
+        "x": "-1.5",  # numbers stay numbers
+        "bidi": "a\\u202etxt",
+    }
+
+
+def test_sql_refuses_writes_with_a_clear_message(home, capsys):
+    lake = make_lake(home / "lance")
+    version = lake.open("pairs__emoji").version
+    for query, message in [
+        ("COPY pairs TO 'x.csv'", "read-only: COPY statements are refused"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "file system operations are disabled"),
+        ("SELECT 1; SELECT 2", "exactly one SQL statement"),
+    ]:
+        rc, out, err = run(capsys, "sql", query)
+        assert rc == 2 and message in err and "Traceback" not in err and out == ""
+    assert lake.open("pairs__emoji").version == version

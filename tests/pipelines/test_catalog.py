@@ -332,3 +332,63 @@ def test_database_file_keeps_user_tables_but_not_lake_views(lake, tmp_path):
         names = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     assert names == {"notes_kept"}
     assert cat.sql("SELECT count(*) AS n FROM notes_kept").column("n").to_pylist() == [4]
+
+
+def _lake_state(lake: Lake) -> dict[str, tuple[int, int]]:
+    return {name: (lake.open(name).version, lake.open(name).count_rows()) for name in lake.tables()}
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ("COPY (SELECT 1) TO '{tmp}/out.csv'", "COPY statements are refused"),
+        ("COPY pairs TO '{lake}/pairs__emoji.lance/_versions/1.manifest'", "COPY statements are refused"),
+        ("ATTACH '{tmp}/other.duckdb' AS other", "ATTACH statements are refused"),
+        ("INSTALL httpfs", "statements are refused"),
+        ("LOAD httpfs", "statements are refused"),
+        ("CREATE TABLE t AS SELECT 1", "CREATE statements are refused"),
+        ("DROP VIEW pairs", "DROP statements are refused"),
+        ("SET enable_external_access = true", "SET statements are refused"),
+        ("EXPORT DATABASE '{tmp}/dump'", "EXPORT statements are refused"),
+        ("SELECT 1; SELECT 2", "exactly one SQL statement; this query has 2"),
+        ("", "exactly one SQL statement; this query has 0"),
+        # One SELECT, but reaching outside the lake: stopped by DuckDB's disabled external access.
+        ("SELECT * FROM read_csv('/etc/passwd')", "file system operations are disabled"),
+        ("SELECT * FROM glob('{tmp}/*')", "file system operations are disabled"),
+        # A path as a table name: replacement scans off, so not found (rather than read).
+        ("SELECT * FROM '{lake}/pairs__emoji.lance/_versions/*.manifest'", "does not exist"),
+    ],
+)
+def test_sql_is_read_only(lake, tmp_path, query, message):
+    before = _lake_state(lake)
+    cat = Catalog(lake.root)
+    with pytest.raises(CatalogError, match=message):
+        cat.sql(query.format(tmp=tmp_path, lake=lake.root))
+    assert _lake_state(lake) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lance"]  # nothing written beside it
+    assert cat.sql("SELECT count(*) AS n FROM pairs").column("n").to_pylist() == [10]
+
+
+def test_read_queries_still_work(lake):
+    cat = Catalog(lake.root)
+    assert cat.sql("DESCRIBE pairs").num_rows > 0
+    assert cat.sql("EXPLAIN SELECT * FROM pairs").num_rows > 0
+    assert (
+        cat.sql("WITH d AS (SELECT dataset FROM pairs) FROM d SELECT count(*) AS n").column("n")[0].as_py()
+        == 10
+    )
+    assert "pairs" in cat.sql("SHOW TABLES").column("name").to_pylist()
+
+
+def test_saved_queries_are_read_only_too(lake, tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    (configs / "queries").mkdir(parents=True)
+    (configs / "queries" / "wipe.sql").write_text("DELETE FROM pairs\n")
+    (configs / "queries" / "leak.sql").write_text("SELECT * FROM read_text('/etc/hostname')\n")
+    monkeypatch.setenv("FUSEMIX_CONFIGS", str(configs))
+    cat = Catalog(lake.root)
+    with pytest.raises(CatalogError, match="DELETE statements are refused"):
+        cat.saved("wipe")
+    with pytest.raises(CatalogError, match="file system operations are disabled"):
+        cat.saved("leak")
+    assert cat.sql("SELECT count(*) AS n FROM pairs").column("n").to_pylist() == [10]
