@@ -136,9 +136,16 @@ class Lake:
         return vectors[np.fromiter((index[m] for m in ids), dtype=np.int64, count=len(ids))]
 
     def tables(self) -> list[str]:
+        """The tables of a local lake: `*.lance` folders with at least one committed version. A folder
+        that a failed first write left without a manifest (a full disk, a kill) is not a table and is
+        skipped, so SQL over the rest keeps working."""
         if "://" in self.root:
             raise NotImplementedError("listing tables is supported for local lakes only")
-        return sorted(p.name[: -len(".lance")] for p in Path(self.root).glob("*.lance") if p.is_dir())
+        return sorted(
+            p.name[: -len(".lance")]
+            for p in Path(self.root).glob("*.lance")
+            if p.is_dir() and any((p / "_versions").glob("*.manifest"))
+        )
 
     def versions(self, tables: Iterable[str]) -> dict[str, int]:
         """The current Lance version of each existing table: recorded wherever a table is read."""

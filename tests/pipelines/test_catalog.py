@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import lance
 import numpy as np
@@ -392,3 +393,16 @@ def test_saved_queries_are_read_only_too(lake, tmp_path, monkeypatch):
     with pytest.raises(CatalogError, match="file system operations are disabled"):
         cat.saved("leak")
     assert cat.sql("SELECT count(*) AS n FROM pairs").column("n").to_pylist() == [10]
+
+
+def test_a_table_folder_without_a_manifest_is_skipped(lake):
+    """A first write that died (a full disk, a kill) leaves a folder with data but no committed
+    version: it is not a table, and SQL over the others keeps working."""
+    broken = Path(lake.root) / "pairs__half.lance"
+    (broken / "data").mkdir(parents=True)
+    (broken / "data" / "0.lance").write_bytes(b"partial")
+    (broken / "_versions").mkdir()
+    assert "pairs__half" not in lake.tables()
+    assert "pairs__emoji" in lake.tables()
+    assert Catalog(lake.root).sql("SELECT 1 AS one").column("one").to_pylist() == [1]
+    assert Catalog(lake.root).sql("SELECT count(*) AS n FROM pairs").column("n").to_pylist() == [10]
