@@ -2,7 +2,8 @@
 
 Every failure is a `MediaError` with a short machine-readable `reason` (the quarantine reason at ingest)
 and a human `detail`. Limits (`MediaLimits`) guard against files too large, decompression bombs and
-absurd durations before any large buffer is allocated.
+absurd durations before any large buffer is allocated; `probe` also refuses silent audio.
+A reference that is a URL (http://, s3://, file://, data: ...) is refused, never fetched.
 
 Images: PNG, JPEG, WebP, GIF (first frame), BMP, TIFF through Pillow, and SVG through resvg-py,
 rendered to `svg_size` pixels on the long side. EXIF orientation is applied and alpha is composited
@@ -45,7 +46,12 @@ REASONS = {
     "too_long": "the audio is longer than the duration limit",
     "too_short": "the audio is shorter than the duration limit",
     "outside_root": "the path leaves the dataset root",
+    "url": "the path is a URL; fetch the file and give its local path",
+    "silent": "the audio is silent (its peak is below the level limit)",
 }
+
+# scheme://... (http, https, s3, gs, file, ftp, hf ...) or a data: URI; "C:/x" is a Windows path instead.
+_URL = re.compile(r"^\s*(?:[A-Za-z][A-Za-z0-9+.\-]+://|data:[\w.+\-/]*[;,])", re.IGNORECASE)
 
 # Formats Pillow may hand back; anything else (PSD, ICO, EPS, ...) is refused rather than half-supported.
 # MPO is what many phone cameras write: a JPEG with extra frames.
@@ -82,6 +88,10 @@ class MediaLimits:
     min_audio_seconds: float = 0.05
     svg_size: int = 256  # long side, in pixels, of a rendered SVG
     max_svg_pixels: int = 4_000_000  # a rendered SVG larger than this is refused
+    min_audio_peak: float = 10 ** (-70 / 20)  # peak below -70 dBFS is silence; 0 turns the check off
+    # Characters in one caption. The default corpus's longest (an openclipart title, description and
+    # tags) has 960; a longer one is pasted junk rather than a description.
+    max_caption_chars: int = 2000
 
 
 DEFAULT_LIMITS = MediaLimits()
@@ -92,15 +102,23 @@ Ref = bytes | bytearray | memoryview | str | Path
 # ----------------------------------------------------------------------------------------------- bytes
 
 
+def is_url(ref: object) -> bool:
+    """True for a string that is a URL (scheme://... or data:...) rather than a file path."""
+    return isinstance(ref, str) and _URL.match(ref) is not None
+
+
 def resolve_under(root: str | Path, rel: str | Path, media_id: str = "") -> Path:
     """Resolves `rel` against `root` (following symlinks) and checks the result stays inside root.
 
-    Raises MediaError("outside_root") for absolute paths, `..` escapes and symlinks pointing out.
+    Raises MediaError("outside_root") for absolute paths, `..` escapes and symlinks pointing out,
+    and MediaError("url") for a URL.
     """
     root_r = Path(root).resolve()
     rel_s = str(rel)
     if not rel_s.strip():
         raise MediaError(media_id, "missing", "empty path")
+    if is_url(rel_s):
+        raise MediaError(media_id, "url", f"{rel_s[:200]!r}")
     if os.path.isabs(rel_s) or re.match(r"^[A-Za-z]:[\\/]", rel_s):
         raise MediaError(media_id, "outside_root", f"absolute path {rel_s!r} is not allowed")
     try:
@@ -129,8 +147,8 @@ def read_bytes(
         return data
     if not isinstance(ref, str | Path):
         raise TypeError(f"media reference must be bytes, str or Path, not {type(ref).__name__}")
-    if isinstance(ref, str) and "://" in ref:
-        raise MediaError(media_id, "unsupported_format", f"remote reference {ref!r}; fetch it first")
+    if is_url(ref):
+        raise MediaError(media_id, "url", f"{str(ref)[:200]!r}")
     path = resolve_under(root, ref, media_id) if root is not None else Path(ref)
     try:
         st = path.stat()
@@ -475,12 +493,23 @@ def decode_audio(
 # ----------------------------------------------------------------------------------------------- probe
 
 
+def check_audible(x: np.ndarray, media_id: str = "", limits: MediaLimits | None = None) -> None:
+    """Raises MediaError("silent") when the peak of x [T] is below `limits.min_audio_peak`."""
+    limits = limits or DEFAULT_LIMITS
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if peak < limits.min_audio_peak:
+        level = f"{20 * math.log10(peak):.1f} dBFS" if peak > 0 else "digital zero"
+        floor = 20 * math.log10(limits.min_audio_peak)
+        raise MediaError(media_id, "silent", f"peak {level} < {floor:.0f} dBFS")
+
+
 def probe(ref: Ref, modality: str, media_id: str = "", limits: MediaLimits | None = None) -> None:
-    """Raises MediaError unless `ref` decodes as `modality` ("image" or "audio") within `limits`."""
+    """Raises MediaError unless `ref` decodes as `modality` ("image" or "audio") within `limits`;
+    audio must also be audible (check_audible)."""
     limits = limits or DEFAULT_LIMITS
     if modality == "image":
         decode_image(ref, media_id, limits)
     elif modality == "audio":
-        _load_audio(ref, media_id, limits)
+        check_audible(_load_audio(ref, media_id, limits)[0], media_id, limits)
     else:
         raise ValueError(f"probe handles 'image' and 'audio', not {modality!r}")

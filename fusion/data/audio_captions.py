@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from fusion.data.builder import DatasetBuilder, ReaderError, normalise_split
 from fusion.data.canonical import Dataset
-from fusion.data.manifest import csv_header, iter_csv
+from fusion.data.manifest import Bad, csv_header, iter_csv
+from fusion.media import is_url
 
 AUDIOCAPS_COLUMNS = ("youtube_id", "start_time", "caption")
 CLOTHO_PARTS = {"development": "train", "validation": "val", "evaluation": "test"}
@@ -105,9 +106,9 @@ def read_audiocaps(
         if missing:
             raise ReaderError(f"{path.name} lacks AudioCaps columns {missing}")
 
-        def rel_of(row: dict[str, str] | None, s: str = s) -> str | None:
+        def rel_of(row: dict[str, str] | Bad, s: str = s) -> str | None:
             """The clip's path under root, or None for a row without a usable id and start time."""
-            if row is None:
+            if isinstance(row, Bad):
                 return None
             yid, start = (row.get("youtube_id") or "").strip(), _start_time(row.get("start_time", ""))
             if not yid or start is None or "/" in yid or "\\" in yid:
@@ -120,9 +121,9 @@ def read_audiocaps(
             return _template(f"{audio_dir}/{filename}", split=s, **fields)
 
         rows = tqdm(iter_csv(path), desc=f"read {name} {s}", unit="row", leave=False, disable=not progress)
-        for label, row, detail in builder.prefetched(rows, lambda t: rel_of(t[1])):
-            if row is None:
-                builder.reject(label, "malformed", detail)
+        for label, row in builder.prefetched(rows, lambda t: rel_of(t[1])):
+            if isinstance(row, Bad):
+                builder.reject(label, row.reason, row.detail)
                 continue
             rel = rel_of(row)
             if rel is None:
@@ -180,17 +181,18 @@ def read_clotho(
             raise ReaderError(f"{path.name} lacks Clotho columns file_name, caption_1..caption_5")
         folder = _template(audio_dir, part=part, split=s)
         rows = tqdm(iter_csv(path), desc=f"read {name} {part}", unit="row", leave=False, disable=not progress)
-        prefix = f"{folder}/" if folder else ""
-        for label, row, detail in builder.prefetched(
-            rows, lambda t, prefix=prefix: prefix + t[1]["file_name"]
-        ):
-            if row is None:
-                builder.reject(label, "malformed", detail)
+
+        def clip(fname: str, folder: str = folder) -> str:
+            # A URL is kept whole, not joined to the folder, so the builder refuses it as one.
+            return f"{folder}/{fname}" if folder and not is_url(fname) else fname
+
+        for label, row in builder.prefetched(rows, lambda t: clip(t[1]["file_name"])):
+            if isinstance(row, Bad):
+                builder.reject(label, row.reason, row.detail)
                 continue
             fname = row.get("file_name") or ""
             if not fname.strip():
                 builder.reject(label, "malformed", "empty file_name")
                 continue
-            rel = f"{folder}/{fname}" if folder else fname
-            builder.add_pair(rel, [row.get(c) for c in cap_cols], row=label, split=s)
+            builder.add_pair(clip(fname), [row.get(c) for c in cap_cols], row=label, split=s)
     return builder.finish()

@@ -2,9 +2,10 @@
 
 A reader turns its format into calls of `DatasetBuilder.add_pair(media, captions, row=...)`; the
 builder checks the path stays inside the dataset root, reads and probes the media (fusion.media),
-validates the captions and rejects duplicates, and puts every refused row into the dataset's
-quarantine with a reason from `REASONS`. A bad row never takes a good one with it: each row is judged
-on its own, and each media file is read and probed once however many rows use it.
+validates the captions (text, UTF-8, no control characters, at most `limits.max_caption_chars`)
+and rejects duplicates, and puts every refused row into the dataset's quarantine with a reason from
+`REASONS`. A bad row never takes a good one with it: each row is judged on its own, and each media
+file is read and probed once however many rows use it.
 
 Splits: a row may carry one; rows without one get a default assigned per group (all captions of one
 item stay together) from a seeded hash (`default_splits`), recorded in `Dataset.split_seed`. The
@@ -14,6 +15,7 @@ default-corpus sources (pipelines.sources) use the same `default_splits` to hold
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,8 +43,19 @@ ROW_REASONS = {
     "non_text_caption": "the caption is not a string",
     "duplicate": "the same media content with the same caption was already read",
     "no_caption": "a media item has no caption at all",
+    "encoding": "the row holds bytes that are not UTF-8 (or a lone surrogate escape)",
+    "control_characters": "the caption holds NUL, other control characters or a terminal escape sequence",
+    "caption_too_long": "the caption is longer than the character limit (MediaLimits.max_caption_chars)",
 }
 REASONS = {**MEDIA_REASONS, **ROW_REASONS}
+
+# C0 controls but tab, newline and carriage return; DEL; C1 controls (U+0080-U+009F, CSI among them).
+# ESC (U+001B) is C0: a terminal escape sequence is refused by its first character.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# What decoding with errors="surrogateescape" turns an undecodable byte into (U+DC80-U+DCFF), and
+# what a JSON "\\ud800" escape gives: neither can be written as UTF-8.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CONTROL_NAMES = {0x00: "NUL", 0x07: "BEL", 0x08: "BS", 0x1B: "ESC", 0x7F: "DEL", 0x9B: "CSI"}
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -61,6 +74,42 @@ SPLIT_ALIASES = {
 
 class ReaderError(ValueError):
     """A dataset that cannot be read at all (missing manifest, unknown column, bad option)."""
+
+
+def encoding_problem(text: str, what: str = "text") -> str | None:
+    """Why `text` cannot be stored as UTF-8 (the first undecodable byte or lone surrogate, counting
+    characters from 1), or None."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    code = ord(m.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"{what} holds byte 0x{code - 0xDC00:02x} at character {m.start() + 1}, which is not UTF-8"
+    return f"{what} holds a lone surrogate U+{code:04X} at character {m.start() + 1}"
+
+
+def caption_problem(text: str, max_chars: int) -> tuple[str, str] | None:
+    """(reason, detail) for a caption string that must not be stored, else None."""
+    why = encoding_problem(text, "caption")
+    if why is not None:
+        return "encoding", why
+    text = text.strip()
+    if not text:
+        return "empty_caption", "caption is empty or only whitespace"
+    m = _CONTROL.search(text)
+    if m is not None:
+        code = ord(m.group())
+        name = _CONTROL_NAMES.get(code, "control character")
+        return "control_characters", f"U+{code:04X} ({name}) at character {m.start() + 1}"
+    if len(text) > max_chars:
+        return "caption_too_long", f"{len(text)} characters > limit {max_chars}"
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates and control characters (but tab and newline) written as escapes."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\r", "\\r"))
 
 
 def normalise_split(value: Any) -> str | None:
@@ -158,9 +207,10 @@ class DatasetBuilder:
     # -------------------------------------------------------------------------------------- rejects
 
     def reject(self, row: str, reason: str, detail: str = "") -> None:
+        """Quarantines `row`; label and detail are made printable (they may quote the bad input)."""
         if reason not in REASONS:
             raise ValueError(f"unknown quarantine reason {reason!r}")
-        self.dataset.reject(self.source, row, reason, detail)
+        self.dataset.reject(self.source, printable(row), reason, printable(detail))
 
     # -------------------------------------------------------------------------------------- media
 
@@ -278,7 +328,8 @@ class DatasetBuilder:
         """Adds the pairs of one row: `media` is a path under the root, or pass `media_id` from media_from_*.
 
         `captions` is a string or a list of strings (one pair each). Returns the number of pairs added;
-        every refused part is quarantined under the label `row`.
+        every refused part is quarantined under the label `row` (a refused caption of several as
+        `row#captionN`, the others are kept).
         """
         if split is not None and not (isinstance(split, str) and split.strip() == ""):
             norm = normalise_split(split)
@@ -288,6 +339,11 @@ class DatasetBuilder:
             split = norm
         else:
             split = None
+        for what, value in (("media path", media), ("group", group), ("concept", concept)):
+            why = encoding_problem(value, what) if isinstance(value, str) else None
+            if why is not None:
+                self.reject(row, "encoding", why)
+                return 0
         if media_id is not None:
             mid = media_id
         elif media is None or isinstance(media, str):
@@ -313,10 +369,12 @@ class DatasetBuilder:
             if not isinstance(cap, str):
                 self.reject(label, "non_text_caption", f"caption is {type(cap).__name__}: {cap!r:.80}")
                 continue
-            text = cap.strip()
-            if not text:
-                self.reject(label, "empty_caption", f"caption {cap!r:.80}")
+            problem = caption_problem(cap, self.limits.max_caption_chars)
+            if problem is not None:
+                reason, detail = problem
+                self.reject(label, reason, f"{detail}: {cap!r:.80}")
                 continue
+            text = cap.strip()
             cid = content_id("text", text)
             first = self._seen.get((mid, cid))
             if first is not None:

@@ -19,6 +19,7 @@ training data. With `split`, only that split's images are read.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from pathlib import Path
@@ -28,14 +29,20 @@ from tqdm.auto import tqdm
 
 from fusion.data.builder import DatasetBuilder, ReaderError, normalise_split
 from fusion.data.canonical import Dataset
+from fusion.media import is_url
 
 
 def _load_json(builder: DatasetBuilder, path: Path) -> Any:
-    """The parsed file, or None after quarantining it as malformed."""
+    """The parsed file, or None after quarantining it as malformed.
+
+    Bytes that are not UTF-8 inside strings survive as lone surrogates, so that only the captions or
+    file names holding them are refused (`encoding`, by the builder), not the whole file.
+    """
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        builder.reject(path.name, "malformed", f"not a readable JSON file: {e}")
+        text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
+        return json.loads(text)
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, a 5,000-digit int, deep nesting
+        builder.reject(path.name, "malformed", f"not a readable JSON file: {type(e).__name__}: {e}")
         return None
 
 
@@ -90,7 +97,9 @@ def _read_coco_file(
         if not isinstance(im["id"], int | str) or im["id"] in files:
             builder.reject(label, "malformed", f"image id {im['id']!r} is repeated or not an int/str")
             continue
-        files[im["id"]] = str(Path(images_dir) / im["file_name"]) if images_dir else im["file_name"]
+        name = im["file_name"]
+        # A URL is kept whole, not joined to the folder, so the builder refuses it as one.
+        files[im["id"]] = str(Path(images_dir) / name) if images_dir and not is_url(name) else name
     captioned: set[Any] = set()
     anns = obj["annotations"]
     bar = tqdm(
@@ -157,6 +166,8 @@ def read_coco(
 
 
 def _karpathy_path(images_dir: str, im: dict[str, Any]) -> str:
+    if is_url(im["filename"]):
+        return im["filename"]  # refused by the builder as a URL, not looked up as a file
     return str(Path(images_dir or ".") / (im.get("filepath") or "") / im["filename"])
 
 
@@ -214,7 +225,8 @@ def read_karpathy(
         if not isinstance(im, dict) or not isinstance(im.get("filename"), str):
             builder.reject(label, "malformed", "an image needs a string 'filename'")
             continue
-        label = f"{path.name}:{im.get('filepath', '')}/{im['filename']}".replace(":/", ":")
+        folder = im.get("filepath") or ""
+        label = f"{path.name}:{folder}/{im['filename']}" if folder else f"{path.name}:{im['filename']}"
         im_split = im.get("split")
         norm = normalise_split(im_split)
         if want is not None and norm is not None and norm != want:

@@ -2,10 +2,10 @@
 
 A sample is the set of tar members sharing a key: the member path up to the first dot of its base
 name (`shard/000123.jpg` and `shard/000123.txt` -> key `shard/000123`). The text member holds the
-captions, one per line. As in webdataset, a sample's members must be stored next to each other; the
-shard is streamed, never extracted, so links and devices inside it are refused without touching the
-file system. Payloads stay inline in the MediaItems (`data`) unless `extract_to` names a folder to
-write them to (then items carry a `path`, named by content id).
+captions, one per line, each judged alone. As in webdataset, a sample's members must be stored next
+to each other; the shard is streamed, never extracted, so links and devices inside it are refused
+without touching the file system. Payloads stay inline in the MediaItems (`data`) unless
+`extract_to` names a folder to write them to (then items carry a `path`, named by content id).
 
 Shards: every *.tar / *.tar.gz under root (or the `shards` glob patterns, relative to root). A shard
 under a folder named like a split (`test/0.tar`, CLIP_benchmark's layout) gives its samples that
@@ -82,12 +82,12 @@ class _ShardReader:
         if self.caption_ext not in members or self.caption_ext in refused:
             self.b.reject(label, "no_caption", f"no readable .{self.caption_ext} member for this key")
             return
-        try:
-            text = members[self.caption_ext].decode("utf-8-sig")  # type: ignore[union-attr]
-        except UnicodeDecodeError as e:
-            self.b.reject(f"{label}.{self.caption_ext}", "non_text_caption", f"not UTF-8: {e}")
-            return
-        captions = [line for line in text.splitlines() if line.strip()]
+        # Bytes that are not UTF-8 stay as lone surrogates: the builder refuses that line (`encoding`)
+        # and keeps the sample's other captions. Lines end at \n or \r only, not at the other
+        # characters str.splitlines() breaks on, so a stray control character is refused, not split on.
+        text = members[self.caption_ext].decode("utf-8-sig", "surrogateescape")  # type: ignore[union-attr]
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        captions = [line for line in lines if line.strip()]
         if not captions:
             self.b.reject(f"{label}.{self.caption_ext}", "empty_caption", "no non-blank line")
             return

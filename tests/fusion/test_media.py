@@ -17,8 +17,10 @@ from fusion.media import (
     DEFAULT_LIMITS,
     MediaError,
     MediaLimits,
+    check_audible,
     decode_audio,
     decode_image,
+    is_url,
     probe,
     read_bytes,
     resample,
@@ -73,7 +75,7 @@ def test_read_bytes_reasons(tmp_path):
     assert reason_of(read_bytes, tmp_path / "big.bin", limits=MediaLimits(max_bytes=50)) == "too_large"
     assert reason_of(read_bytes, b"x" * 100, limits=MediaLimits(max_bytes=50)) == "too_large"
     assert reason_of(read_bytes, tmp_path) == "unreadable"  # a folder
-    assert reason_of(read_bytes, "https://example.com/a.png") == "unsupported_format"
+    assert reason_of(read_bytes, "https://example.com/a.png") == "url"
     assert read_bytes(tmp_path / "big.bin") == b"x" * 100
     with pytest.raises(TypeError):
         read_bytes(123)  # type: ignore[arg-type]
@@ -397,3 +399,70 @@ def test_svg_sizes_in_absolute_units_render(unit, per_px):
     assert im.size == (256, 128)
     assert im.getpixel((20, 64)) == (255, 0, 0)  # the left half is the red square
     assert im.getpixel((230, 64)) == (255, 255, 255)  # the right half stays white
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+URLS = [
+    "http://example.com/cat.png",
+    "https://example.com/cat.png?size=large",
+    "HTTPS://EXAMPLE.COM/CAT.PNG",
+    "s3://bucket/images/cat.png",
+    "gs://bucket/cat.png",
+    "file:///etc/passwd",
+    "ftp://ftp.example.com/cat.png",
+    "hf://datasets/someone/pets/cat.png",
+    "  https://example.com/leading-space.png",
+    "data:image/png;base64,iVBORw0KGgo=",
+    "data:,plain",
+]
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_a_url_is_refused_as_url_not_missing(url, tmp_path):
+    assert is_url(url)
+    assert reason_of(resolve_under, tmp_path, url) == "url"
+    assert reason_of(read_bytes, url) == "url"
+    assert reason_of(read_bytes, url, root=tmp_path) == "url"
+    assert reason_of(probe, url, "image") == "url"
+
+
+def test_paths_that_only_look_like_urls_are_paths(tmp_path):
+    for path in ("cat.png", "data/cat.png", "data:cat.png", "http/cat.png", "C:/img/cat.png", "x://a"):
+        assert not is_url(path), path
+    assert not is_url(b"https://example.com")  # bytes are a payload, never a reference
+    (tmp_path / "http:").mkdir()
+    (tmp_path / "http:" / "x.png").write_bytes(image_bytes())
+    assert read_bytes("http:/x.png", root=tmp_path) == image_bytes()  # one slash: a folder named "http:"
+
+
+def _wav(x: np.ndarray, sr: int = 16000, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def test_probe_refuses_silent_audio():
+    zeros = np.zeros(8000, np.float32)
+    assert reason_of(probe, _wav(zeros), "audio", "s") == "silent"
+    assert reason_of(probe, _wav(zeros, fmt="FLAC"), "audio") == "silent"
+    assert reason_of(probe, _wav(np.zeros((8000, 2), np.float32)), "audio") == "silent"  # stereo
+    # One least-significant bit of 16-bit dither (-90 dBFS) and a -80 dBFS tone: still silence.
+    lsb = np.where(np.arange(8000) % 2 == 0, 1, -1).astype(np.float32) / 32768
+    assert reason_of(probe, _wav(lsb), "audio") == "silent"
+    assert reason_of(probe, audio_bytes(amp=10 ** (-80 / 20)), "audio") == "silent"
+    with pytest.raises(MediaError, match="digital zero"):
+        probe(_wav(zeros), "audio")
+    # A quiet but audible tone passes, and the check can be turned off.
+    probe(audio_bytes(amp=10 ** (-60 / 20)), "audio")
+    probe(_wav(zeros), "audio", limits=MediaLimits(min_audio_peak=0.0))
+    # Decoding is not judging: the encoders still get silence if ingest let it through.
+    assert decode_audio(_wav(zeros), 16000).shape == (8000,)
+    check_audible(sine(440.0, 16000, 0.1))
+    assert reason_of(check_audible, np.zeros(0, np.float32)) == "silent"
+
+
+def test_limits_carry_the_caption_length():
+    assert DEFAULT_LIMITS.max_caption_chars == 2000
+    assert MediaLimits(max_caption_chars=10).max_caption_chars == 10
