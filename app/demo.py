@@ -1,7 +1,9 @@
 """Running the graph from the command line: `fusemix demo` and `fusemix materialize`.
 
 Runs go through a persistent Dagster instance under the home folder (DAGSTER_HOME), so every
-materialisation also shows up in `fusemix ui` afterwards.
+materialisation also shows up in `fusemix ui` afterwards. Each run is tagged with the process that
+runs it (pipelines.tracking.process_owner); a run whose process was killed stays STARTED in the
+instance, and the next `fusemix demo` / `fusemix materialize` marks it failed (`fail_orphaned_runs`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,42 @@ from pipelines.evaluate import headline
 from pipelines.lake import Lake, default_lake_root
 from pipelines.partitions import ENCODER_PARTITIONS, Partitions
 from pipelines.registries import load_experiments
+from pipelines.tracking import OWNER_HOST, OWNER_PID, owner_gone, process_owner, this_host
 
 STAGES = ("ingest", "extract", "experiment", "all")
+# The states of a run that its process has not ended yet.
+OPEN = [
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 
 
 def instance() -> dg.DagsterInstance:
+    """The persistent instance under the home folder, its runs orphaned by killed processes marked
+    failed."""
     os.environ["DAGSTER_HOME"] = str(dagster_home())
-    return dg.DagsterInstance.get()
+    inst = dg.DagsterInstance.get()
+    for run_id in fail_orphaned_runs(inst):
+        print(f"marked run {run_id} failed: the process that ran it is gone", flush=True)
+    return inst
+
+
+def fail_orphaned_runs(inst: dg.DagsterInstance) -> list[str]:
+    """Marks failed every run of `inst` that a process of this host started from the command line
+    (owner tags) and left open although that process is gone (SIGKILL, the OOM killer, a power cut).
+    Runs launched from the UI carry no owner tags and are left to Dagster (its run monitoring).
+    Returns the ids of the runs marked."""
+    runs = inst.get_runs(dg.RunsFilter(statuses=OPEN, tags={OWNER_HOST: this_host()}))
+    failed = []
+    for run in runs:
+        if owner_gone(run.tags):
+            inst.report_run_failed(
+                run, message=f"the process that ran it (pid {run.tags[OWNER_PID]}) is gone: it was killed"
+            )
+            failed.append(run.run_id)
+    return failed
 
 
 def _defs():
@@ -41,6 +72,7 @@ def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, qu
         partition_key=partition,
         instance=inst,
         raise_on_error=False,
+        tags=process_owner(),
         # Step-by-step DEBUG events go to the run's log in the UI; the terminal gets INFO and up.
         run_config={"loggers": {"console": {"config": {"log_level": "WARNING" if quiet else "INFO"}}}},
     )

@@ -1,5 +1,6 @@
 """Evaluate: partition (experiment) -> Recall@1/5/10 both ways on the held-out test split, rows in
-the Lance `metrics` table, MLflow metrics on the training run, and a markdown report with plots.
+the Lance `metrics` table, MLflow metrics on the training run (only a FINISHED one), and a markdown
+report with plots.
 Bump EVAL_CODE_VERSION when the protocol changes: stored metrics of an unchanged checkpoint are then
 recomputed, and Dagster shows the asset as stale."""
 
@@ -41,6 +42,8 @@ def build(parts: Partitions) -> list:
         lk = lake.lake()
         refs = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         models = glue.load_seeds(seed_dirs(paths.models_dir, exp), *refs)
+        client = tracking.client()
+        glue.check_trained(client, exp, models)
         run_id, key = glue.run_and_key(models, EVAL_CODE_VERSION)
         cached = None if config.force else glue.cached_metrics(lk, exp, key)
         if cached is not None:
@@ -49,7 +52,7 @@ def build(parts: Partitions) -> list:
         metrics, rows, version, report = glue.evaluate_experiment(
             lk, exp, models, refs, key, paths.reports_dir / exp.name, config.examples
         )
-        glue.log_evaluation(tracking.client(), rows, report, exp.dataset)
+        glue.log_evaluation(client, rows, report, exp.dataset)
         metadata = {"mlflow_run_id": run_id, "lance_version": version, "report_path": str(report)}
         return dg.MaterializeResult(
             metadata={**metrics, **metadata, "report": dg.MetadataValue.md(report.read_text())}

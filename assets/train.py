@@ -1,6 +1,7 @@
 """Train: partition (experiment) -> adapter weights (safetensors + JSON) and an MLflow run with
 params, per-step loss and temperature, the Lance versions read, and the adapter files as artifacts.
-An unchanged rerun (same config, curated pairs and encoder fingerprints) does not retrain."""
+An unchanged rerun (same config, curated pairs and encoder fingerprints) does not retrain, unless the
+checkpoint's MLflow run did not finish (its process was killed after saving it)."""
 
 import dagster as dg
 from pydantic import Field
@@ -38,7 +39,8 @@ def build(parts: Partitions) -> list:
         curated = lk.read(table_name("curated", exp.name))
         digest = inputs_hash(exp, curated["pair_id"].to_pylist(), refs[0].fingerprint, refs[1].fingerprint)
         dirs = seed_dirs(paths.models_dir, exp)
-        summaries = None if config.force else all_up_to_date(dirs, digest)
+        client = tracking.client()
+        summaries = None if config.force else all_up_to_date(dirs, digest, client)
         if summaries is not None:
             context.log.info(f"{exp.name}: checkpoints are up to date (inputs {digest}); not retraining")
             metadata = {**summaries[0], "skipped": True, "inputs_hash": digest, "seeds": len(summaries)}
@@ -46,7 +48,7 @@ def build(parts: Partitions) -> list:
         media_side = parts.datasets[exp.dataset].modality
         experiment_id = tracking.experiment_id(exp.family)
         summaries, versions = train_and_save(
-            lk, exp, curated, refs, media_side, tracking.client(), experiment_id, dirs, digest
+            lk, exp, curated, refs, media_side, client, experiment_id, dirs, digest
         )
         metadata = {**summaries[0], "inputs_hash": digest, "checkpoint": str(dirs[exp.train.seed])}
         metadata |= {"seeds": len(summaries), "read_versions": dg.MetadataValue.json(versions)}

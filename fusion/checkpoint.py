@@ -10,6 +10,8 @@ the exact frozen encoders (same weights, preprocessing and pooling) that produce
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -29,8 +31,14 @@ class CheckpointMismatch(ValueError):
 
 
 def save_checkpoint(
-    directory: str | Path, model: FusedModel, adapter_cfg: AdapterConfig, extra: dict | None = None
+    directory: str | Path,
+    model: FusedModel,
+    adapter_cfg: AdapterConfig,
+    extra: dict | None = None,
+    side_files: dict[str, str] | None = None,
 ) -> Path:
+    """Writes the adapters and config.json (plus `side_files`, name -> text, e.g. the training
+    history) into `directory` with write_files."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {
         "format_version": FORMAT_VERSION,
@@ -39,22 +47,61 @@ def save_checkpoint(
         "adapter": asdict(adapter_cfg),
         "extra": extra or {},
     }
-    return write_files(directory, WEIGHTS, lambda path: save_file(tensors, path), config)
+    return write_files(directory, WEIGHTS, lambda path: save_file(tensors, path), config, side_files)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Writes the file `path` by `write(temporary path)`: to a hidden temporary name in the same
+    folder, flushed to disk (fsync), then renamed over `path`, and the folder flushed. A reader, or a
+    crash or kill at any moment, finds the old file or the new one, never a part of either; a kill
+    leaves at most the hidden temporary file. The one atomic writer of the project's files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if os.name == "posix":  # the rename itself survives a power cut once the folder is flushed
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`text` (UTF-8) as the file `path`, written with atomic_write."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_files(
-    directory: str | Path, weights: str, save_weights: Callable[[str], None], config: dict
+    directory: str | Path,
+    weights: str,
+    save_weights: Callable[[str], None],
+    config: dict,
+    side_files: dict[str, str] | None = None,
 ) -> Path:
-    """Writes `weights` (by `save_weights(path)`) and config.json into `directory`, each to a temporary
-    name first and renamed after both are written, so a crash never leaves a half checkpoint that
-    looks complete. Shared by the adapters and the baselines (evaluation.baselines)."""
+    """Writes `weights` (by `save_weights(path)`), then `side_files` (name -> text), then config.json
+    into `directory`, each with atomic_write. The old config.json is removed first, so while the files
+    are replaced the folder holds no checkpoint at all, and once config.json is back every file beside
+    it is the new one: a crash never leaves a half checkpoint, nor new weights under an old config,
+    that looks complete. Shared by the adapters and the baselines (evaluation.baselines)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp_w, tmp_c = directory / (weights + ".tmp"), directory / (CONFIG + ".tmp")
-    save_weights(str(tmp_w))
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True))
-    tmp_w.replace(directory / weights)
-    tmp_c.replace(directory / CONFIG)
+    (directory / CONFIG).unlink(missing_ok=True)
+    atomic_write(directory / weights, save_weights)
+    for name, text in (side_files or {}).items():
+        atomic_write_text(directory / name, text)
+    atomic_write_text(directory / CONFIG, json.dumps(config, indent=2, sort_keys=True))
     return directory
 
 

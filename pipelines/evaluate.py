@@ -5,7 +5,9 @@ rows of the Lance `metrics` table, per seed and as mean and std over seeds, logg
 MLflow runs, and written up as a report with plots. No Dagster here.
 
 Stored metrics are keyed on the checkpoints' inputs hash and the evaluation's code version, so
-unchanged checkpoints are not scored twice (`cached_metrics`).
+unchanged checkpoints are not scored twice (`cached_metrics`). Only checkpoints whose MLflow run
+FINISHED are scored and logged to (`check_trained`): a run left by a killed training is never
+written into.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from evaluation.retrieval import (
     retrieval_by_group,
 )
 from fusion.adapters import EncoderRef
-from fusion.checkpoint import load_checkpoint, read_config
+from fusion.checkpoint import atomic_write_text, load_checkpoint, read_config
 from pipelines import schemas
 from pipelines.curate import holdout_pairs, paired_split, split_rows
 from pipelines.lake import Lake, sql_in, sql_str
 from pipelines.registries import ExperimentSpec
 from pipelines.schemas import table_name
-from pipelines.tracking import RunLogger
+from pipelines.tracking import RunLogger, mlflow_run, require_finished, run_status
 from pipelines.train import read_history
 
 POOLED = "pooled"
@@ -58,6 +60,13 @@ def load_trained(out: Path, media: EncoderRef, text: EncoderRef) -> tuple[object
 def load_seeds(dirs: dict[int, Path], media: EncoderRef, text: EncoderRef) -> dict[int, tuple]:
     """seed -> (model, record, folder) of every seed's saved model (train.seed_dirs)."""
     return {seed: (*load_trained(out, media, text), out) for seed, out in dirs.items()}
+
+
+def check_trained(client, exp: ExperimentSpec, models: dict[int, tuple]) -> None:
+    """Raises tracking.RunNotFinished unless the MLflow run of every seed's model (load_seeds)
+    FINISHED: a checkpoint saved by a training that was killed before it finished is not scored."""
+    runs = [record["summary"]["mlflow_run_id"] for _, record, _ in models.values()]
+    require_finished(client, runs, f"experiment {exp.name}")
 
 
 def eval_key(inputs_hash: str, code_version: str) -> str:
@@ -261,18 +270,21 @@ def evaluate_experiment(
         pairs=(split.pair_items, split.pair_texts),
     )
     if len(per_seed) > 1 or len(models) > 1:
-        with report.open("a", encoding="utf-8") as fh:
-            fh.write(
-                "\n## Every scored dataset and gallery (mean ± std over seeds)\n\n"
-                + seeds_table_markdown(rows)
-                + "\n"
-            )
+        atomic_write_text(
+            report,
+            report.read_text(encoding="utf-8")
+            + "\n## Every scored dataset and gallery (mean ± std over seeds)\n\n"
+            + seeds_table_markdown(rows)
+            + "\n",
+        )
     return metrics, rows, version, report
 
 
 def log_evaluation(client, rows: list[dict], report: Path, own: str) -> None:
     """Each seed's scores on its MLflow run (other datasets and galleries prefixed with their names),
-    the mean and std over seeds on the first seed's run, the report folder as its artifacts."""
+    the mean and std over seeds on the first seed's run, the report folder as its artifacts. Raises
+    tracking.RunNotFinished, logging nothing, if any of these runs did not finish."""
+    require_finished(client, [r["mlflow_run_id"] for r in rows], "evaluation")
     by_run: dict[str, dict[str, float]] = defaultdict(dict)
     for r in rows:
         prefix = "" if (r["dataset"], r["gallery"]) == (own, POOLED) else f"{r['dataset']}.{r['gallery']}."
@@ -323,14 +335,14 @@ def write_family_report(lake: Lake, family: str, experiments: list[str], out_dir
 
 
 def log_family_report(client, experiment_id: str, family: str, report: Path, run_ids: list[str]) -> str:
-    """An MLflow parent run for the family holding its report; the experiments' runs become its
-    children. Returns the parent run's id."""
-    parent = client.create_run(experiment_id, run_name=f"family:{family}", tags={"family": family})
-    parent_id = parent.info.run_id
-    client.log_artifact(parent_id, str(report), "report")
-    for png in report.parent.glob(f"{report.stem}*.png"):
-        client.log_artifact(parent_id, str(png), "report")
-    for run_id in dict.fromkeys(run_ids):
-        client.set_tag(run_id, "mlflow.parentRunId", parent_id)
-    client.set_terminated(parent_id, "FINISHED")
-    return parent_id
+    """An MLflow parent run for the family holding its report; the experiments' runs that FINISHED
+    become its children (a run left by a killed training is not written into). Returns the parent
+    run's id."""
+    with mlflow_run(client, experiment_id, f"family:{family}", {"family": family}) as log:
+        client.log_artifact(log.run_id, str(report), "report")
+        for png in report.parent.glob(f"{report.stem}*.png"):
+            client.log_artifact(log.run_id, str(png), "report")
+        for run_id in dict.fromkeys(run_ids):
+            if run_status(client, run_id) == "FINISHED":
+                client.set_tag(run_id, "mlflow.parentRunId", log.run_id)
+    return log.run_id

@@ -3,6 +3,10 @@
 Media rows are keyed by content id and only ever inserted (never rewritten), so the latents of an
 item stay valid across re-ingestion; items that left the dataset are deleted. Pairs and quarantine
 are replaced whole in one commit each.
+
+Each write is one Lance commit, in an order that keeps every pair's media in `media` whenever the
+process is killed: new media first, then the pairs, then the media no pair names any more, then the
+quarantine. A rerun finishes whatever a killed run left undone.
 """
 
 from __future__ import annotations
@@ -62,16 +66,18 @@ def quarantine_table(dataset: str, stage: str, rows: list) -> pa.Table:
 
 
 def write_dataset(lake: Lake, name: str, ds: Dataset) -> dict:
-    """Writes the three tables; returns counts, quarantine reasons and the Lance versions written."""
+    """Writes the three tables; returns counts, quarantine reasons and the Lance versions written.
+    The order of the commits is the module's promise: a kill between any two leaves no pair naming a
+    missing media row."""
     media_t, pairs_t, quar_t = (table_name(kind, name) for kind in ("media", "pairs", "quarantine"))
     existing = lake.ids(media_t)
     new_ids = [i for i in ds.media if i not in existing]
     if new_ids or not lake.exists(media_t):
         lake.append(media_t, media_table(ds, new_ids))
+    lake.overwrite(pairs_t, pairs_table(ds))  # every id it names is in media now
     gone = existing - set(ds.media)
-    if gone:
+    if gone:  # only once no pair names them
         lake.delete(media_t, sql_in("media_id", sorted(gone)))
-    lake.overwrite(pairs_t, pairs_table(ds))
     # Extraction appends its own quarantine rows (stage 'extract'); keep them, replace ingest's.
     kept = (
         lake.read(quar_t, filter="stage != 'ingest'")

@@ -2,15 +2,16 @@
 safetensors + JSON with the training history beside them. No Dagster here.
 
 A checkpoint records the hash of its inputs (experiment config, curated pair ids, encoder
-fingerprints); `up_to_date` finds a checkpoint trained on exactly these, so an unchanged rerun skips
-training.
+fingerprints) and its MLflow run; `up_to_date` finds a checkpoint trained on exactly these whose run
+FINISHED, so an unchanged rerun skips training. The files are saved inside the run, before its
+artifacts are logged and it is marked FINISHED: a checkpoint whose process was killed in between has a
+run that is not FINISHED (pipelines.tracking closes it as KILLED), and is trained again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,13 +21,15 @@ import pyarrow as pa
 
 from evaluation.retrieval import PairedSplit
 from fusion.adapters import EncoderRef, FusedModel
-from fusion.checkpoint import read_config, save_checkpoint
+from fusion.checkpoint import CONFIG, read_config, save_checkpoint
 from fusion.trainer import TrainResult, train_adapters
 from pipelines.curate import pair_groups, paired_split, split_arrays, split_rows
 from pipelines.lake import Lake
 from pipelines.registries import ExperimentSpec
 from pipelines.schemas import table_name
-from pipelines.tracking import mlflow_run
+from pipelines.tracking import mlflow_run, run_status
+
+HISTORY = "history.json"
 
 
 def checkpoint_dir(models_dir: Path, experiment: str) -> Path:
@@ -41,12 +44,16 @@ def inputs_hash(exp: ExperimentSpec, curated_ids: list[str], media_fp: str, text
     return h.hexdigest()[:16]
 
 
-def up_to_date(out: Path, digest: str) -> dict | None:
-    """The summary of the checkpoint in `out` if it was trained on inputs `digest`, else None."""
-    if not (out / "config.json").exists():
+def up_to_date(out: Path, digest: str, client) -> dict | None:
+    """The summary of the checkpoint in `out` if it was trained on inputs `digest` and its MLflow run
+    (in `client`'s store) FINISHED, its artifacts logged; else None."""
+    if not (out / CONFIG).exists():
         return None
     extra = read_config(out)["extra"]
-    return extra["summary"] if extra.get("inputs_hash") == digest else None
+    if extra.get("inputs_hash") != digest:
+        return None
+    summary = extra["summary"]
+    return summary if run_status(client, summary.get("mlflow_run_id")) == "FINISHED" else None
 
 
 def experiment_params(
@@ -144,9 +151,9 @@ def seed_dirs(models_dir: Path, exp: ExperimentSpec) -> dict[int, Path]:
     return {s: base if i == 0 else base / "seeds" / str(s) for i, s in enumerate(exp.seed_list())}
 
 
-def all_up_to_date(dirs: dict[int, Path], digest: str) -> list[dict] | None:
-    """The summaries of every seed's checkpoint if all were trained on inputs `digest`, else None."""
-    summaries = [up_to_date(out, digest) for out in dirs.values()]
+def all_up_to_date(dirs: dict[int, Path], digest: str, client) -> list[dict] | None:
+    """The summaries of every seed's checkpoint if all are up_to_date, else None."""
+    summaries = [up_to_date(out, digest, client) for out in dirs.values()]
     return None if any(s is None for s in summaries) else summaries
 
 
@@ -207,17 +214,15 @@ def fit_method(
 
 
 def save_model(out: Path, model, exp: ExperimentSpec, extra: dict, history: dict | None) -> None:
-    """Adapters as a checkpoint with their history beside it; a baseline in its own format."""
+    """Adapters as a checkpoint with their history beside it (written before its config, atomically:
+    fusion.checkpoint.write_files); a baseline in its own format."""
     if history is None:
         from evaluation.baselines import save_baseline
 
+        (out / HISTORY).unlink(missing_ok=True)  # an adapters run's history would mislead
         save_baseline(out, model, extra=extra)
-        (out / "history.json").unlink(missing_ok=True)  # an adapters run's history would mislead
         return
-    save_checkpoint(out, model, exp.adapter, extra=extra)
-    tmp = out / ".history.json.tmp"
-    tmp.write_text(json.dumps(history))
-    os.replace(tmp, out / "history.json")
+    save_checkpoint(out, model, exp.adapter, extra=extra, side_files={HISTORY: json.dumps(history)})
 
 
 def train_and_save(
@@ -278,5 +283,5 @@ def train_and_save(
 
 def read_history(out: Path) -> dict:
     """{history, val_history} of the checkpoint in `out` (empty lists when there is none)."""
-    path = out / "history.json"
+    path = out / HISTORY
     return json.loads(path.read_text()) if path.exists() else {"history": [], "val_history": []}

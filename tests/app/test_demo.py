@@ -2,12 +2,18 @@
 
 run_plan ingests, extracts and runs one experiment through an ephemeral Dagster instance;
 retrieval_table then shows the experiment's row from the Lance metrics table; materialize rejects
-unknown stages and experiments with exit code 2.
+unknown stages and experiments with exit code 2; opening the instance marks failed the runs that a
+killed process left open (a real kill: tests/pipelines/test_kills.py).
 
     .venv/bin/pytest -q tests/app/test_demo.py
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
 
 import dagster as dg
 import pytest
@@ -46,6 +52,10 @@ def test_run_plan_runs_an_experiment_and_the_table_shows_it(project, capsys):
     # Only the encoders of the registry became partitions; tiny-audio was not extracted.
     assert set(inst.get_dynamic_partitions("encoder")) == {"tiny-text", "tiny-image", "tiny-audio"}
     assert "tiny-audio" not in out
+    # Every run names the process that ran it, so a later start can tell whether it was killed.
+    from pipelines.tracking import OWNER_PID
+
+    assert {r.tags[OWNER_PID] for r in inst.get_runs()} == {str(os.getpid())}
 
     metrics = {
         r["metric"]: r["value"]
@@ -107,3 +117,50 @@ def test_materialize_rejects_unknown_stage_and_experiment(project, capsys):
     assert EXPERIMENT in out
     # Nothing was ingested on the way to the error.
     assert not Lake(project.home / "lance").exists("media__shapes")
+
+
+def test_opening_the_instance_fails_the_runs_of_killed_processes(project, capsys):
+    from app.demo import instance
+    from pipelines.tracking import OWNER_HOST, OWNER_PID, OWNER_STARTED, process_owner, this_host
+
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    gone = {**process_owner(), OWNER_PID: child.stdout.strip()}  # a process that has ended
+    me = process_owner()
+    inst = instance()
+    status = dg.DagsterRunStatus
+
+    def add(run_status, tags) -> str:
+        run_id = str(uuid.uuid4())
+        inst.add_run(dg.DagsterRun(job_name="ingest_job", run_id=run_id, status=run_status, tags=tags))
+        return run_id
+
+    killed = add(status.STARTED, gone)
+    killed_early = add(status.NOT_STARTED, gone)
+    reused = add(status.STARTED, {**me, OWNER_STARTED: "another-boot:1"})  # our pid, reused
+    alive = add(status.STARTED, me)
+    elsewhere = add(status.STARTED, {**gone, OWNER_HOST: f"not-{this_host()}"})
+    from_ui = add(status.STARTED, {})
+    done = add(status.SUCCESS, gone)
+    capsys.readouterr()
+
+    inst = instance()
+    out = capsys.readouterr().out
+    now = {
+        r: inst.get_run_by_id(r).status
+        for r in (killed, killed_early, reused, alive, elsewhere, from_ui, done)
+    }
+    assert now == {
+        killed: status.FAILURE,
+        killed_early: status.FAILURE,
+        reused: status.FAILURE,
+        alive: status.STARTED,
+        elsewhere: status.STARTED,
+        from_ui: status.STARTED,
+        done: status.SUCCESS,
+    }
+    assert all(f"marked run {r} failed" in out for r in (killed, killed_early, reused))
+    assert out.count("marked run") == 3
+    instance()
+    assert capsys.readouterr().out == ""  # nothing left to mark
