@@ -31,13 +31,30 @@ from pathlib import Path
 
 from fusion.paths import PROJECT_ROOT, cache_dir, fusemix_home
 
+# The project's Dagster instance settings, written into a dagster.yaml that is missing or empty (one
+# you edited is left alone): telemetry off (set `telemetry: enabled: true` to send Dagster usage
+# statistics), and one queued run per partition at a time (app.definitions, "Concurrency").
+INSTANCE_YAML = """\
+telemetry:
+  enabled: false
+concurrency:
+  runs:
+    tag_concurrency_limits:
+      - key: dagster/partition
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
+"""
+
 
 def dagster_home() -> Path:
-    """Dagster's instance folder: $DAGSTER_HOME, else <FUSEMIX_HOME>/dagster; made with an empty
-    dagster.yaml (the defaults, without Dagster's warning about a missing one)."""
+    """Dagster's instance folder: $DAGSTER_HOME, else <FUSEMIX_HOME>/dagster, with the project's
+    dagster.yaml (INSTANCE_YAML) unless one with content is there already."""
     home = Path(os.environ.get("DAGSTER_HOME") or fusemix_home() / "dagster")
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch()
+    config = home / "dagster.yaml"
+    if not config.exists() or not config.read_text(encoding="utf-8").strip():
+        config.write_text(INSTANCE_YAML, encoding="utf-8")
     return home
 
 

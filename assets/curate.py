@@ -34,8 +34,8 @@ def build(parts: Partitions) -> list:
         asset=curated,
         blocking=True,
         description=(
-            "Every item of the experiment's pairs that extraction did not quarantine has a latent with the "
-            "current fingerprint and the registry's dimension, and no NaN or inf"
+            "Every item of the experiment's pairs that extraction did not quarantine has one latent (no "
+            "duplicate rows) with the current fingerprint and the registry's dimension, and no NaN or inf"
         ),
     )
     def latents_ready(context: dg.AssetCheckExecutionContext, lake: LanceLake, encoders: EncoderBank):

@@ -1,4 +1,9 @@
-"""Extract: partition (dataset x encoder) -> `latents__{dataset}__{encoder}`, incremental and resumable."""
+"""Extract: partition (dataset x encoder) -> `latents__{dataset}__{encoder}`, incremental and resumable.
+
+Runs in the Dagster concurrency pool `POOL`: with a limit of 1 on the instance (app.definitions
+`POOL_LIMITS`), extractions run one at a time (they share the encoders' device); the lake's keyed
+writes keep one latent per item when two do overlap (a higher limit, an instance without limits).
+"""
 
 import dagster as dg
 from pydantic import Field
@@ -6,6 +11,8 @@ from pydantic import Field
 from pipelines.extract import run_extraction
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake
+
+POOL = "fusemix-extract"
 
 
 class ExtractConfig(dg.Config):
@@ -22,6 +29,7 @@ def build(parts: Partitions) -> list:
         partitions_def=parts.extract,
         deps=[dg.AssetDep("media", partition_mapping=dg.MultiToSingleDimensionPartitionMapping("dataset"))],
         kinds={"lance", "pytorch"},
+        pool=POOL,
         description="Raw latents of each unique item from one frozen encoder, tagged with its fingerprint",
     )
     def latents(
@@ -51,6 +59,7 @@ def build(parts: Partitions) -> list:
                 "items_total": stats["total"],
                 "items_per_s": stats["items_per_s"],
                 "stale_deleted": stats["stale_deleted"],
+                "duplicates_deleted": stats["duplicates_deleted"],
                 "dimension": stats["dim"],
                 "fingerprint": stats["fingerprint"],
                 "lance_version": stats["lance_version"],

@@ -1,4 +1,9 @@
-"""Ingest: a dataset of configs/datasets.yaml -> Lance tables media, pairs and quarantine."""
+"""Ingest: a dataset of configs/datasets.yaml -> Lance tables media, pairs and quarantine.
+
+Runs in the Dagster concurrency pool `POOL`: with a limit of 1 on the instance (app.definitions
+`POOL_LIMITS`), two ingests never write at once; the lake's keyed writes keep the tables right when
+they do (a higher limit, an instance without limits).
+"""
 
 import dagster as dg
 from pydantic import Field
@@ -7,6 +12,7 @@ from pipelines.ingest import asset_metadata, load_dataset, write_dataset
 from pipelines.partitions import Partitions
 from pipelines.resources import LanceLake, PipelinePaths
 
+POOL = "fusemix-ingest"
 DESCRIPTIONS = {
     "media": "One row per unique item (content-hash id)",
     "pairs": "media <-> caption pairs with split and group",
@@ -25,6 +31,7 @@ def build(parts: Partitions) -> list:
             for k, d in DESCRIPTIONS.items()
         ],
         partitions_def=parts.dataset,
+        pool=POOL,
     )
     def ingest(
         context: dg.AssetExecutionContext, config: IngestConfig, lake: LanceLake, paths: PipelinePaths

@@ -117,7 +117,9 @@ def latents_contract(
     lake: Lake, exp: ExperimentSpec, media: EncoderRef, text: EncoderRef
 ) -> tuple[list[str], dict]:
     """(problems, what was checked per encoder): every paired item that extraction did not quarantine
-    has a latent of the encoder's current fingerprint and dimension, and no latent holds NaN or inf.
+    has a latent of the encoder's current fingerprint and dimension, no item has two latent rows
+    (overlapping extractions of an older version; the next extraction removes them), and no latent
+    holds NaN or inf.
 
     curate() leaves out pairs without a current latent, so the curated table alone would always pass:
     the contract is on every paired item, less those extraction quarantined (known bad, reported there).
@@ -132,19 +134,38 @@ def latents_contract(
         want = set(cur[col].to_pylist()) | paired
         lat_t = table_name("latents", exp.dataset, ref.name)
         if not lake.exists(lat_t):
-            checked[ref.name] = {"items": len(want), "missing": len(want), "dim": None, "nonfinite": 0}
+            checked[ref.name] = {
+                "items": len(want),
+                "missing": len(want),
+                "duplicates": 0,
+                "dim": None,
+                "nonfinite": 0,
+            }
             problems.append(f"no {lat_t} table: run extract_job for ({exp.dataset}, {ref.name})")
             continue
         lat = lake.read(lat_t, ["media_id", "vector", "fingerprint"])
         fps = lat["fingerprint"].to_pylist()
-        current = {m for m, f in zip(lat["media_id"].to_pylist(), fps, strict=True) if f == ref.fingerprint}
+        lat_ids = lat["media_id"].to_pylist()
+        current = {m for m, f in zip(lat_ids, fps, strict=True) if f == ref.fingerprint}
         missing = len(want - current)
+        duplicates = len(lat_ids) - len(set(lat_ids))
         dim = lat.schema.field("vector").type.list_size
         flat = lat["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(lat) else []
         nonfinite = int((~np.isfinite(flat)).sum())
-        checked[ref.name] = {"items": len(want), "missing": missing, "dim": dim, "nonfinite": nonfinite}
+        checked[ref.name] = {
+            "items": len(want),
+            "missing": missing,
+            "duplicates": duplicates,
+            "dim": dim,
+            "nonfinite": nonfinite,
+        }
         if missing:
             problems.append(f"{missing} of {len(want)} {col} without a current {ref.name} latent")
+        if duplicates:
+            problems.append(
+                f"{duplicates} duplicate rows in {lat_t} (one item, several latents): "
+                f"run extract_job for ({exp.dataset}, {ref.name}) to remove them"
+            )
         if dim != ref.dim:
             problems.append(f"{ref.name} latents are {dim}-d, the encoder gives {ref.dim}-d")
         if nonfinite:

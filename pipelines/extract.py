@@ -4,6 +4,11 @@ Only media of the encoder's modality without a latent of the encoder's current f
 encoded; rows of an older fingerprint are deleted first, so a table never mixes encoders. Results
 are appended in commits of `commit_every` rows: a kill loses at most the rows not yet committed,
 and a rerun encodes exactly the missing ones (no duplicates, no losses).
+
+Two runs of one partition may overlap (a manual materialisation beside the sensor's): each commit
+inserts only ids the table does not hold yet (keyed on media_id, quarantine rows on stage and
+item), so the table keeps one row per item whichever commits first; a run also removes duplicate
+rows that an older version's overlapping runs left before it looks for missing ids.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ def run_extraction(
     quar_t = table_name("quarantine", dataset)
     if not lake.exists(media_t):
         raise LookupError(f"dataset {dataset!r} has not been ingested (no {media_t} table)")
+    duplicates = lake.dedupe(lat_t, "media_id")  # left by overlapping runs of an older version
     todo, stale = pending(lake, dataset, encoder)
     already_failed = lake.ids(quar_t, "item", f"stage = {sql_str('extract:' + encoder.spec.name)}")
     todo = [i for i in todo if i not in already_failed]
@@ -77,7 +83,14 @@ def run_extraction(
     ids: list[str] = []
     vecs: list[np.ndarray] = []
     failures: list = []
-    stats = {"encoded": 0, "failed": 0, "commits": 0, "stale_deleted": stale, "pending": len(todo)}
+    stats = {
+        "encoded": 0,
+        "failed": 0,
+        "commits": 0,
+        "stale_deleted": stale,
+        "duplicates_deleted": duplicates,
+        "pending": len(todo),
+    }
     t0 = time.perf_counter()
 
     def commit() -> None:
@@ -95,12 +108,15 @@ def run_extraction(
                     ],
                     schema=schema,
                 ),
+                key="media_id",
             )
             stats["encoded"] += len(ids)
             stats["commits"] += 1
         if failures:
             rows = [QuarantineRow(encoder.spec.name, f.media_id, f.reason, f.detail) for f in failures]
-            lake.append(quar_t, quarantine_table(dataset, f"extract:{encoder.spec.name}", rows))
+            lake.append(
+                quar_t, quarantine_table(dataset, f"extract:{encoder.spec.name}", rows), key=["stage", "item"]
+            )
             stats["failed"] += len(failures)
         if on_commit and (ids or failures):
             on_commit({**stats, "seconds": time.perf_counter() - t0})
@@ -114,8 +130,7 @@ def run_extraction(
         if len(ids) + len(failures) >= commit_every:
             commit()
     commit()
-    if not lake.exists(lat_t):  # nothing to encode at all: an empty table still documents the partition
-        lake.append(lat_t, schema.empty_table())
+    lake.create(lat_t, schema)  # nothing to encode at all: an empty table still documents the partition
     seconds = time.perf_counter() - t0
     return {
         **stats,

@@ -1,8 +1,8 @@
 """Ingestion: a dataset spec -> the canonical Dataset -> Lance tables media, pairs and quarantine.
 
 Media rows are keyed by content id and only ever inserted (never rewritten), so the latents of an
-item stay valid across re-ingestion; items that left the dataset are deleted. Pairs and quarantine
-are replaced whole in one commit each.
+item stay valid across re-ingestion; items that left the dataset are deleted. Pairs are replaced
+whole in one commit, and so are ingest's own quarantine rows (other stages' rows are kept).
 
 Each write is one Lance commit, in an order that keeps every pair's media in `media` whenever the
 process is killed: new media first, then the pairs, then the media no pair names any more, then the
@@ -70,21 +70,17 @@ def write_dataset(lake: Lake, name: str, ds: Dataset) -> dict:
     The order of the commits is the module's promise: a kill between any two leaves no pair naming a
     missing media row."""
     media_t, pairs_t, quar_t = (table_name(kind, name) for kind in ("media", "pairs", "quarantine"))
+    lake.dedupe(media_t, "media_id")  # what overlapping runs of an older version left
     existing = lake.ids(media_t)
     new_ids = [i for i in ds.media if i not in existing]
     if new_ids or not lake.exists(media_t):
-        lake.append(media_t, media_table(ds, new_ids))
+        lake.append(media_t, media_table(ds, new_ids), key="media_id")  # once, even if runs overlap
     lake.overwrite(pairs_t, pairs_table(ds))  # every id it names is in media now
     gone = existing - set(ds.media)
     if gone:  # only once no pair names them
         lake.delete(media_t, sql_in("media_id", sorted(gone)))
-    # Extraction appends its own quarantine rows (stage 'extract'); keep them, replace ingest's.
-    kept = (
-        lake.read(quar_t, filter="stage != 'ingest'")
-        if lake.exists(quar_t)
-        else schemas.QUARANTINE.empty_table()
-    )
-    lake.overwrite(quar_t, pa.concat_tables([quarantine_table(name, "ingest", ds.quarantine), kept]))
+    # Extraction adds its own quarantine rows (stage 'extract:...') at any time: replace only ingest's.
+    lake.overwrite(quar_t, quarantine_table(name, "ingest", ds.quarantine), where="stage = 'ingest'")
     return {
         **ds.summary(),
         "new_media": len(new_ids),

@@ -3,18 +3,31 @@
 
 Writes are atomic per call (a Lance commit); appends in batches make long jobs resumable: a kill
 loses at most the batch in flight, and a rerun skips what is already committed.
+
+Writers may overlap (two runs of one partition, a manual run beside the sensor's). Every write is
+retried with backoff when Lance reports a conflicting commit, and a table that another writer
+created meanwhile is written to, not created again. Keyed writes (`append(key=...)`, `upsert`)
+keep one row per key whatever the interleaving: Lance checks keys only against the version a
+writer read, so two writers can insert the same new key; a writer whose commit was not the next
+version after its read removes the surplus rows of its keys (`dedupe`) before it returns.
+`overwrite(where=...)` replaces only the rows a filter selects, so rows other writers own or add
+meanwhile are kept.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from lance.commit import CommitConflictError
 
 from fusion.paths import fusemix_home
 
@@ -32,6 +45,46 @@ def sql_str(value: str) -> str:
 def sql_in(column: str, values) -> str:
     """`column IN ('a', 'b')` for a Lance filter."""
     return f"{column} IN ({', '.join(map(sql_str, values))})"
+
+
+T = TypeVar("T")
+
+# What Lance (pylance 14) says when a commit lost a race: a retryable preemption, a transaction
+# incompatible with one committed meanwhile (e.g. an overwrite), or its own retries used up. They
+# arrive as OSError (lance.commit.CommitConflictError where Lance raises its own type); redoing the
+# whole operation against the new version resolves each of them.
+_CONFLICT_MESSAGES = ("commit conflict", "incompatible transaction", "too many concurrent writers")
+_ALREADY_EXISTS = "dataset already exists"
+# Row ids per delete commit when removing duplicates.
+_DELETE_CHUNK = 4096
+
+
+def is_commit_conflict(err: BaseException) -> bool:
+    """True for Lance's errors that mean another writer committed first (worth redoing the write)."""
+    if isinstance(err, CommitConflictError):
+        return True  # even a non-retryable one: the retry redoes the whole write from a fresh read
+    return isinstance(err, OSError) and any(m in str(err).lower() for m in _CONFLICT_MESSAGES)
+
+
+def _already_exists(err: BaseException) -> bool:
+    return isinstance(err, OSError) and _ALREADY_EXISTS in str(err).lower()
+
+
+def _keys(key: str | Sequence[str]) -> list[str]:
+    return [key] if isinstance(key, str) else list(key)
+
+
+def _first_per_key(data: pa.Table, keys: list[str]) -> pa.Table:
+    """`data` without the later rows of a repeated key (Lance's merge rejects a repeated source key)."""
+    if len(data) < 2:
+        return data
+    seen: set[tuple] = set()
+    keep = []
+    for i, k in enumerate(zip(*(data[c].to_pylist() for c in keys), strict=True)):
+        if k not in seen:
+            seen.add(k)
+            keep.append(i)
+    return data if len(keep) == len(data) else data.take(pa.array(keep, type=pa.int64()))
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -55,10 +108,17 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 class Lake:
-    """Reads and writes Lance tables under one root URI (a local path, s3:// or gs://)."""
+    """Reads and writes Lance tables under one root URI (a local path, s3:// or gs://).
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    `retries` and `backoff_s`: how often and how patiently a write that lost a commit race is redone
+    (the wait doubles from `backoff_s`, with jitter, up to 2 s). `conflicts` counts the redone writes.
+    """
+
+    def __init__(self, root: str | os.PathLike, retries: int = 8, backoff_s: float = 0.05) -> None:
         self.root = str(root)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.conflicts = 0
         if "://" not in self.root:
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
@@ -89,30 +149,161 @@ class Lake:
     def read(self, table: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
         return self.open(table).to_table(columns=columns, filter=filter)
 
-    def overwrite(self, table: str, data: pa.Table) -> int:
-        """Replaces the table's contents in one commit (older versions stay readable)."""
-        mode = "overwrite" if self.exists(table) else "create"
-        return lance.write_dataset(data, self.uri(table), mode=mode).version
+    # -- writes --------------------------------------------------------------------------------
 
-    def append(self, table: str, data: pa.Table) -> int:
-        """Appends rows in one commit, creating the table if needed."""
-        mode = "append" if self.exists(table) else "create"
-        return lance.write_dataset(data, self.uri(table), mode=mode).version
+    def _retry(self, write: Callable[[], T]) -> T:
+        """Runs `write` (which must read what it needs itself) until no concurrent commit beats it."""
+        for attempt in range(self.retries + 1):
+            try:
+                return write()
+            except OSError as err:
+                if attempt == self.retries or not is_commit_conflict(err):
+                    raise
+                self.conflicts += 1
+                wait = min(2.0, self.backoff_s * 2**attempt)
+                time.sleep(wait * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
-    def upsert(self, table: str, data: pa.Table, key: str) -> int:
-        """Inserts rows whose key is new and updates the others, in one commit."""
-        if not self.exists(table):
-            return self.append(table, data)
-        ds = self.open(table)
-        ds.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(data)
-        return lance.dataset(self.uri(table)).version
+    def create(self, table: str, schema: pa.Schema) -> bool:
+        """Creates an empty table unless it exists; False when it existed (or another writer made it
+        meanwhile: two first writes both go on to write into the one table)."""
+        if self.exists(table):
+            return False
+        try:
+            lance.write_dataset(schema.empty_table(), self.uri(table), mode="create")
+        except OSError as err:
+            if _already_exists(err) or is_commit_conflict(err):
+                return False
+            raise
+        return True
+
+    def overwrite(self, table: str, data: pa.Table, where: str | None = None) -> int:
+        """Replaces the table's contents in one commit (older versions stay readable). With `where`,
+        replaces only the rows that filter selects (every row of `data` should match it) in one merge
+        commit, keeping the rows outside `where`, those committed meanwhile included; rows of `data`
+        that are identical are stored once."""
+        if where is not None:
+            return self._replace_where(table, data, where)
+
+        def write() -> int:
+            try:
+                mode = "overwrite" if self.exists(table) else "create"
+                return lance.write_dataset(data, self.uri(table), mode=mode).version
+            except OSError as err:
+                if not _already_exists(err):
+                    raise
+                return lance.write_dataset(data, self.uri(table), mode="overwrite").version
+
+        return self._retry(write)
+
+    def append(self, table: str, data: pa.Table, key: str | Sequence[str] | None = None) -> int:
+        """Appends rows in one commit, creating the table if needed. With `key` (a column or several),
+        only rows whose key is not in the table yet are inserted (never a second row per key, even
+        when another writer inserts the same keys at the same time; see the module docstring)."""
+        if key is not None:
+            return self._merge(table, data, _keys(key), update=False)
+
+        def write() -> int:
+            try:
+                mode = "append" if self.exists(table) else "create"
+                return lance.write_dataset(data, self.uri(table), mode=mode).version
+            except OSError as err:
+                if not _already_exists(err):
+                    raise
+                return lance.write_dataset(data, self.uri(table), mode="append").version
+
+        return self._retry(write)
+
+    def upsert(self, table: str, data: pa.Table, key: str | Sequence[str]) -> int:
+        """Inserts rows whose key is new and updates the others, in one commit; one row per key."""
+        return self._merge(table, data, _keys(key), update=True)
+
+    def _merge(self, table: str, data: pa.Table, keys: list[str], update: bool) -> int:
+        data = _first_per_key(data, keys)
+        self.create(table, data.schema)
+
+        def write() -> tuple[int, bool]:
+            ds = self.open(table)
+            read = ds.version
+            if len(data):
+                merge = ds.merge_insert(keys[0] if len(keys) == 1 else keys)
+                if update:
+                    merge = merge.when_matched_update_all()
+                merge.when_not_matched_insert_all().execute(data)
+            # Lance matched the keys against version `read`: only a commit between that and ours
+            # (its retries included) can have inserted one of them too.
+            return ds.version, len(data) > 0 and ds.version != read + 1
+
+        version, raced = self._retry(write)
+        if raced:
+            few = len(keys) == 1 and len(data) <= _DELETE_CHUNK  # else one scan of the whole table
+            filter = sql_in(keys[0], data[keys[0]].to_pylist()) if few else None
+            if self.dedupe(table, keys, filter):
+                version = self.open(table).version
+        return version
+
+    def _replace_where(self, table: str, data: pa.Table, where: str) -> int:
+        columns = data.column_names
+        data = _first_per_key(data, columns)
+        self.create(table, data.schema)
+
+        def write() -> tuple[int, bool]:
+            ds = self.open(table)
+            read = ds.version
+            (
+                ds.merge_insert(columns)
+                .when_not_matched_insert_all()
+                .when_not_matched_by_source_delete(where)
+                .execute(data)
+            )
+            return ds.version, ds.version != read + 1
+
+        version, raced = self._retry(write)
+        if raced and self.dedupe(table, columns, where):
+            version = self.open(table).version
+        return version
 
     def delete(self, table: str, predicate: str) -> int | None:
         if not self.exists(table):
             return None
-        ds = self.open(table)
-        ds.delete(predicate)
-        return lance.dataset(self.uri(table)).version
+
+        def write() -> int:
+            ds = self.open(table)
+            ds.delete(predicate)
+            return ds.version
+
+        return self._retry(write)
+
+    def dedupe(self, table: str, key: str | Sequence[str], filter: str | None = None) -> int:
+        """Deletes all but one row of every key that has several (among the rows `filter` selects);
+        returns how many were deleted. The row kept is the one with the lowest row id, so writers
+        that dedupe at the same time keep the same row. Heals tables that concurrent writers of
+        older versions left with duplicates."""
+        keys = _keys(key)
+        if not self.exists(table):
+            return 0
+
+        def write() -> int:
+            ds = self.open(table)
+            rows = ds.to_table(columns=keys, filter=filter, with_row_id=True)
+            if len(rows) < 2:
+                return 0
+            distinct = rows.group_by(keys, use_threads=False).aggregate([]).num_rows
+            if distinct == len(rows):
+                return 0
+            kept: dict[tuple, int] = {}
+            surplus: list[int] = []
+            columns = [rows[c].to_pylist() for c in keys]
+            for k, rid in zip(zip(*columns, strict=True), rows["_rowid"].to_pylist(), strict=True):
+                first = kept.setdefault(k, rid)
+                if rid != first:
+                    surplus.append(max(rid, first))
+                    kept[k] = min(rid, first)
+            for i in range(0, len(surplus), _DELETE_CHUNK):
+                ds.delete(f"_rowid IN ({', '.join(map(str, surplus[i : i + _DELETE_CHUNK]))})")
+            return len(surplus)
+
+        return self._retry(write)
 
     def ids(self, table: str, column: str = "media_id", filter: str | None = None) -> set[str]:
         if not self.exists(table):

@@ -315,3 +315,12 @@ def test_sql_refuses_writes_with_a_clear_message(home, capsys):
         rc, out, err = run(capsys, "sql", query)
         assert rc == 2 and message in err and "Traceback" not in err and out == ""
     assert lake.open("pairs__emoji").version == version
+
+
+def test_dagster_home_gets_the_project_instance_config_but_keeps_an_edited_one(home, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    config = cli.dagster_home() / "dagster.yaml"
+    assert yaml.safe_load(config.read_text())["telemetry"] == {"enabled": False}
+    config.write_text("telemetry:\n  enabled: true\n")
+    cli.dagster_home()
+    assert yaml.safe_load(config.read_text()) == {"telemetry": {"enabled": True}}
