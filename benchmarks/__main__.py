@@ -31,6 +31,7 @@ QUICK: dict[str, list[str]] = {
     "bench_ingest": ["--limits", "300"],
     "bench_ingest_audio": ["--notes", "16"],
     "bench_ingest_readers": ["--rows", "500", "--repeat", "2"],
+    "bench_studies": ["--steps", "10"],
 }
 FULL: dict[str, list[str]] = {"bench_train": ["--full"], "bench_extract": ["--real"]}
 
