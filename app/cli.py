@@ -32,10 +32,13 @@ from pathlib import Path
 from fusion.paths import PROJECT_ROOT, cache_dir, fusemix_home
 
 # The project's Dagster instance settings, written into a dagster.yaml that is missing or empty (one
-# you edited is left alone): telemetry off (set `telemetry: enabled: true` to send Dagster usage
-# statistics), and one queued run per partition at a time (app.definitions, "Concurrency").
+# you edited is left alone): telemetry and the UI's onboarding dialog off (set `telemetry: enabled:
+# true` to send Dagster usage statistics), one queued run per partition at a time (app.definitions,
+# "Concurrency").
 INSTANCE_YAML = """\
 telemetry:
+  enabled: false
+nux:
   enabled: false
 concurrency:
   runs:

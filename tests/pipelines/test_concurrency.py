@@ -550,4 +550,4 @@ def test_the_instance_config_queues_a_second_run_of_one_partition(tmp_path):
         limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
     assert limits == [{"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
-        assert instance.telemetry_enabled is False
+        assert instance.telemetry_enabled is False and instance.nux_enabled is False
