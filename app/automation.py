@@ -1,17 +1,30 @@
 """Jobs, the encoder sensor and the extraction schedule.
 
-The sensor reads configs/encoders.yaml on every tick; an encoder not yet a partition becomes one, and
-its extraction is requested for every ingested dataset it applies to (once per pair: stable run keys). The schedule re-runs extraction for
-every (dataset, encoder): extraction is incremental, so only media ingested since are encoded.
+Which (dataset, encoder) pairs are kept current (`kept_current`): an encoder is extracted for the
+datasets of the experiments that use it (their own and their `eval_datasets`); an encoder no
+experiment uses is extracted for every dataset it applies to only if it is eager: `eager: true` in
+encoders.yaml, or added to the registry after the sensor first ran (an encoder you add). `eager:
+false` never extracts by itself. So the first start of the UI extracts what the experiments need and
+nothing else.
+
+The sensor reads configs/encoders.yaml on every tick: every encoder becomes a partition (so any can be
+run by hand), and each kept-current (dataset, encoder) of an ingested dataset gets one extraction per
+encoder fingerprint (run key `extract:{dataset}:{encoder}:{fingerprint}`): adding an encoder or
+changing its settings or weights extracts it again, an unchanged one never twice. The schedule (on by
+default, nightly) requests extraction only where media of the encoder's modality still lack a latent
+of its current fingerprint, so a tick with nothing new launches nothing.
 """
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 
-from pipelines.lake import Lake
+from fusion.encoders import EncoderSpec
+from pipelines.lake import Lake, sql_str
 from pipelines.partitions import ENCODER_PARTITIONS, Partitions
-from pipelines.resources import LanceLake
+from pipelines.resources import EncoderBank, LanceLake
 from pipelines.schemas import table_name
 
 ABLATION_FAMILIES = ("quantity", "quality", "diversity", "augmentation")
@@ -41,19 +54,49 @@ def build_jobs(parts: Partitions) -> dict[str, dg.UnresolvedAssetJobDefinition]:
     return jobs
 
 
-def extract_requests(parts: Partitions, encoders: list[str], tag: str, lake: Lake) -> list[dg.RunRequest]:
-    """One extraction run per (ingested dataset, encoder that applies to it)."""
+def kept_current(parts: Partitions, first_seen: set[str]) -> dict[str, list[str]]:
+    """encoder -> the datasets whose latents of it are kept current (see the module docstring);
+    `first_seen`: the encoders of the registry when the sensor first ran."""
     specs = parts.encoders()
-    return [
-        dg.RunRequest(
-            run_key=f"{tag}:{dataset}:{name}",
-            job_name="extract_job",
-            partition_key=parts.extract_key(dataset, name),
-        )
-        for name in encoders
-        for dataset in parts.datasets
-        if name in specs and parts.applies(dataset, specs[name]) and lake.exists(table_name("media", dataset))
-    ]
+    used: dict[str, set[str]] = {}
+    for exp in parts.experiments.values():
+        for name in (exp.media_encoder, exp.text_encoder):
+            used.setdefault(name, set()).update((exp.dataset, *exp.eval_datasets))
+    out = {}
+    for name, spec in specs.items():
+        if spec.eager is False:
+            continue
+        if name in used:
+            datasets = used[name]
+        elif spec.eager or name not in first_seen:
+            datasets = set(parts.datasets)
+        else:
+            continue
+        out[name] = sorted(d for d in datasets if d in parts.datasets and parts.applies(d, spec))
+    return out
+
+
+def outstanding(lake: Lake, dataset: str, spec: EncoderSpec, fingerprint: str) -> int:
+    """How many media of the dataset (of the encoder's modality) have no latent of `fingerprint` and
+    did not already fail with this encoder: what an extraction run would encode (read only)."""
+    want = lake.ids(table_name("media", dataset), filter=f"modality = {sql_str(spec.modality)}")
+    have = lake.ids(table_name("latents", dataset, spec.name), filter=f"fingerprint = {sql_str(fingerprint)}")
+    failed = lake.ids(
+        table_name("quarantine", dataset), "item", filter=f"stage = {sql_str('extract:' + spec.name)}"
+    )
+    return len(want - have - failed)
+
+
+def _fingerprints(bank: EncoderBank, names, log) -> dict[str, str]:
+    """Each encoder's current fingerprint (weights not loaded); one that cannot be described (weights
+    missing) is left out with a warning."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = bank.ref(name).fingerprint
+        except Exception as err:  # EncoderUnavailable, EncoderConfigError, a broken folder ...
+            log.warning(f"encoder {name}: {err}; not extracted until it can be loaded")
+    return out
 
 
 def build_sensor(parts: Partitions) -> dg.SensorDefinition:
@@ -62,20 +105,37 @@ def build_sensor(parts: Partitions) -> dg.SensorDefinition:
         job_name="extract_job",
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Adds a partition for each encoder added to configs/encoders.yaml and extracts its latents",
+        description=(
+            "Adds a partition for each encoder of configs/encoders.yaml and extracts the encoders "
+            "experiments use (and eager ones) whenever one is added or its fingerprint changes"
+        ),
     )
-    def new_encoder_sensor(context: dg.SensorEvaluationContext, lake: LanceLake):
+    def new_encoder_sensor(context: dg.SensorEvaluationContext, lake: LanceLake, encoders: EncoderBank):
+        specs = parts.encoders()
+        state = json.loads(context.cursor) if context.cursor else {}
+        first_seen = set(state.get("first_seen", specs))
         known = set(context.instance.get_dynamic_partitions(ENCODER_PARTITIONS))
-        registry = sorted(parts.encoders())
-        new = [e for e in registry if e not in known]
-        # Stable run keys: Dagster launches each (dataset, encoder) extraction once, whether the
-        # encoder is new or the dataset was ingested after the encoder was added.
-        requests = extract_requests(parts, registry, "extract", lake.lake())
-        if not new and not requests:
-            return dg.SkipReason("no new encoder in encoders.yaml and no newly ingested dataset")
+        new = sorted(e for e in specs if e not in known)
+        current = kept_current(parts, first_seen)
+        fps = _fingerprints(encoders, sorted(current), context.log)
+        lk = lake.lake()
+        # One run per (dataset, encoder, fingerprint): Dagster skips a run key it has seen.
+        requests = [
+            dg.RunRequest(
+                run_key=f"extract:{dataset}:{name}:{fps[name]}",
+                job_name="extract_job",
+                partition_key=parts.extract_key(dataset, name),
+                tags={"fusemix/fingerprint": fps[name]},
+            )
+            for name, datasets in current.items()
+            if name in fps
+            for dataset in datasets
+            if lk.exists(table_name("media", dataset))
+        ]
         return dg.SensorResult(
             dynamic_partitions_requests=[parts.encoder.build_add_request(new)] if new else [],
             run_requests=requests,
+            cursor=json.dumps({"first_seen": sorted(first_seen)}),
         )
 
     return new_encoder_sensor
@@ -86,13 +146,30 @@ def build_schedule(parts: Partitions) -> dg.ScheduleDefinition:
         name="refresh_latents_schedule",
         job_name="extract_job",
         cron_schedule="0 3 * * *",
-        default_status=dg.DefaultScheduleStatus.STOPPED,
-        description="Nightly: encode media ingested since the last run, for every encoder partition",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=(
+            "Nightly: encode media ingested since the last run, only where an encoder partition has "
+            "media without a current latent"
+        ),
     )
-    def refresh_latents(context: dg.ScheduleEvaluationContext, lake: LanceLake):
-        encoders = context.instance.get_dynamic_partitions(ENCODER_PARTITIONS)
-        return extract_requests(
-            parts, list(encoders), f"refresh-{context.scheduled_execution_time:%Y%m%d%H%M}", lake.lake()
-        )
+    def refresh_latents(context: dg.ScheduleEvaluationContext, lake: LanceLake, encoders: EncoderBank):
+        specs = parts.encoders()
+        names = [e for e in context.instance.get_dynamic_partitions(ENCODER_PARTITIONS) if e in specs]
+        fps = _fingerprints(encoders, names, context.log)
+        lk = lake.lake()
+        stamp = f"{context.scheduled_execution_time:%Y%m%d%H%M}"
+        requests = [
+            dg.RunRequest(
+                run_key=f"refresh-{stamp}:{dataset}:{name}",
+                job_name="extract_job",
+                partition_key=parts.extract_key(dataset, name),
+            )
+            for name, fp in fps.items()
+            for dataset in parts.datasets
+            if parts.applies(dataset, specs[name])
+            and lk.exists(table_name("latents", dataset, name))  # extracted before: keep it current
+            and outstanding(lk, dataset, specs[name], fp) > 0
+        ]
+        return requests or dg.SkipReason("every extracted (dataset, encoder) is current")
 
     return refresh_latents

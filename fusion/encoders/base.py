@@ -58,6 +58,9 @@ class EncoderSpec:
     batch_size: int = 32
     dtype: str = "float32"
     options: Mapping = field(default_factory=dict)
+    # Whether the pipeline's sensor extracts this encoder for the datasets by itself (None: when an
+    # experiment uses it, or when it was added after the sensor first ran). Not in the fingerprint.
+    eager: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preprocessing", _frozen(self.preprocessing))
@@ -81,6 +84,8 @@ class EncoderSpec:
             out["dtype"] = self.dtype
         if self.options:
             out["options"] = dict(self.options)
+        if self.eager is not None:
+            out["eager"] = self.eager
         return out
 
 
@@ -104,6 +109,8 @@ def validate_spec(spec: EncoderSpec) -> None:
         raise bad("batch_size", f"must be a positive integer, got {spec.batch_size!r}")
     if spec.dtype not in DTYPES:
         raise bad("dtype", f"must be one of {DTYPES}, got {spec.dtype!r}")
+    if spec.eager is not None and not isinstance(spec.eager, bool):
+        raise bad("eager", f"must be true or false, got {spec.eager!r}")
     tower = spec.options.get("tower")
     if tower is not None and tower not in ("audio", "text"):
         raise bad("options.tower", f"must be 'audio' or 'text', got {tower!r}")

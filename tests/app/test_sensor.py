@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -74,9 +75,12 @@ def registry_copy(ingested):
     path.write_text(before)
 
 
-def tick(defs, project, instance):
+def tick(defs, project, instance, cursor: str | None = None):
     sensor = defs.resolve_sensor_def("new_encoder_sensor")
-    ctx = dg.build_sensor_context(instance=instance, resources={"lake": project.resources()["lake"]})
+    res = project.resources()
+    ctx = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"lake": res["lake"], "encoders": res["encoders"]}
+    )
     return sensor(ctx)
 
 
@@ -95,49 +99,71 @@ def added(result) -> list[str]:
     return sorted(k for req in result.dynamic_partitions_requests for k in req.partition_keys)
 
 
-def test_fresh_instance_adds_every_encoder_and_extracts_only_what_applies(ingested, instance):
+def fingerprint(project, name: str) -> str:
+    return project.resources()["encoders"].ref(name).fingerprint
+
+
+def keys(project, *pairs: tuple[str, str]) -> list[tuple[str, str, str]]:
+    return sorted((d, e, f"extract:{d}:{e}:{fingerprint(project, e)}") for d, e in pairs)
+
+
+def test_first_tick_adds_every_encoder_but_extracts_only_what_experiments_use(ingested, instance):
     project, defs, _ = ingested
     result = tick(defs, project, instance)
     assert isinstance(result, dg.SensorResult)
     assert added(result) == REGISTRY
     assert all(req.partitions_def_name == ENCODER_PARTITIONS for req in result.dynamic_partitions_requests)
-    # shapes is an image dataset: the image and text encoders apply, the audio one does not;
-    # sounds is declared but not ingested, so nothing is requested for it.
-    assert requested(result) == [
-        ("shapes", "tiny-image", "extract:shapes:tiny-image"),
-        ("shapes", "tiny-text", "extract:shapes:tiny-text"),
-    ]
+    # The experiments use tiny-image x tiny-text on shapes; tiny-audio is in the registry but no
+    # experiment uses it and it was there from the start: not extracted by itself.
+    assert requested(result) == keys(project, ("shapes", "tiny-image"), ("shapes", "tiny-text"))
 
 
 def test_known_encoders_are_not_added_again_and_run_keys_are_stable(ingested, instance):
     project, defs, _ = ingested
     first = tick(defs, project, instance)
     instance.add_dynamic_partitions(ENCODER_PARTITIONS, added(first))
-    second = tick(defs, project, instance)
+    second = tick(defs, project, instance, first.cursor)
     assert added(second) == []
-    # The same run keys every tick: Dagster launches each (dataset, encoder) extraction once.
+    # The same run keys every tick: Dagster launches each (dataset, encoder, fingerprint) once.
     assert requested(second) == requested(first)
 
 
-def test_added_encoder_becomes_exactly_one_partition_with_its_run(ingested, instance, registry_copy):
+def test_an_added_encoder_is_extracted_for_the_datasets_it_applies_to(ingested, instance, registry_copy):
     project, defs, _ = ingested
-    instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
-    before = requested(tick(defs, project, instance))
+    first = tick(defs, project, instance)
+    instance.add_dynamic_partitions(ENCODER_PARTITIONS, added(first))
     text = load_registry(registry_copy)["tiny-text"].to_dict()
-    text.pop("name", None)
     add_encoder(registry_copy, "tiny-text-2", **text)
-    result = tick(defs, project, instance)
+    result = tick(defs, project, instance, first.cursor)
     assert added(result) == ["tiny-text-2"]
-    new = [r for r in requested(result) if r not in before]
-    assert new == [("shapes", "tiny-text-2", "extract:shapes:tiny-text-2")]
+    new = [r for r in requested(result) if r not in requested(first)]
+    # sounds is declared but not ingested: only shapes.
+    assert new == keys(project, ("shapes", "tiny-text-2"))
 
 
-def test_dataset_ingested_later_gets_its_extractions(ingested, instance):
+def test_editing_an_encoder_extracts_it_again_under_a_new_run_key(ingested, instance, registry_copy):
     project, defs, _ = ingested
-    instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
+    first = tick(defs, project, instance)
+    instance.add_dynamic_partitions(ENCODER_PARTITIONS, added(first))
+    before = fingerprint(project, "tiny-text")
+    data = yaml.safe_load(registry_copy.read_text())
+    data["encoders"]["tiny-text"]["pooling"] = "cls"
+    registry_copy.write_text(yaml.safe_dump(data))
+    assert fingerprint(project, "tiny-text") != before
+    result = tick(defs, project, instance, first.cursor)
+    new = [r for r in requested(result) if r not in requested(first)]
+    assert new == keys(project, ("shapes", "tiny-text"))  # only the edited encoder, same datasets
+
+
+def test_eager_false_never_extracts_and_eager_true_extracts_an_unused_encoder(
+    ingested, instance, registry_copy
+):
+    project, defs, _ = ingested
     lake = project.resources()["lake"].lake()
-    before = requested(tick(defs, project, instance))
-    assert not [r for r in before if r[0] == "sounds"]
+    data = yaml.safe_load(registry_copy.read_text())
+    data["encoders"]["tiny-image"]["eager"] = False
+    data["encoders"]["tiny-audio"]["eager"] = True
+    registry_copy.write_text(yaml.safe_dump(data))
     # The sensor only asks whether the media table exists; an empty one stands for an ingestion.
     lake.append("media__sounds", schemas.MEDIA.empty_table())
     try:
@@ -146,40 +172,66 @@ def test_dataset_ingested_later_gets_its_extractions(ingested, instance):
         import shutil
 
         shutil.rmtree(lake.uri("media__sounds"))
-    assert added(result) == []
-    new = [r for r in requested(result) if r not in before]
-    assert new == [
-        ("sounds", "tiny-audio", "extract:sounds:tiny-audio"),
-        ("sounds", "tiny-text", "extract:sounds:tiny-text"),
-    ]
+    assert requested(result) == keys(project, ("shapes", "tiny-text"), ("sounds", "tiny-audio"))
 
 
-def test_sensor_skips_when_nothing_is_new_or_ingested(tmp_path, instance):
+def test_sensor_requests_nothing_before_anything_is_ingested(tmp_path, instance):
     from app.definitions import build_defs
 
     project = make_project(tmp_path)
     defs, _ = build_defs(project.configs, resources=project.resources())
     instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
     result = tick(defs, project, instance)
-    assert isinstance(result, dg.SkipReason)
+    assert isinstance(result, dg.SensorResult) and result.run_requests == []
 
 
-def test_schedule_requests_one_run_per_applicable_partition(ingested, instance):
-    project, defs, parts = ingested
-    instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
+def test_schedule_is_on_and_launches_only_for_new_media(tmp_path, instance):
+    """A tick with nothing new launches no run; one with a new image requests exactly that
+    partition, whose run encodes exactly the new item."""
+    from app.definitions import build_defs
+
+    project = make_project(tmp_path)
+    defs, parts = build_defs(project.configs, resources=project.resources())
     schedule = defs.resolve_schedule_def("refresh_latents_schedule")
-    when = datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
-    ctx = dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=when, resources={"lake": project.resources()["lake"]}
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
+    quiet = {"ops": {"ingest": {"config": {"progress": False}}}}
+    assert (
+        defs.resolve_job_def("ingest_job")
+        .execute_in_process(partition_key="shapes", instance=instance, run_config=quiet)
+        .success
     )
-    result = schedule(ctx)
-    requests = requested(dg.SensorResult(run_requests=list(result)))
-    specs = parts.encoders()
-    expected = sorted(
-        (d, e, f"refresh-202601020300:{d}:{e}")
-        for d in ("shapes",)  # the only ingested dataset
-        for e in REGISTRY
-        if parts.applies(d, specs[e])
+    for enc in ("tiny-image", "tiny-text"):
+        assert (
+            defs.resolve_job_def("extract_job")
+            .execute_in_process(partition_key=parts.extract_key("shapes", enc), instance=instance)
+            .success
+        )
+    res = project.resources()
+
+    def schedule_tick(minute: int):
+        when = datetime(2026, 1, 2, 3, minute, tzinfo=UTC)
+        ctx = dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=when,
+            resources={"lake": res["lake"], "encoders": res["encoders"]},
+        )
+        result = schedule(ctx)
+        return [] if isinstance(result, dg.SkipReason) else list(result)
+
+    assert schedule_tick(0) == []  # nothing new: no run
+    lake = res["lake"].lake()
+    media = lake.read("media__shapes", filter="modality = 'image'")
+    copy = media.slice(0, 1).to_pylist()[0]
+    copy["media_id"] = "image-0000new"
+    lake.append("media__shapes", pa.Table.from_pylist([copy], schema=media.schema))
+    requests = schedule_tick(1)
+    assert requested(dg.SensorResult(run_requests=requests)) == [
+        ("shapes", "tiny-image", "refresh-202601020301:shapes:tiny-image")
+    ]
+    run = defs.resolve_job_def("extract_job").execute_in_process(
+        partition_key=requests[0].partition_key, instance=instance
     )
-    assert requests == expected
-    assert len(requests) == 2
+    (mat,) = run.asset_materializations_for_node("latents")
+    assert mat.metadata["items_encoded"].value == 1
+    assert schedule_tick(2) == []

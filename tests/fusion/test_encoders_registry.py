@@ -277,3 +277,14 @@ def test_offline_describe_on_a_warm_cache_loads_and_verifies_nothing(pack_cache,
     assert elapsed < 5.0, f"describing {len(specs)} warm encoders took {elapsed:.1f} s"
     with pytest.raises(AssertionError, match="must not load"):  # the patches do bite
         build_encoder(specs[0], cache_dir=pack_cache)
+
+
+def test_eager_is_a_setting_outside_the_fingerprint(tmp_path):
+    from fusion.encoders.base import EncoderConfigError, EncoderSpec, compute_fingerprint
+
+    plain = EncoderSpec(name="t", modality="text", source="hf", model="m")
+    eager = EncoderSpec(name="t", modality="text", source="hf", model="m", eager=True)
+    assert eager.to_dict()["eager"] is True and "eager" not in plain.to_dict()
+    assert compute_fingerprint("w", plain) == compute_fingerprint("w", eager)
+    with pytest.raises(EncoderConfigError, match="'eager' must be true or false"):
+        EncoderSpec(name="t", modality="text", source="hf", model="m", eager="yes")
