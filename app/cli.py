@@ -14,7 +14,8 @@
 
 Files live under FUSEMIX_HOME (fusion.paths): Lance tables in <home>/lance (or --lake),
 models in <home>/models, MLflow in <home>/mlflow, DAGSTER_HOME in <home>/dagster (unless set). User errors exit
-with status 2 and a one-line message; servers bind to 127.0.0.1 unless --host says otherwise.
+with status 2 and a one-line message, and so do writes that a full or read-only disk refuses (the line
+names the folder and what to do); servers bind to 127.0.0.1 unless --host says otherwise.
 """
 
 from __future__ import annotations
@@ -274,12 +275,27 @@ def _tool(name: str) -> str:
     return found
 
 
-def exec_server(argv: list[str], env: dict[str, str]) -> int:
-    """Replaces this process with the server, so Ctrl-C and signals reach it directly."""
+def serve(argv: list[str], env: dict[str, str], grace_s: float, after=None) -> int:
+    """The server in its own session, stopped with everything it started on Ctrl-C/SIGTERM (app.serve)."""
+    from app.serve import serve as run_server
+
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvpe(argv[0], argv, env)
-    return 0  # not reached
+    return run_server(argv, env, grace_s=grace_s, after=after)
+
+
+def _cancel_ui_runs(home: Path) -> None:
+    """After the UI stopped: its runs still in flight are marked canceled (nothing runs them now)."""
+    import dagster as dg
+
+    from app.serve import cancel_runs_in_flight
+    from pipelines.tracking import OWNER_PID, owner_gone
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    with dg.DagsterInstance.get() as instance:
+        ids = cancel_runs_in_flight(instance, lambda tags: OWNER_PID in tags and not owner_gone(tags))
+    for run_id in ids:
+        print(f"run {run_id} was in flight: marked canceled", flush=True)
 
 
 def cmd_ui(args) -> int:
@@ -292,7 +308,7 @@ def cmd_ui(args) -> int:
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     argv = [_tool("dagster"), "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home})", flush=True)
-    return exec_server(argv, env)
+    return serve(argv, env, grace_s=args.grace, after=lambda: _cancel_ui_runs(home))
 
 
 def cmd_mlflow_ui(args) -> int:
@@ -301,7 +317,7 @@ def cmd_mlflow_ui(args) -> int:
     uri = default_tracking_uri(create=True)
     argv = [_tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri})", flush=True)
-    return exec_server(argv, dict(os.environ))
+    return serve(argv, dict(os.environ), grace_s=args.grace)
 
 
 def cmd_demo(args) -> int:
@@ -391,11 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="run the Dagster UI (dagster dev)")
     p.add_argument("--port", type=_port, default=3000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--grace", type=float, default=5.0, help="seconds for an orderly stop before the rest is killed"
+    )
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("mlflow-ui", help="run the MLflow UI")
     p.add_argument("--port", type=_port, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--grace", type=float, default=5.0, help="seconds for an orderly stop before the rest is killed"
+    )
     p.set_defaults(func=cmd_mlflow_ui)
 
     p = sub.add_parser("demo", help="the end-to-end demo: ingest, extract, train and evaluate a family")
@@ -420,6 +442,23 @@ _USER_ERROR_CLASSES = {
 }
 
 
+def disk_error_message(err: BaseException, args: argparse.Namespace | None = None) -> str | None:
+    """One line for a write that a full or read-only disk refused (pipelines.storage), naming the
+    folder: the one the error names, else the lake (a Lance error) or FUSEMIX_HOME. None otherwise."""
+    from pipelines.storage import StorageError, storage_error
+
+    found = storage_error(err)
+    if found is None:
+        return None
+    if found.path is None:
+        from pipelines.lake import default_lake_root
+
+        lance = "LanceError" in str(err)
+        where = (getattr(args, "lake", None) or default_lake_root()) if lance else fusemix_home()
+        found = StorageError(found.errno, where, found.detail)
+    return str(found)
+
+
 def _is_user_error(err: BaseException) -> bool:
     kinds: list[type] = [UserError, LookupError, FileNotFoundError]
     for module, names in _USER_ERROR_CLASSES.items():
@@ -437,6 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as err:
+        disk = disk_error_message(err, args)
+        if disk is not None:  # a full or read-only disk: what to do, not a traceback
+            print(f"fusemix: error: {disk}", file=sys.stderr)
+            return 2
         if not _is_user_error(err):
             raise  # a bug: keep the traceback
         msg = str(err.args[0]) if isinstance(err, LookupError) and err.args else str(err)

@@ -199,7 +199,7 @@ def test_search_command(home, capsys, monkeypatch):
 def test_ui_commands_bind_to_localhost(home, capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     calls = []
-    monkeypatch.setattr(cli, "exec_server", lambda argv, env: calls.append((argv, env)) or 0)
+    monkeypatch.setattr(cli, "serve", lambda argv, env, grace_s, after=None: calls.append((argv, env)) or 0)
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.setattr(cli, "PROJECT_ROOT", project)
