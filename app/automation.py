@@ -17,13 +17,16 @@ of its current fingerprint, so a tick with nothing new launches nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import dagster as dg
 
 from fusion.encoders import EncoderSpec
+from pipelines.curate import read_tables
 from pipelines.lake import Lake, sql_str
 from pipelines.partitions import ENCODER_PARTITIONS, Partitions
+from pipelines.registries import ExperimentSpec
 from pipelines.resources import EncoderBank, LanceLake
 from pipelines.schemas import table_name
 
@@ -139,6 +142,53 @@ def build_sensor(parts: Partitions) -> dg.SensorDefinition:
         )
 
     return new_encoder_sensor
+
+
+def experiment_state(lake: Lake, exp: ExperimentSpec) -> str | None:
+    """A digest of what the experiment's run depends on: its configuration and the Lance versions of
+    the tables it reads (its dataset's pairs and latents, and those of its eval_datasets); None while
+    one of them does not exist yet."""
+    tables = read_tables(exp) + [
+        table_name(kind, d, *enc)
+        for d in exp.eval_datasets
+        for kind, enc in (("pairs", ()), ("latents", (exp.media_encoder,)), ("latents", (exp.text_encoder,)))
+    ]
+    versions = lake.versions(tables)
+    if len(versions) < len(tables):
+        return None
+    text = repr(exp) + json.dumps(versions, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_experiment_sensor(parts: Partitions) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="experiment_sensor",
+        job_name="experiment_job",
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            "Re-runs each experiment with `auto_run: true` when its configuration, its pairs or its "
+            "latents change (an unchanged checkpoint is not retrained)"
+        ),
+    )
+    def experiment_sensor(context: dg.SensorEvaluationContext, lake: LanceLake):
+        lk = lake.lake()
+        requests = []
+        for name, exp in sorted(parts.experiments.items()):
+            if not exp.auto_run:
+                continue
+            state = experiment_state(lk, exp)
+            if state is None:
+                context.log.info(f"{name}: its pairs or latents are not in the lake yet")
+                continue
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"experiment:{name}:{state}", job_name="experiment_job", partition_key=name
+                )
+            )
+        return requests or dg.SkipReason("no experiment has auto_run: true, or none has its inputs yet")
+
+    return experiment_sensor
 
 
 def build_schedule(parts: Partitions) -> dg.ScheduleDefinition:

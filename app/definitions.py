@@ -27,7 +27,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from app.automation import build_jobs, build_schedule, build_sensor
+from app.automation import build_experiment_sensor, build_jobs, build_schedule, build_sensor
 from assets import checks, curate, evaluate, extract, ingest, report, train
 from fusion.paths import configs_dir
 from pipelines.partitions import Partitions, build_partitions
@@ -79,7 +79,7 @@ def build_defs(
         assets=assets,
         asset_checks=asset_checks,
         jobs=list(build_jobs(parts).values()),
-        sensors=[build_sensor(parts)],
+        sensors=[build_sensor(parts), build_experiment_sensor(parts)],
         schedules=[build_schedule(parts)],
         resources={**defaults, **resources},
     )

@@ -70,6 +70,10 @@ class ExperimentSpec:
     eval_datasets: tuple[str, ...] = ()  # other datasets scored zero-shot (their test split)
     group_by: str | None = None  # also score one gallery per value of this pairs column (e.g. source)
     hubness: str | None = None  # csls or inverted_softmax: rank with hubness correction (evaluation only)
+    # Re-run by itself (app.automation's experiment sensor) when its configuration or the tables it
+    # reads (pairs, latents, those of eval_datasets) change. Not in repr: it does not change what is
+    # trained, so it stays out of the checkpoints' inputs hash (pipelines.train.inputs_hash).
+    auto_run: bool = field(default=False, repr=False)
 
     def seed_list(self) -> list[int]:
         return [self.train.seed + i for i in range(self.seeds)]
@@ -121,6 +125,8 @@ def load_experiments(path: str | Path | None = None) -> dict[str, ExperimentSpec
             raise RegistryError(
                 f"{path}: experiment {name!r}: method must be one of {', '.join(METHODS)}, got {spec.method!r}"
             )
+        if not isinstance(spec.auto_run, bool):
+            raise RegistryError(f"{path}: experiment {name!r}: auto_run must be true or false")
         if not isinstance(spec.seeds, int) or spec.seeds < 1:
             raise RegistryError(f"{path}: experiment {name!r}: seeds must be a whole number >= 1")
         if spec.group_by not in GROUP_COLUMNS:

@@ -83,6 +83,7 @@ def test_real_definitions_load_with_the_promised_graph(real):
         selected = {k.to_user_string() for k in job_def.asset_layer.selected_asset_keys}
         assert selected == assets, job
     assert defs.resolve_sensor_def("new_encoder_sensor").job_name == "extract_job"
+    assert defs.resolve_sensor_def("experiment_sensor").job_name == "experiment_job"
     schedule = defs.resolve_schedule_def("refresh_latents_schedule")
     assert schedule.job_name == "extract_job"
     assert schedule.cron_schedule == "0 3 * * *"

@@ -10,12 +10,15 @@ The project gets a second dataset, `sounds` (audio), beside the ingested image d
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
 import pytest
 import yaml
+from PIL import Image
 
+from fusion.data.canonical import content_id
 from fusion.encoders import add_encoder, load_registry
 from pipelines import schemas
 from pipelines.partitions import ENCODER_PARTITIONS
@@ -222,8 +225,14 @@ def test_schedule_is_on_and_launches_only_for_new_media(tmp_path, instance):
     assert schedule_tick(0) == []  # nothing new: no run
     lake = res["lake"].lake()
     media = lake.read("media__shapes", filter="modality = 'image'")
+    # A new picture, as an ingest of a new file would add it (content-hash id, path like the others).
     copy = media.slice(0, 1).to_pylist()[0]
-    copy["media_id"] = "image-0000new"
+    old = Path(copy["path"])
+    new_file = (old if old.is_absolute() else project.data / old).with_name("new-picture.png")
+    Image.new("RGB", (24, 24), (10, 200, 120)).save(new_file)
+    copy["media_id"] = content_id("image", new_file.read_bytes())
+    copy["path"] = str(new_file if old.is_absolute() else old.with_name("new-picture.png"))
+    copy["size_bytes"] = new_file.stat().st_size
     lake.append("media__shapes", pa.Table.from_pylist([copy], schema=media.schema))
     requests = schedule_tick(1)
     assert requested(dg.SensorResult(run_requests=requests)) == [
@@ -235,3 +244,45 @@ def test_schedule_is_on_and_launches_only_for_new_media(tmp_path, instance):
     (mat,) = run.asset_materializations_for_node("latents")
     assert mat.metadata["items_encoded"].value == 1
     assert schedule_tick(2) == []
+
+
+def test_experiment_sensor_reruns_only_opted_in_experiments_when_their_inputs_change(tmp_path, instance):
+    from app.definitions import build_defs
+
+    project = make_project(tmp_path)
+    exps = yaml.safe_load((project.configs / "experiments.yaml").read_text())
+    exps["experiments"]["shapes-fusemix"]["auto_run"] = True
+    (project.configs / "experiments.yaml").write_text(yaml.safe_dump(exps))
+    defs, parts = build_defs(project.configs, resources=project.resources())
+    sensor = defs.resolve_sensor_def("experiment_sensor")
+    lake = project.resources()["lake"]
+
+    def keys_now() -> list[tuple[str, str]]:
+        result = sensor(dg.build_sensor_context(instance=instance, resources={"lake": lake}))
+        if isinstance(result, dg.SkipReason):
+            return []
+        return sorted((r.partition_key, r.run_key) for r in result)
+
+    assert keys_now() == []  # nothing ingested or extracted yet
+    instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
+    quiet = {"ops": {"ingest": {"config": {"progress": False}}}}
+    assert (
+        defs.resolve_job_def("ingest_job")
+        .execute_in_process(partition_key="shapes", instance=instance, run_config=quiet)
+        .success
+    )
+    assert keys_now() == []  # pairs, but no latents yet
+    for enc in ("tiny-image", "tiny-text"):
+        assert (
+            defs.resolve_job_def("extract_job")
+            .execute_in_process(partition_key=parts.extract_key("shapes", enc), instance=instance)
+            .success
+        )
+    first = keys_now()
+    assert [k for k, _ in first] == ["shapes-fusemix"]  # shapes-n12 did not opt in
+    assert keys_now() == first  # nothing changed: the same run key, launched once
+    # New latents (a re-extraction, a new item): a new version of a table it reads, a new run.
+    table = lake.lake().read("latents__shapes__tiny-image")
+    lake.lake().overwrite("latents__shapes__tiny-image", table)
+    second = keys_now()
+    assert [k for k, _ in second] == ["shapes-fusemix"] and second != first
