@@ -102,6 +102,23 @@ def added(result) -> list[str]:
     return sorted(k for req in result.dynamic_partitions_requests for k in req.partition_keys)
 
 
+def ingest_and_extract(defs, parts, instance, between=lambda: True) -> None:
+    """Ingests `shapes` and extracts it with tiny-image and tiny-text; `between()` must hold after
+    the ingest."""
+    instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
+    quiet = {"ops": {"ingest": {"config": {"progress": False}}}}
+    job = defs.resolve_job_def("ingest_job")
+    assert job.execute_in_process(partition_key="shapes", instance=instance, run_config=quiet).success
+    assert between()
+    for enc in ("tiny-image", "tiny-text"):
+        key = parts.extract_key("shapes", enc)
+        assert (
+            defs.resolve_job_def("extract_job")
+            .execute_in_process(partition_key=key, instance=instance)
+            .success
+        )
+
+
 def fingerprint(project, name: str) -> str:
     return project.resources()["encoders"].ref(name).fingerprint
 
@@ -197,19 +214,7 @@ def test_schedule_is_on_and_launches_only_for_new_media(tmp_path, instance):
     defs, parts = build_defs(project.configs, resources=project.resources())
     schedule = defs.resolve_schedule_def("refresh_latents_schedule")
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
-    instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
-    quiet = {"ops": {"ingest": {"config": {"progress": False}}}}
-    assert (
-        defs.resolve_job_def("ingest_job")
-        .execute_in_process(partition_key="shapes", instance=instance, run_config=quiet)
-        .success
-    )
-    for enc in ("tiny-image", "tiny-text"):
-        assert (
-            defs.resolve_job_def("extract_job")
-            .execute_in_process(partition_key=parts.extract_key("shapes", enc), instance=instance)
-            .success
-        )
+    ingest_and_extract(defs, parts, instance)
     res = project.resources()
 
     def schedule_tick(minute: int):
@@ -264,20 +269,7 @@ def test_experiment_sensor_reruns_only_opted_in_experiments_when_their_inputs_ch
         return sorted((r.partition_key, r.run_key) for r in result)
 
     assert keys_now() == []  # nothing ingested or extracted yet
-    instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
-    quiet = {"ops": {"ingest": {"config": {"progress": False}}}}
-    assert (
-        defs.resolve_job_def("ingest_job")
-        .execute_in_process(partition_key="shapes", instance=instance, run_config=quiet)
-        .success
-    )
-    assert keys_now() == []  # pairs, but no latents yet
-    for enc in ("tiny-image", "tiny-text"):
-        assert (
-            defs.resolve_job_def("extract_job")
-            .execute_in_process(partition_key=parts.extract_key("shapes", enc), instance=instance)
-            .success
-        )
+    ingest_and_extract(defs, parts, instance, between=lambda: keys_now() == [])  # no latents yet
     first = keys_now()
     assert [k for k, _ in first] == ["shapes-fusemix"]  # shapes-n12 did not opt in
     assert keys_now() == first  # nothing changed: the same run key, launched once
