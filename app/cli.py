@@ -239,7 +239,18 @@ def cmd_sql(args) -> int:
     if (args.query is None) == (args.saved is None):
         raise UserError("give a query or --saved NAME (one of the two)")
     params = _parse_params(args.param)
-    catalog = Catalog(_lake_root(args))
+    root = _lake_root(args)
+    try:
+        catalog = Catalog(root)
+    except OSError as err:  # the lake folder is missing and cannot be created (a read-only home)
+        from pipelines.storage import disk_errno
+
+        if disk_errno(err) is None or "://" in root or Path(root).is_dir():
+            raise
+        raise UserError(
+            f"there is no lake at {root} yet, and it cannot be created there ({err}); "
+            "run `fusemix materialize` with a writable FUSEMIX_HOME first, or give --lake"
+        ) from err
     if args.saved is not None:
         table = catalog.saved(args.saved, **params)
     else:
@@ -461,6 +472,8 @@ def disk_error_message(err: BaseException, args: argparse.Namespace | None = Non
 
 def _is_user_error(err: BaseException) -> bool:
     kinds: list[type] = [UserError, LookupError, FileNotFoundError]
+    if (cli := sys.modules.get("app.cli")) is not None:  # under `python -m app.cli` this module is __main__
+        kinds.append(cli.UserError)
     for module, names in _USER_ERROR_CLASSES.items():
         if (mod := sys.modules.get(module)) is not None:
             kinds += [getattr(mod, n) for n in names]
@@ -476,13 +489,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as err:
-        disk = disk_error_message(err, args)
-        if disk is not None:  # a full or read-only disk: what to do, not a traceback
-            print(f"fusemix: error: {disk}", file=sys.stderr)
-            return 2
-        if not _is_user_error(err):
+        if _is_user_error(err):
+            msg = str(err.args[0]) if isinstance(err, LookupError) and err.args else str(err)
+        elif (disk := disk_error_message(err, args)) is not None:
+            msg = disk  # a full or read-only disk: which folder and what to do, not a traceback
+        else:
             raise  # a bug: keep the traceback
-        msg = str(err.args[0]) if isinstance(err, LookupError) and err.args else str(err)
         print(f"fusemix: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

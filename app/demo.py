@@ -4,22 +4,29 @@ Runs go through a persistent Dagster instance under the home folder (DAGSTER_HOM
 materialisation also shows up in `fusemix ui` afterwards. Each run is tagged with the process that
 runs it (pipelines.tracking.process_owner); a run whose process was killed stays STARTED in the
 instance, and the next `fusemix demo` / `fusemix materialize` marks it failed (`fail_orphaned_runs`).
+
+A full or read-only disk stops the command with one line (app.cli.UserError, exit status 2) naming the
+folder: DAGSTER_HOME is checked before any run starts, and a run that failed on a full or read-only
+disk (pipelines.storage) ends the plan there rather than failing every stage after it.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import time
 
 import dagster as dg
 from tabulate import tabulate
 
-from app.cli import dagster_home
+from app.cli import UserError, dagster_home
 from fusion.paths import fusemix_home
 from pipelines.evaluate import headline
 from pipelines.lake import Lake, default_lake_root
 from pipelines.partitions import ENCODER_PARTITIONS, Partitions
 from pipelines.registries import load_experiments
+from pipelines.storage import FAILURE_KEY, check_writable, errno_in_text, storage_error_in_text
 from pipelines.tracking import OWNER_HOST, OWNER_PID, owner_gone, process_owner, this_host
 
 STAGES = ("ingest", "extract", "experiment", "all")
@@ -35,7 +42,9 @@ OPEN = [
 def instance() -> dg.DagsterInstance:
     """The persistent instance under the home folder, its runs orphaned by killed processes marked
     failed."""
-    os.environ["DAGSTER_HOME"] = str(dagster_home())
+    home = dagster_home()
+    check_writable(home)  # a read-only or full home: one line now, not a database error mid-run
+    os.environ["DAGSTER_HOME"] = str(home)
     inst = dg.DagsterInstance.get()
     for run_id in fail_orphaned_runs(inst):
         print(f"marked run {run_id} failed: the process that ran it is gone", flush=True)
@@ -64,11 +73,64 @@ def _defs():
     return build_defs()
 
 
+# Disk errors recognised in the text of a step's error: the unambiguous ones. Permission errors count
+# only where an asset reported them as a write that failed (pipelines.storage.dagster_failure).
+_DISK_TEXT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _error_text(error) -> str:
+    """The message of a Dagster SerializableErrorInfo with those of its causes."""
+    parts, seen = [], 0
+    while error is not None and seen < 16:
+        parts.append(error.message or "")
+        error, seen = error.cause or error.context, seen + 1
+    return "\n".join(parts)
+
+
+def disk_failure(result) -> str | None:
+    """The one-line message of a run that failed on a full or read-only disk, else None."""
+    for ev in result.all_events:
+        if not ev.is_failure or ev.event_specific_data is None:
+            continue
+        failure = getattr(ev.event_specific_data, "user_failure_data", None)
+        if failure is not None and FAILURE_KEY in (failure.metadata or {}):
+            return failure.description
+        error = getattr(ev.event_specific_data, "error", None)
+        found = storage_error_in_text(_error_text(error), fusemix_home(), _DISK_TEXT) if error else None
+        if found is not None:
+            return str(found)
+    return None
+
+
+class _ShortDiskFailures(logging.Filter):
+    """Cuts the stack traces from the console lines of a step or run that failed on a full or
+    read-only disk: the error's first line already says which folder and what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Stack Trace:" not in message:
+            return True
+        if "pipelines.storage.StorageError" in message or errno_in_text(message) in _DISK_TEXT:
+            record.msg, record.args = message.split("Stack Trace:", 1)[0].rstrip(), ()
+        return True
+
+
+@dg.logger(
+    config_schema=dg.colored_console_logger.config_schema,
+    description="Dagster's colored console logger, without stack traces for full or read-only disks",
+)
+def console_logger(init_context) -> logging.Logger:
+    logger = dg.colored_console_logger.logger_fn(init_context)
+    logger.addFilter(_ShortDiskFailures())
+    return logger
+
+
 def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, quiet: bool = False) -> bool:
     t0 = time.perf_counter()
     label = partition if isinstance(partition, str) else "|".join(partition.keys_by_dimension.values())
     print(f"-> {job} [{label}] ...", flush=True)
-    result = defs.resolve_job_def(job).execute_in_process(
+    job_def = defs.resolve_job_def(job).with_logger_defs({"console": console_logger})
+    result = job_def.execute_in_process(
         partition_key=partition,
         instance=inst,
         raise_on_error=False,
@@ -78,6 +140,9 @@ def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, qu
     )
     status = "ok" if result.success else "FAILED"
     print(f"   {status} in {time.perf_counter() - t0:.1f}s", flush=True)
+    disk = None if result.success else disk_failure(result)
+    if disk is not None:
+        raise UserError(disk)  # the stages after it would fail the same way
     if not result.success:
         for ev in result.all_events:
             if (

@@ -3,10 +3,10 @@ diversity ablations), plus the blocking data contract checked before any trainin
 
 import dagster as dg
 
-from pipelines.curate import curate, latents_contract, read_tables
+from pipelines.curate import curate, latents_contract, read_tables, write_curated
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake
-from pipelines.schemas import table_name
+from pipelines.storage import dagster_failure
 
 
 def build(parts: Partitions) -> list:
@@ -26,9 +26,11 @@ def build(parts: Partitions) -> list:
         lk = lake.lake()
         media, text = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         table, info = curate(lk, exp, media.fingerprint, text.fingerprint)
-        version = lk.overwrite(table_name("curated", exp.name), table)
+        with dagster_failure():  # a full or read-only disk: one clear line
+            version, unchanged = write_curated(lk, exp, table)
         read = dg.MetadataValue.json(lk.versions(read_tables(exp)))
-        return dg.MaterializeResult(metadata={**info, "lance_version": version, "read_versions": read})
+        metadata = {**info, "unchanged": unchanged, "lance_version": version, "read_versions": read}
+        return dg.MaterializeResult(metadata=metadata)
 
     @dg.asset_check(
         asset=curated,
@@ -42,9 +44,11 @@ def build(parts: Partitions) -> list:
         exp = parts.experiments[context.partition_key]
         media, text = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         problems, checked = latents_contract(lake.lake(), exp, media, text)
+        quarantined = {name: c["quarantined"] for name, c in checked.items() if c["quarantined"]}
+        note = f" ({quarantined} quarantined by extraction, left out)" if quarantined else ""
         return dg.AssetCheckResult(
             passed=not problems,
-            description="; ".join(problems) or "all curated items encoded",
+            description=("; ".join(problems) or "all curated items encoded") + note,
             metadata={"checked": dg.MetadataValue.json(checked)},
         )
 

@@ -3,14 +3,17 @@
 Runs in the Dagster concurrency pool `POOL`: with a limit of 1 on the instance (app.definitions
 `POOL_LIMITS`), extractions run one at a time (they share the encoders' device); the lake's keyed
 writes keep one latent per item when two do overlap (a higher limit, an instance without limits).
+Each file is checked again (inside the dataset's folder, same content hash) right before it is encoded.
 """
 
 import dagster as dg
 from pydantic import Field
 
 from pipelines.extract import run_extraction
+from pipelines.ingest import dataset_roots
 from pipelines.partitions import Partitions
-from pipelines.resources import EncoderBank, LanceLake
+from pipelines.resources import EncoderBank, LanceLake, PipelinePaths
+from pipelines.storage import dagster_failure
 
 POOL = "fusemix-extract"
 
@@ -33,7 +36,11 @@ def build(parts: Partitions) -> list:
         description="Raw latents of each unique item from one frozen encoder, tagged with its fingerprint",
     )
     def latents(
-        context: dg.AssetExecutionContext, config: ExtractConfig, lake: LanceLake, encoders: EncoderBank
+        context: dg.AssetExecutionContext,
+        config: ExtractConfig,
+        lake: LanceLake,
+        encoders: EncoderBank,
+        paths: PipelinePaths,
     ):
         keys = context.partition_key.keys_by_dimension
         dataset, name = keys["dataset"], keys["encoder"]
@@ -44,18 +51,21 @@ def build(parts: Partitions) -> list:
                 f"({parts.datasets[dataset].modality} + text); nothing to extract"
             )
         encoder = encoders.get(name)
-        stats = run_extraction(
-            lake.lake(),
-            dataset,
-            encoder,
-            commit_every=config.commit_every,
-            progress=config.progress,
-            on_commit=lambda s: context.log.info(f"committed {s['encoded']}/{s['pending']} latents"),
-        )
+        with dagster_failure():  # a full or read-only disk: one clear line, the committed rows kept
+            stats = run_extraction(
+                lake.lake(),
+                dataset,
+                encoder,
+                roots=dataset_roots(parts.datasets[dataset], paths.data_cache),
+                commit_every=config.commit_every,
+                progress=config.progress,
+                on_commit=lambda s: context.log.info(f"committed {s['encoded']}/{s['pending']} latents"),
+            )
         return dg.MaterializeResult(
             metadata={
                 "items_encoded": stats["encoded"],
                 "items_failed": stats["failed"],
+                "items_retried": stats["retried"],
                 "items_total": stats["total"],
                 "items_per_s": stats["items_per_s"],
                 "stale_deleted": stats["stale_deleted"],

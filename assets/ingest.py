@@ -2,7 +2,8 @@
 
 Runs in the Dagster concurrency pool `POOL`: with a limit of 1 on the instance (app.definitions
 `POOL_LIMITS`), two ingests never write at once; the lake's keyed writes keep the tables right when
-they do (a higher limit, an instance without limits).
+they do (a higher limit, an instance without limits). An unchanged dataset writes nothing; a full or
+read-only disk fails the run with one line naming the folder (pipelines.storage).
 """
 
 import dagster as dg
@@ -11,6 +12,7 @@ from pydantic import Field
 from pipelines.ingest import asset_metadata, load_dataset, write_dataset
 from pipelines.partitions import Partitions
 from pipelines.resources import LanceLake, PipelinePaths
+from pipelines.storage import dagster_failure
 
 POOL = "fusemix-ingest"
 DESCRIPTIONS = {
@@ -37,8 +39,9 @@ def build(parts: Partitions) -> list:
         context: dg.AssetExecutionContext, config: IngestConfig, lake: LanceLake, paths: PipelinePaths
     ):
         spec = parts.datasets[context.partition_key]
-        ds = load_dataset(spec, paths.data_cache, progress=config.progress)
-        info = write_dataset(lake.lake(), spec.name, ds)
+        with dagster_failure():  # a full or read-only disk: one clear line, the lake as it was
+            ds = load_dataset(spec, paths.data_cache, progress=config.progress)
+            info = write_dataset(lake.lake(), spec.name, ds)
         context.log.info(
             f"{spec.name}: {info['pairs']} pairs, {info['quarantined']} quarantined {info['quarantine_reasons']}"
         )

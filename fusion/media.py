@@ -48,6 +48,7 @@ REASONS = {
     "outside_root": "the path leaves the dataset root",
     "url": "the path is a URL; fetch the file and give its local path",
     "silent": "the audio is silent (its peak is below the level limit)",
+    "changed": "the file's content changed after ingestion (its content id no longer matches); re-ingest it",
 }
 
 # scheme://... (http, https, s3, gs, file, ftp, hf ...) or a data: URI; "C:/x" is a Windows path instead.

@@ -21,9 +21,11 @@ from fusion.selection import (
     select_quantity,
 )
 from pipelines import schemas
+from pipelines.extract import failed_items
 from pipelines.lake import Lake, sql_str
 from pipelines.registries import ExperimentSpec
 from pipelines.schemas import table_name
+from pipelines.storage import writing
 
 
 def caption_column(exp: ExperimentSpec) -> str:
@@ -104,6 +106,19 @@ def curate(lake: Lake, exp: ExperimentSpec, media_fp: str, text_fp: str) -> tupl
     }
 
 
+def write_curated(lake: Lake, exp: ExperimentSpec, table: pa.Table) -> tuple[int, bool]:
+    """Stores the experiment's curated pairs unless the stored table holds exactly them already:
+    (Lance version, whether it was left as it was). Raises pipelines.storage.StorageError on a full or
+    read-only disk."""
+    name = table_name("curated", exp.name)
+    if lake.exists(name):
+        stored = lake.read(name)
+        if stored.schema.equals(table.schema) and stored.equals(table):
+            return lake.version(name), True
+    with writing(lake.root):
+        return lake.overwrite(name, table), False
+
+
 def read_tables(exp: ExperimentSpec) -> list[str]:
     """The lake tables an experiment's curation reads (their versions are recorded)."""
     return [
@@ -122,21 +137,24 @@ def latents_contract(
     holds NaN or inf.
 
     curate() leaves out pairs without a current latent, so the curated table alone would always pass:
-    the contract is on every paired item, less those extraction quarantined (known bad, reported there).
+    the contract is on every paired item, less those that extraction with the encoder's current
+    fingerprint quarantined (known bad; counted in `quarantined`). A failure recorded under another
+    fingerprint does not excuse an item: the next extraction retries it.
     """
     problems, checked = [], {}
     cur = lake.read(table_name("curated", exp.name))
     pairs = lake.read(table_name("pairs", exp.dataset))
-    quar_t = table_name("quarantine", exp.dataset)
     for col, pair_col, ref in (("media_id", "media_id", media), ("caption_id", caption_column(exp), text)):
-        failed = lake.ids(quar_t, "item", f"stage = {sql_str('extract:' + ref.name)}")
-        paired = {i for i in pairs[pair_col].to_pylist() if i is not None} - failed
+        paired = {i for i in pairs[pair_col].to_pylist() if i is not None}
+        failed = failed_items(lake, exp.dataset, ref.name, ref.fingerprint) & paired
+        paired -= failed
         want = set(cur[col].to_pylist()) | paired
         lat_t = table_name("latents", exp.dataset, ref.name)
         if not lake.exists(lat_t):
             checked[ref.name] = {
                 "items": len(want),
                 "missing": len(want),
+                "quarantined": len(failed),
                 "duplicates": 0,
                 "dim": None,
                 "nonfinite": 0,
@@ -155,6 +173,7 @@ def latents_contract(
         checked[ref.name] = {
             "items": len(want),
             "missing": missing,
+            "quarantined": len(failed),
             "duplicates": duplicates,
             "dim": dim,
             "nonfinite": nonfinite,

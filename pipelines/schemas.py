@@ -3,7 +3,8 @@ with, the DuckDB catalog's views are derived from, and the tests check the writt
 
     media__{dataset}                one row per unique item (image, audio or text), key media_id
     pairs__{dataset}                media_id <-> caption_id, split, group, concept, source, license
-    quarantine__{dataset}           every rejected input with its stage and reason
+    quarantine__{dataset}           every rejected input with its stage and reason (and, from
+                                    extraction, the encoder fingerprint that failed)
     latents__{dataset}__{encoder}   media_id, vector (fixed-size list<float32>[dim]), fingerprint
     curated__{experiment}           the selected pairs of an experiment (val and test whole)
     metrics                         one row per (experiment, scored dataset, gallery, seed, metric);
@@ -55,6 +56,9 @@ QUARANTINE = pa.schema(
         ("item", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),
+        # Extraction's rows: the fingerprint of the encoder that failed on the item (null at ingest). A
+        # run with another fingerprint retries the item. Tables written before it existed lack it.
+        ("fingerprint", pa.string()),
     ]
 )
 CURATED = pa.schema(

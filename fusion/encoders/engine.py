@@ -3,8 +3,10 @@
 Items are buffered in windows of `window_batches` batches; within a window, text and audio items are
 sorted by cost (tokens, samples) so that each batch pads little, then cut into batches. Each batch
 comes back as an ExtractBatch whose media ids line up with its vector rows. Bad media
-(fusion.media.MediaError while decoding, or an encoder output that is not finite) do not stop the
-run: they are reported in `failures` with their media id. Latents stay raw (not normalised).
+(fusion.media.MediaError while loading or decoding, or an encoder output that is not finite) do not
+stop the run: they are reported in `failures` with their media id. Latents stay raw (not normalised).
+A `load` callback turns each stored payload into the one to decode just before its window is decoded
+(the pipeline re-checks and re-hashes a file there, so what is encoded is what was checked).
 
     from fusion.encoders import build_encoder, extract, load_registry
     enc = build_encoder(load_registry()["minilm"])
@@ -15,7 +17,7 @@ run: they are reported in `failures` with their media id. Latents stay raw (not 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,10 +72,13 @@ def extract(
     progress: bool = True,
     total: int | None = None,
     window_batches: int = 16,
+    load: Callable[[str, Any], Any] | None = None,
 ) -> Iterator[ExtractBatch]:
     """Encodes `items` ((media_id, payload) pairs) in batches; yields ExtractBatch as it goes.
 
     batch_size: items per forward pass (default: the spec's). total: item count for the progress bar.
+    load: `load(media_id, payload) -> payload` runs on each item right before it is decoded; it raises
+    fusion.media.MediaError to refuse the item (reported in failures like a decoding error).
     Every input id appears exactly once, either in some batch's media_ids or in some batch's failures.
     """
     bs = int(batch_size or encoder.spec.batch_size)
@@ -88,21 +93,27 @@ def extract(
         for item in items:
             buffer.append(item)
             if len(buffer) >= window:
-                yield from _encode_window(encoder, buffer, bs, bar)
+                yield from _encode_window(encoder, buffer, bs, bar, load)
                 buffer = []
         if buffer:
-            yield from _encode_window(encoder, buffer, bs, bar)
+            yield from _encode_window(encoder, buffer, bs, bar, load)
     finally:
         bar.close()
 
 
 def _encode_window(
-    encoder: FrozenEncoder, window: list[tuple[str, Any]], bs: int, bar
+    encoder: FrozenEncoder,
+    window: list[tuple[str, Any]],
+    bs: int,
+    bar,
+    load: Callable[[str, Any], Any] | None = None,
 ) -> Iterator[ExtractBatch]:
     failures: list[MediaError] = []
     ready: list[tuple[str, Any]] = []
     for media_id, payload in window:
         try:
+            if load is not None:
+                payload = load(media_id, payload)
             ready.append((media_id, encoder.prepare(payload, media_id)))
         except MediaError as err:
             if not err.media_id:

@@ -2,8 +2,10 @@
 
 A subprocess extracts with small commits and is SIGKILLed after it reported two commits; the rerun
 in-process must leave exactly the table an uninterrupted run writes. Also: a changed encoder
-fingerprint replaces every stale row, and a media item that fails to decode becomes a quarantine
-row (stage `extract:<encoder>`) that the next run does not retry.
+fingerprint replaces every stale row, and a media item damaged after ingestion becomes a quarantine
+row (stage `extract:<encoder>`, reason `changed`: its bytes no longer hash to its id) that the next
+run with the same encoder fingerprint does not retry (tests/pipelines/test_extract_checks.py: another
+fingerprint does).
 
     .venv/bin/pytest -q tests/pipelines/test_resume.py
 """
@@ -215,7 +217,7 @@ def test_changed_fingerprint_deletes_stale_rows_and_reencodes(tmp_path, project,
     assert (third["stale_deleted"], third["encoded"], third["total"]) == (0, 0, project.n_media)
 
 
-def test_decode_failure_is_quarantined_and_not_retried(tmp_path, project):
+def test_a_damaged_file_is_quarantined_and_not_retried_by_the_same_encoder(tmp_path, project):
     # A private copy of the pictures, so the shared project's files stay intact.
     data = tmp_path / "data"
     shutil.copytree(project.data, data)
@@ -223,7 +225,8 @@ def test_decode_failure_is_quarantined_and_not_retried(tmp_path, project):
     lake = Lake(tmp_path / "lake")
     write_dataset(lake, DATASET, load_dataset(spec, tmp_path / "cache", progress=False))
 
-    # The file is damaged after ingestion (a truncated copy, a disk error): decoding fails at extraction.
+    # The file is damaged after ingestion (a truncated copy, a disk error): extraction hashes it again
+    # before decoding, finds other content under the item's path, and quarantines the item.
     media = lake.read(f"media__{DATASET}", ["media_id", "path"], "modality = 'image'").to_pylist()
     bad = sorted(media, key=lambda r: r["media_id"])[0]
     Path(bad["path"]).write_bytes(b"this is not a PNG file at all")
@@ -238,7 +241,8 @@ def test_decode_failure_is_quarantined_and_not_retried(tmp_path, project):
     assert len(rows) == 1
     assert rows[0]["item"] == bad["media_id"]
     assert rows[0]["dataset"] == DATASET
-    assert rows[0]["reason"] and rows[0]["reason"] != "missing"
+    assert rows[0]["reason"] == "changed"
+    assert rows[0]["fingerprint"] == encoder.fingerprint
     # The ingest-stage row (the manifest's missing picture) is still there beside it.
     assert lake.count(f"quarantine__{DATASET}", "stage = 'ingest'") == 1
 
