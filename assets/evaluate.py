@@ -46,6 +46,10 @@ def build(parts: Partitions) -> list:
         glue.check_trained(client, exp, models)
         run_id, key = glue.run_and_key(models, EVAL_CODE_VERSION)
         cached = None if config.force else glue.cached_metrics(lk, exp, key)
+        run_ids = [extra["summary"]["mlflow_run_id"] for _, extra, _ in models.values()]
+        if cached is not None and not glue.evaluation_logged(client, run_ids):
+            context.log.info(f"{exp.name}: stored metrics were never logged to MLflow; evaluating again")
+            cached = None
         if cached is not None:
             context.log.info(f"{exp.name}: metrics for these checkpoints exist; not recomputing")
             return dg.MaterializeResult(metadata={**cached, "skipped": True, "mlflow_run_id": run_id})

@@ -97,6 +97,15 @@ def cached_metrics(lake: Lake, exp: ExperimentSpec, key: str) -> dict[str, float
     return headline(old.to_pylist(), exp.dataset) or None
 
 
+def evaluation_logged(client, run_ids: list[str]) -> bool:
+    """Whether every seed's MLflow run holds its Recall@1 and the first one the report: an evaluation
+    killed after writing its metrics rows and before logging them is not complete."""
+    for run_id in run_ids:
+        if "t2i_recall_at_1" not in client.get_run(run_id).data.metrics:
+            return False
+    return any(a.path == "report" for a in client.list_artifacts(run_ids[0]))
+
+
 def texts_of(lake: Lake, dataset: str, ids: list[str]) -> dict[str, str]:
     """The text of each text item id."""
     if not ids:

@@ -388,10 +388,10 @@ def test_twenty_kills_across_the_five_stages_each_heal_to_the_uninterrupted_tabl
             kill.checks = differences(lake_content(home), want)
             assert kill.checks == [], f"kill {number} ({kill}) left other tables: {kill.checks}"
             assert running_mlflow_runs(home) == [], f"kill {number} ({kill}) left a RUNNING MLflow run"
-            # Recorded, not asserted: a kill after evaluation committed its metrics rows and before it
-            # logged them to MLflow leaves the training run without them, since the rerun finds the
-            # rows and skips (pipelines.evaluate.cached_metrics). The summary counts such kills.
+            # A kill after evaluation committed its metrics rows and before it logged them to MLflow:
+            # the rerun must log them (pipelines.evaluate.evaluation_logged), not skip.
             kill.mlflow_without_recall = runs_without_recall(home)
+            assert kill.mlflow_without_recall == [], f"kill {number} ({kill}): runs without Recall@1"
             kill.seconds = round(time.monotonic() - started, 1)
             kills.append(kill)
             if number < KILLS - 1:

@@ -36,7 +36,7 @@ import yaml
 from fusion.adapters import Adapter, EncoderRef, FusedModel
 from fusion.checkpoint import CONFIG, atomic_write, atomic_write_text, save_checkpoint
 from fusion.config import AdapterConfig
-from pipelines.evaluate import POOLED, check_trained, log_evaluation
+from pipelines.evaluate import POOLED, check_trained, evaluation_logged, log_evaluation
 from pipelines.ingest import load_dataset, write_dataset
 from pipelines.lake import Lake
 from pipelines.registries import ExperimentSpec, load_datasets
@@ -300,8 +300,10 @@ def test_evaluation_never_logs_into_a_run_that_did_not_finish(tmp_path, store):
         log_evaluation(client, rows(killed), report, DATASET)
     assert client.get_run(killed).data.metrics == {}
     assert client.list_artifacts(killed) == []
+    assert not evaluation_logged(client, [finished])  # metrics rows written, never logged: redo
     log_evaluation(client, rows(finished), report, DATASET)
     assert client.get_run(finished).data.metrics == {"t2i_recall_at_1": 0.5}
+    assert evaluation_logged(client, [finished])
 
     exp = ExperimentSpec(name="e", dataset=DATASET, media_encoder="img", text_encoder="txt")
     models = {0: (None, {"summary": {"mlflow_run_id": finished}}, None)}
