@@ -24,8 +24,9 @@ Further columns (split, created_at, ...) are ignored, and so are rows of other f
 (experiment, dataset, gallery, seed, metric) must appear once.
 
 A family whose variables are all numbers (quantity: "250", "500", ...) is ordered by value and plotted
-as a line against a log x axis; any other family keeps the order in which its experiments first appear
-and is plotted as grouped bars. Error bars are ± one standard deviation over seeds when there are
+as a line against a log x axis; one whose variables all start with a number ("500 FuseMix", "1,000 no
+mixup") is ordered by that number and plotted as grouped bars, as is any other family, in the order
+in which its experiments first appear. Error bars are ± one standard deviation over seeds when there are
 several; several experiments with the same value and no seeds are all listed in the table and
 averaged in the plot, with their min-max range as error bars. Recalls are fractions in [0, 1] in the
 rows and percentages with one decimal in the output, as in `evaluation.report`, whose
@@ -94,6 +95,12 @@ class _Family:
 
 def _is_number(v: object) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def _leading_number(v: object) -> float | None:
+    """The number a variable starts with ("1,000 FuseMix" -> 1000.0), or None."""
+    m = re.match(r"\s*(\d[\d,]*(?:\.\d+)?)(?:\s|$)", v) if isinstance(v, str) else None
+    return float(m.group(1).replace(",", "")) if m else None
 
 
 def _as_float(v: object) -> float | None:
@@ -247,6 +254,9 @@ def _family(rows: object, family: str, dataset: str | None = None, gallery: str 
         exps = [replace(e, x=xs[e.name]) for e in exps]
         # sorted() is stable: repeated values (seeds) keep their order of first appearance.
         exps.sort(key=lambda e: e.x)
+    elif all(_leading_number(e.variable) is not None for e in exps):
+        # "500 FuseMix", "1,000 no mixup": bars in order of the number, then first appearance.
+        exps.sort(key=lambda e: _leading_number(e.variable))
     if per_dataset:
         datasets = list(dict.fromkeys(e.dataset for e in exps))
         exps.sort(key=lambda e: datasets.index(e.dataset))

@@ -369,3 +369,14 @@ def test_seed_rows_are_checked(tmp_path):
     # A seed read back as a float (pandas upcasts nullable ints) still counts.
     as_float = [r | {"seed": float(r["seed"])} if r["seed"] is not None else r for r in rows]
     assert ablation_table(as_float, "quantity") == ablation_table(rows, "quantity")
+
+
+def test_variables_that_start_with_a_number_are_ordered_by_it():
+    rows = []
+    for name, variable in [("q1000-f", "1,000 FuseMix"), ("q2000-n", "2,000 no mixup"), ("q500-f", "500 FuseMix"),
+                           ("q1000-n", "1,000 no mixup"), ("q500-n", "500 no mixup")]:  # fmt: skip
+        rows += _metric_rows(name, "mixed", variable, {"t2i_recall_at_1": 0.2})
+    _, body = _parse(ablation_table(rows, "mixed"))
+    assert [r[1] for r in body] == [
+        "500 FuseMix", "500 no mixup", "1,000 FuseMix", "1,000 no mixup", "2,000 no mixup",
+    ]  # fmt: skip
