@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 import pytest
+import yaml
 
 from tests.assets.conftest import metadata
 from tests.fixtures.media_factory import image_bytes
@@ -99,3 +100,91 @@ def test_the_manifest_on_disk_really_holds_the_bad_bytes(ingested):
     with pytest.raises(UnicodeDecodeError):
         data.decode("utf-8")
     assert (ingested[0].data / "images" / "zero.png").stat().st_size == 0
+
+
+# Through the ingest asset, once per manifest format: every single-row kind of bad input of the
+# reader tests (tests/fusion/test_readers.py ROW_CASES) that applies to an image dataset with the
+# default limits, each between good rows, plus the kinds only a format can carry.
+FORMAT_ONLY = {
+    "jsonl": [
+        (b'{"media": "good1.png", "caption": 5}', "non_text_caption"),
+        (b'{"media": "good1.png", "caption": null}', "non_text_caption"),
+        (b'{"media": "good1.png", "caption": {"text": "a cat"}}', "non_text_caption"),
+        (b'{"media": "good1.png"}', "malformed"),
+        (b"[1, 2, 3]", "malformed"),
+        (b"not json at all", "malformed"),
+        (b'{"media": "good1.png", "caption": "caf\xe9"}', "encoding"),
+    ],
+    "csv": [
+        (b"good1.png,caf\xe9 au lait,", "encoding"),
+        (b"good1.png,too,many,fields", "malformed"),
+        (b'good1.png,"an unclosed quote,', "malformed"),
+    ],
+    "parquet": [],
+}
+
+
+def asset_cases() -> list[tuple[str, str, str | None, str]]:
+    from tests.fusion.test_readers import ROW_CASES
+
+    audio = ("silent", "too_short", "too_long")
+    # The dataset is declared `modality: image`, so a file that is no picture is not sniffed as
+    # another format: it fails to decode as one.
+    as_image = {"unsupported_format": "undecodable"}
+    return [
+        (kind, media, split, caption, as_image.get(reason, reason))
+        for kind, media, caption, split, reason, limits in ROW_CASES
+        if limits is None and reason not in audio
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_every_kind_of_bad_row_through_the_ingest_asset(tmp_path, fmt):
+    from app.definitions import build_defs
+    from tests.fusion.test_readers import good_rows, label, write_bad_media, write_rows
+
+    project = make_project(tmp_path)
+    root = write_bad_media(tmp_path / fmt)
+    goods = iter(good_rows())
+    entries: list[tuple[dict, str | None]] = []  # (row, reason it must be quarantined for, or None)
+    for i, (_, media, split, caption, reason) in enumerate(asset_cases()):
+        if i % 8 == 0:
+            entries.append((next(goods), None))  # good rows spread among the bad ones
+        entries.append(({"media": media, "caption": caption, "split": split}, reason))
+    entries += [(row, None) for row in goods]
+    if fmt == "parquet":  # nulls in typed columns, which only Parquet stores as such
+        entries += [
+            ({"media": "good2.png", "caption": None, "split": None}, "non_text_caption"),
+            ({"media": None, "caption": "a picture without a file", "split": None}, "missing"),
+        ]
+    rows = [row for row, _ in entries]
+    path = write_rows(root / f"manifest.{fmt}", rows)
+    want = [(label(path, i), reason) for i, (_, reason) in enumerate(entries) if reason is not None]
+    if FORMAT_ONLY[fmt]:  # raw lines appended after the others
+        path.write_bytes(path.read_bytes() + b"".join(line + b"\n" for line, _ in FORMAT_ONLY[fmt]))
+        want += [(label(path, len(rows) + j), reason) for j, (_, reason) in enumerate(FORMAT_ONLY[fmt])]
+    datasets = yaml.safe_load((project.configs / "datasets.yaml").read_text())
+    datasets["datasets"]["bad"] = {"modality": "image", "reader": "manifest", "root": str(root)}
+    (project.configs / "datasets.yaml").write_text(yaml.safe_dump(datasets))
+    defs, _ = build_defs(project.configs, resources=project.resources())
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        result = defs.resolve_job_def("ingest_job").execute_in_process(
+            partition_key="bad",
+            instance=instance,
+            run_config={"ops": {"ingest": {"config": {"progress": False}}}},
+            raise_on_error=False,
+        )
+    assert result.success
+    lake = project.resources()["lake"].lake()
+    got = [
+        (q["item"], q["reason"]) for q in lake.read("quarantine__bad", filter="stage = 'ingest'").to_pylist()
+    ]
+    assert sorted(reason for _, reason in got) == sorted(reason for _, reason in want)
+    if fmt != "csv":  # a CSV caption with a newline takes two lines and shifts the line numbers after it
+        assert sorted(got) == sorted(want)
+    assert len(want) >= 40
+    captions = set(lake.read("media__bad", ["text"], filter="modality = 'text'")["text"].to_pylist())
+    assert captions == {f"good picture number {i}" for i in range(6)}
+    assert len(lake.read("pairs__bad")) == 6
+    assert metadata(result, "quarantine")["quarantined"] == len(want)

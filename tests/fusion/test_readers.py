@@ -591,10 +591,8 @@ def good_rows() -> list[dict]:
     return [{"media": f"good{i}.png", "caption": f"good picture number {i}"} for i in range(N_GOOD)]
 
 
-@pytest.fixture(scope="module")
-def bad_root(tmp_path_factory) -> Path:
-    """A dataset folder with good0..good5.png and one file for each kind of bad media."""
-    tmp = tmp_path_factory.mktemp("bad")
+def write_bad_media(tmp: Path) -> Path:
+    """A dataset folder `tmp/ds` with good0..good5.png and one file for each kind of bad media."""
     root = tmp / "ds"
     for i in range(N_GOOD):
         write_image(root / f"good{i}.png", colour(100 + i))
@@ -615,6 +613,11 @@ def bad_root(tmp_path_factory) -> Path:
     write_audio(root / "short.wav", seconds=0.01)
     write_audio(root / "long.wav", seconds=3.0)
     return root
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory) -> Path:
+    return write_bad_media(tmp_path_factory.mktemp("bad"))
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
