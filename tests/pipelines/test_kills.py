@@ -78,6 +78,14 @@ OPEN_RUN = textwrap.dedent(
 )
 
 
+def _default_signals() -> None:
+    """In the child before exec: SIGTERM and SIGINT at their default action and not blocked, whatever
+    the test process inherited or was left with."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM, signal.SIGINT])
+
+
 class Child:
     """A Python subprocess of the repository whose output lines are read as they come."""
 
@@ -92,6 +100,7 @@ class Child:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            preexec_fn=_default_signals,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
