@@ -40,28 +40,33 @@ ROWS: list[tuple[bytes, str | None]] = [
 ]
 
 
+def ingest(project: Project, dataset: str, tmp) -> dg.ExecuteInProcessResult:
+    """ingest_job for `dataset` of the project, in process, on a test instance under tmp/dagster."""
+    from app.definitions import build_defs
+
+    defs, _ = build_defs(project.configs, resources=project.resources())
+    (tmp / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp / "dagster")) as instance:
+        return defs.resolve_job_def("ingest_job").execute_in_process(
+            partition_key=dataset,
+            instance=instance,
+            run_config={"ops": {"ingest": {"config": {"progress": False}}}},
+            raise_on_error=False,
+        )
+
+
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory) -> tuple[Project, dg.ExecuteInProcessResult]:
     tmp = tmp_path_factory.mktemp("bad_input")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FUSEMIX_HOME", str(tmp / "home"))
-        from app.definitions import build_defs
 
         project = make_project(tmp)
         (project.data / "images" / "broken.png").write_bytes(image_bytes()[:40])
         (project.data / "images" / "zero.png").write_bytes(b"")
         manifest = project.data / "manifest.csv"
         manifest.write_bytes(manifest.read_bytes() + b"".join(row + b"\r\n" for row, _ in ROWS))
-        defs, _ = build_defs(project.configs, resources=project.resources())
-        (tmp / "dagster").mkdir()
-        with dg.instance_for_test(temp_dir=str(tmp / "dagster")) as instance:
-            result = defs.resolve_job_def("ingest_job").execute_in_process(
-                partition_key="shapes",
-                instance=instance,
-                run_config={"ops": {"ingest": {"config": {"progress": False}}}},
-                raise_on_error=False,
-            )
-        yield project, result
+        yield project, ingest(project, "shapes", tmp)
 
 
 def test_ingest_quarantines_each_bad_row_and_keeps_every_good_one(ingested):
@@ -140,7 +145,6 @@ def asset_cases() -> list[tuple[str, str, str | None, str]]:
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_every_kind_of_bad_row_through_the_ingest_asset(tmp_path, fmt):
-    from app.definitions import build_defs
     from tests.fusion.test_readers import good_rows, label, write_bad_media, write_rows
 
     project = make_project(tmp_path)
@@ -166,15 +170,7 @@ def test_every_kind_of_bad_row_through_the_ingest_asset(tmp_path, fmt):
     datasets = yaml.safe_load((project.configs / "datasets.yaml").read_text())
     datasets["datasets"]["bad"] = {"modality": "image", "reader": "manifest", "root": str(root)}
     (project.configs / "datasets.yaml").write_text(yaml.safe_dump(datasets))
-    defs, _ = build_defs(project.configs, resources=project.resources())
-    (tmp_path / "dagster").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
-        result = defs.resolve_job_def("ingest_job").execute_in_process(
-            partition_key="bad",
-            instance=instance,
-            run_config={"ops": {"ingest": {"config": {"progress": False}}}},
-            raise_on_error=False,
-        )
+    result = ingest(project, "bad", tmp_path)
     assert result.success
     lake = project.resources()["lake"].lake()
     got = [
