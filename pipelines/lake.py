@@ -185,16 +185,7 @@ class Lake:
         if where is not None:
             return self._replace_where(table, data, where)
 
-        def write() -> int:
-            try:
-                mode = "overwrite" if self.exists(table) else "create"
-                return lance.write_dataset(data, self.uri(table), mode=mode).version
-            except OSError as err:
-                if not _already_exists(err):
-                    raise
-                return lance.write_dataset(data, self.uri(table), mode="overwrite").version
-
-        return self._retry(write)
+        return self._write_whole(table, data, "overwrite")
 
     def append(self, table: str, data: pa.Table, key: str | Sequence[str] | None = None) -> int:
         """Appends rows in one commit, creating the table if needed. With `key` (a column or several),
@@ -203,14 +194,20 @@ class Lake:
         if key is not None:
             return self._merge(table, data, _keys(key), update=False)
 
+        return self._write_whole(table, data, "append")
+
+    def _write_whole(self, table: str, data: pa.Table, mode: str) -> int:
+        """One `mode` write ("overwrite" or "append"), creating the table if needed; a table another
+        writer created meanwhile is written into rather than created again. Retried on conflicts."""
+
         def write() -> int:
             try:
-                mode = "append" if self.exists(table) else "create"
-                return lance.write_dataset(data, self.uri(table), mode=mode).version
+                first = "create" if not self.exists(table) else mode
+                return lance.write_dataset(data, self.uri(table), mode=first).version
             except OSError as err:
                 if not _already_exists(err):
                     raise
-                return lance.write_dataset(data, self.uri(table), mode="append").version
+                return lance.write_dataset(data, self.uri(table), mode=mode).version
 
         return self._retry(write)
 
