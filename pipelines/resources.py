@@ -79,7 +79,9 @@ class EncoderBank(dg.ConfigurableResource):
 
     def ref(self, name: str) -> EncoderRef:
         """What a checkpoint records of an encoder: name, fingerprint, dimension (weights not loaded)."""
-        return describe_encoder(self.spec(name), cache_dir=Path(self.cache_dir) if self.cache_dir else None)
+        return describe_encoder(
+            self.spec(name), cache_dir=Path(self.cache_dir) if self.cache_dir else None, device=self.device
+        )
 
     def get(self, name: str) -> FrozenEncoder:
         spec = self.spec(name)

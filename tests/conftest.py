@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LANCE_LOG", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Encoders with dtype "auto" run float32 in tests on every machine (bf16 where the CPU has bf16 units
+# would make results depend on the CPU); the reduced-precision paths have tests of their own.
+os.environ.setdefault("FUSEMIX_ENCODER_DTYPE", "float32")
 
 
 import signal  # noqa: E402

@@ -44,6 +44,7 @@ from fusion.encoders.base import (
     FrozenEncoder,
     ResolvedSettings,
     hash_model_dir,
+    resolve_precision,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -119,11 +120,16 @@ def _read_json(path: Path) -> dict:
         raise EncoderUnavailable(f"cannot read {path}: {exc}") from exc
 
 
-def _autocast(device: str, dtype: str):
-    """fp16/bf16 autocast on CUDA only; CPU runs float32 (CPU half precision is slow and less exact)."""
-    if device.startswith("cuda") and dtype != "float32":
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
-    return contextlib.nullcontext()
+def _autocast(device: str, precision: str):
+    """Autocast of the forward pass to `precision` (base.resolve_precision's answer) on its device type."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, precision))
+
+
+def _fp32():
+    """Feature extraction (mel spectrograms) stays float32 inside an autocast forward."""
+    return torch.autocast("cpu", enabled=False)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -176,9 +182,10 @@ class _TorchEncoder(FrozenEncoder):
     def __init__(self, spec: EncoderSpec, device: str) -> None:
         self.spec = spec
         self.device = device
+        self.precision = resolve_precision(spec.dtype, device)
 
     def _run(self, fn, *args, **kwargs) -> np.ndarray:
-        with torch.inference_mode(), _autocast(self.device, self.spec.dtype):
+        with torch.inference_mode(), _autocast(self.device, self.precision):
             return _to_numpy(fn(*args, **kwargs))
 
 
@@ -265,7 +272,7 @@ class HFTextEncoder(_TorchEncoder):
         self.tokenizer = _load_auto("AutoTokenizer", model_dir)
         self.model = _freeze(_load_auto("AutoModel", model_dir, use_safetensors=True), device)
         self.dim = self.settings.dim
-        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec, device)
 
     def prepare(self, payload: Any, media_id: str = "") -> str:
         if not isinstance(payload, str):
@@ -400,7 +407,7 @@ class HFImageEncoder(_ImageEncoder):
         model = _load_auto("AutoModel", model_dir, use_safetensors=True)
         self.model = _freeze(model, device).to(memory_format=torch.channels_last)
         self.dim = self.settings.dim
-        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec, device)
 
     def _to_array(self, image) -> np.ndarray:
         if self.processor is not None:
@@ -467,7 +474,7 @@ class TorchImageEncoder(_ImageEncoder):
         self.size, self.mean, self.std = self.settings.size, self.settings.mean, self.settings.std
         self.model = _freeze(module, device).to(memory_format=torch.channels_last)
         self.dim = self.settings.dim
-        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec, device)
 
     def _to_array(self, image) -> np.ndarray:
         return pil_preprocess(image, self.size, self.mean, self.std)
@@ -550,7 +557,7 @@ class WhisperAudioEncoder(_AudioEncoder):
         self.max_seconds = self.max_frames * 2 * self.hop / self.sample_rate
         self.short_clip = self.settings.short_clip
         self.dim = self.settings.dim
-        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec, device)
 
     def real_frames(self, n_samples: int) -> int:
         """Encoder frames that cover `n_samples` of real audio: ceil(n / (2 * hop)), at least 1."""
@@ -563,7 +570,8 @@ class WhisperAudioEncoder(_AudioEncoder):
         return self._run(self._full_window, prepared)
 
     def _full_window(self, waves: list[np.ndarray]) -> torch.Tensor:
-        feats = self.feature_extractor(waves, sampling_rate=self.sample_rate, return_tensors="pt")
+        with _fp32():
+            feats = self.feature_extractor(waves, sampling_rate=self.sample_rate, return_tensors="pt")
         hidden = self.encoder(input_features=feats["input_features"].to(self.device)).last_hidden_state
         n = torch.tensor([self.real_frames(len(w)) for w in waves], device=hidden.device)
         mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < n[:, None]
@@ -581,9 +589,10 @@ class WhisperAudioEncoder(_AudioEncoder):
         for w in waves:
             if len(w) < 2 * self.hop:  # fewer samples than one encoder frame: pad with silence
                 w = np.pad(w, (0, 2 * self.hop - len(w)))
-            f = self.feature_extractor(
-                w, sampling_rate=self.sample_rate, padding="longest", return_tensors="np"
-            )
+            with _fp32():
+                f = self.feature_extractor(
+                    w, sampling_rate=self.sample_rate, padding="longest", return_tensors="np"
+                )
             mels.append(f["input_features"][0][:, : 2 * self.max_frames])  # [n_mels, L_i]
         lengths = [m.shape[1] for m in mels]
         total = max(lengths) + max(lengths) % 2  # conv2 has stride 2
@@ -662,7 +671,7 @@ class ClapEncoder(_TorchEncoder):
         del model
         self.dim = self.settings.dim
         self.sorts_by_cost = True
-        self.fingerprint = self.settings.fingerprint(weights_sha256, spec)
+        self.fingerprint = self.settings.fingerprint(weights_sha256, spec, device)
 
     def prepare(self, payload: Any, media_id: str = "") -> Any:
         if self.tower == "text":
@@ -691,9 +700,13 @@ class ClapEncoder(_TorchEncoder):
 
             return self._run(run_text)
         # Clips are cut to the first window in prepare, so the extractor never crops at random.
-        feats = self.feature_extractor(
-            list(prepared), sampling_rate=self.sample_rate, truncation=self.truncation, return_tensors="pt"
-        )
+        with _fp32():
+            feats = self.feature_extractor(
+                list(prepared),
+                sampling_rate=self.sample_rate,
+                truncation=self.truncation,
+                return_tensors="pt",
+            )
 
         def run_audio():
             out = model(

@@ -56,6 +56,7 @@ def laion_status(spec: EncoderSpec) -> tuple[bool, str]:
 class LaionSettings(ResolvedSettings):
     tower: str
     checkpoint: Path
+    autocasts = False  # CLAP_Module's own embedding calls run in float32
 
     def effective(self) -> dict[str, Any]:
         return {"tower": self.tower}

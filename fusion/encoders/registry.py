@@ -220,8 +220,8 @@ def _resolve(spec: EncoderSpec, cache_dir: Path | None) -> tuple[str, ResolvedSe
     return settings.weights_sha256(), settings
 
 
-def describe_encoder(spec: EncoderSpec, cache_dir: Path | None = None) -> EncoderRef:
-    """EncoderRef(name, fingerprint, dim) of the encoder `build_encoder(spec, cache_dir=cache_dir)`
+def describe_encoder(spec: EncoderSpec, cache_dir: Path | None = None, device: str = "cpu") -> EncoderRef:
+    """EncoderRef(name, fingerprint, dim) of the encoder `build_encoder(spec, device, cache_dir)`
     would build, without building it: no model, tokenizer or processor is constructed and no weight
     tensor is loaded. It reads config files and hashes weight files (cached, like build_encoder).
 
@@ -232,4 +232,4 @@ def describe_encoder(spec: EncoderSpec, cache_dir: Path | None = None) -> Encode
     only pickled weights) are only found by build_encoder.
     """
     weights, settings = _resolve(spec, cache_dir)
-    return EncoderRef(spec.name, settings.fingerprint(weights, spec), settings.dim)
+    return EncoderRef(spec.name, settings.fingerprint(weights, spec, device), settings.dim)

@@ -122,12 +122,19 @@ def test_text_cost_counts_tokens(dirs):
     assert enc.cost("a cat") < enc.cost(SENTENCES[2])
 
 
-def test_half_precision_spec_still_returns_float32_on_cpu(dirs):
-    enc = build_encoder(spec(dirs["bert"], dtype="bfloat16"))
-    ref = build_encoder(spec(dirs["bert"]))
-    out = enc.encode(SENTENCES)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, ref.encode(SENTENCES), atol=1e-6)
+def test_float16_spec_runs_float32_on_cpu_and_bfloat16_is_close_with_its_own_fingerprint(dirs):
+    ref = build_encoder(spec(dirs["bert"], dtype="float32"))
+    half = build_encoder(spec(dirs["bert"], dtype="float16"))  # fp16 autocast is CUDA-only
+    bf16 = build_encoder(spec(dirs["bert"], dtype="bfloat16"))
+    want = ref.encode(SENTENCES)
+    np.testing.assert_array_equal(half.encode(SENTENCES), want)
+    assert half.fingerprint == ref.fingerprint and half.precision == "float32"
+    out = bf16.encode(SENTENCES)
+    assert out.dtype == np.float32 and bf16.precision == "bfloat16"
+    assert not np.array_equal(out, want)  # it really ran in bf16
+    cos = (out * want).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() > 0.99, cos
+    assert bf16.fingerprint != ref.fingerprint
 
 
 # --------------------------------------------------------------------------------------------- image
