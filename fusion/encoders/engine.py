@@ -8,6 +8,12 @@ stop the run: they are reported in `failures` with their media id. Latents stay 
 A `load` callback turns each stored payload into the one to decode just before its window is decoded
 (the pipeline re-checks and re-hashes a file there, so what is encoded is what was checked).
 
+Decoding overlaps the forward pass: `workers` threads (default: one per core this process may use,
+at most 4; $FUSEMIX_DECODE_WORKERS overrides) load and prepare the items of the next windows while the
+model runs on the current one (image decoding, SVG rendering, resampling and file hashing release the
+GIL for most of their time, as does torch's forward pass). Output order and failure reports are those
+of the sequential path (workers=0).
+
     from fusion.encoders import build_encoder, extract, load_registry
     enc = build_encoder(load_registry()["minilm"])
     for batch in extract(enc, [("id1", "a cat"), ("id2", "a dog")]):
@@ -17,7 +23,9 @@ A `load` callback turns each stored payload into the one to decode just before i
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,13 +60,33 @@ def configure_threads(device: str) -> int:
             raise ValueError(f"FUSEMIX_TORCH_THREADS must be a positive integer, got {wanted!r}")
         torch.set_num_threads(int(wanted))
         return torch.get_num_threads()
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        allowed = os.cpu_count() or 1
+    allowed = _allowed_cores()
     if torch.get_num_threads() > allowed:
         torch.set_num_threads(allowed)
     return torch.get_num_threads()
+
+
+def _allowed_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def decode_workers(workers: int | None = None) -> int:
+    """Threads that prepare items beside the forward pass: `workers` if given, else
+    $FUSEMIX_DECODE_WORKERS, else one per usable core, at most 4. 0 decodes in the calling thread."""
+    if workers is None:
+        wanted = os.environ.get("FUSEMIX_DECODE_WORKERS", "").strip()
+        if wanted:
+            if not wanted.isdigit():
+                raise ValueError(f"FUSEMIX_DECODE_WORKERS must be a whole number >= 0, got {wanted!r}")
+            workers = int(wanted)
+        else:
+            workers = min(4, _allowed_cores())
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    return workers
 
 
 def _sorts(encoder: FrozenEncoder) -> bool:
@@ -73,53 +101,88 @@ def extract(
     total: int | None = None,
     window_batches: int = 16,
     load: Callable[[str, Any], Any] | None = None,
+    workers: int | None = None,
 ) -> Iterator[ExtractBatch]:
     """Encodes `items` ((media_id, payload) pairs) in batches; yields ExtractBatch as it goes.
 
     batch_size: items per forward pass (default: the spec's). total: item count for the progress bar.
     load: `load(media_id, payload) -> payload` runs on each item right before it is decoded; it raises
     fusion.media.MediaError to refuse the item (reported in failures like a decoding error).
+    workers: decoding threads (decode_workers; 0: decode in this thread, between forward passes).
     Every input id appears exactly once, either in some batch's media_ids or in some batch's failures.
     """
     bs = int(batch_size or encoder.spec.batch_size)
     if bs < 1:
         raise ValueError(f"batch_size must be positive, got {bs}")
+    n_workers = decode_workers(workers)
     configure_threads(getattr(encoder, "device", "cpu"))
     # Images all cost the same, so a window larger than one batch would only hold memory.
     window = bs * max(1, window_batches) if _sorts(encoder) else bs
     bar = tqdm(total=total, desc=f"encode {encoder.spec.name}", unit="item", disable=not progress)
     try:
-        buffer: list[tuple[str, Any]] = []
-        for item in items:
-            buffer.append(item)
-            if len(buffer) >= window:
-                yield from _encode_window(encoder, buffer, bs, bar, load)
-                buffer = []
-        if buffer:
-            yield from _encode_window(encoder, buffer, bs, bar, load)
+        if n_workers == 0:
+            for chunk in _windows(items, window):
+                yield from _encode_window(encoder, _prepare_all(encoder, chunk, load), bs, bar)
+            return
+        # Windows ahead of the one being encoded: enough to keep every worker busy, at least one.
+        ahead = max(1, -(-2 * n_workers // window))
+        with ThreadPoolExecutor(n_workers, thread_name_prefix=f"decode-{encoder.spec.name}") as pool:
+            queued: deque[list[Future]] = deque()
+            try:
+                for chunk in _windows(items, window):
+                    queued.append([pool.submit(_prepare_one, encoder, mid, p, load) for mid, p in chunk])
+                    if len(queued) > ahead:
+                        yield from _encode_window(encoder, [f.result() for f in queued.popleft()], bs, bar)
+                while queued:
+                    yield from _encode_window(encoder, [f.result() for f in queued.popleft()], bs, bar)
+            finally:  # a consumer that stops early (or an error) must not leave decoding running
+                for futures in queued:
+                    for future in futures:
+                        future.cancel()
     finally:
         bar.close()
 
 
+def _windows(items: Iterable[tuple[str, Any]], size: int) -> Iterator[list[tuple[str, Any]]]:
+    buffer: list[tuple[str, Any]] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield buffer
+            buffer = []
+    if buffer:
+        yield buffer
+
+
+def _prepare_one(
+    encoder: FrozenEncoder, media_id: str, payload: Any, load: Callable[[str, Any], Any] | None
+) -> tuple[str, Any] | MediaError:
+    """(media_id, prepared item), or the MediaError that refused it."""
+    try:
+        if load is not None:
+            payload = load(media_id, payload)
+        return media_id, encoder.prepare(payload, media_id)
+    except MediaError as err:
+        if not err.media_id:
+            err.media_id = media_id
+        return err
+
+
+def _prepare_all(
+    encoder: FrozenEncoder, window: list[tuple[str, Any]], load: Callable[[str, Any], Any] | None
+) -> list[tuple[str, Any] | MediaError]:
+    return [_prepare_one(encoder, mid, payload, load) for mid, payload in window]
+
+
 def _encode_window(
     encoder: FrozenEncoder,
-    window: list[tuple[str, Any]],
+    prepared: list[tuple[str, Any] | MediaError],
     bs: int,
     bar,
-    load: Callable[[str, Any], Any] | None = None,
 ) -> Iterator[ExtractBatch]:
-    failures: list[MediaError] = []
-    ready: list[tuple[str, Any]] = []
-    for media_id, payload in window:
-        try:
-            if load is not None:
-                payload = load(media_id, payload)
-            ready.append((media_id, encoder.prepare(payload, media_id)))
-        except MediaError as err:
-            if not err.media_id:
-                err.media_id = media_id
-            failures.append(err)
-            bar.update(1)
+    failures = [p for p in prepared if isinstance(p, MediaError)]
+    ready = [p for p in prepared if not isinstance(p, MediaError)]
+    bar.update(len(failures))
     if _sorts(encoder):
         # Stable sort: equal-cost items keep input order, and ids travel with their payloads.
         ready.sort(key=lambda pair: encoder.cost(pair[1]))

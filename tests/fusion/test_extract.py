@@ -191,3 +191,92 @@ def test_thread_setting(monkeypatch):
         assert threads <= (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ decoding beside the forward pass
+
+
+def _mixed_items(tmp_path) -> list[tuple[str, object]]:
+    path = tmp_path / "x.png"
+    path.write_bytes(png_bytes(99))
+    items: list[tuple[str, object]] = [(f"i{i}", png_bytes(i)) for i in range(13)]
+    items[4:4] = [("bad", b"\x89PNG broken"), ("path", str(path)), ("refused", png_bytes(50))]
+    items.append(("missing", str(tmp_path / "nope.png")))
+    return items
+
+
+def _refuse(media_id, payload):
+    if media_id == "refused":
+        raise MediaError("", "changed", "the file changed since ingest")
+    return payload
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_decoding_threads_give_the_sequential_batches_failures_and_order(encoders, tmp_path, workers):
+    enc = encoders["tiny-image"]
+    items = _mixed_items(tmp_path)
+
+    def run(n: int):
+        batches = list(extract(enc, items, batch_size=3, progress=False, load=_refuse, workers=n))
+        return [(b.media_ids, b.vectors, [(f.media_id, f.reason) for f in b.failures]) for b in batches]
+
+    want, got = run(0), run(workers)
+    assert [(ids, fails) for ids, _, fails in got] == [(ids, fails) for ids, _, fails in want]
+    for (_, a, _), (_, b, _) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    failed = {mid: reason for _, _, fails in got for mid, reason in fails}
+    assert failed == {"bad": "undecodable", "refused": "changed", "missing": "missing"}
+
+
+def test_decoding_threads_keep_sorted_text_windows(encoders):
+    enc = encoders["tiny-text"]
+    items = [(f"t{i}", t) for i, t in enumerate(sentences(40, seed=5))] + [("x", b"not text")]
+    seq = list(extract(enc, items, batch_size=4, window_batches=3, progress=False, workers=0))
+    par = list(extract(enc, items, batch_size=4, window_batches=3, progress=False, workers=2))
+    assert [b.media_ids for b in par] == [b.media_ids for b in seq]
+    assert [[f.media_id for f in b.failures] for b in par] == [[f.media_id for f in b.failures] for b in seq]
+    for a, b in zip(par, seq, strict=True):
+        np.testing.assert_array_equal(a.vectors, b.vectors)
+
+
+class _Counting(FrozenEncoder):
+    """Counts the items prepared; raises a programming error (not a MediaError) on 'boom'."""
+
+    dim = 1
+    fingerprint = "test"
+
+    def __init__(self):
+        self.spec = EncoderSpec("count", "image", "hf", "none", batch_size=2)
+        self.prepared = 0
+
+    def prepare(self, payload, media_id=""):
+        if payload == "boom":
+            raise KeyError("a bug, not bad media")
+        self.prepared += 1
+        return payload
+
+    def forward(self, prepared):
+        return np.ones((len(prepared), 1), dtype=np.float32)
+
+
+def test_decoding_threads_stop_with_the_consumer_and_raise_real_errors():
+    enc = _Counting()
+    batches = extract(enc, ((f"m{i}", i) for i in range(10_000)), progress=False, workers=2)
+    assert next(batches).media_ids == ["m0", "m1"]
+    batches.close()  # the consumer stops: queued decoding is cancelled, not run to the end
+    assert enc.prepared < 100
+    with pytest.raises(KeyError, match="a bug"):
+        list(extract(_Counting(), [("a", 1), ("b", "boom"), ("c", 2)], progress=False, workers=2))
+
+
+def test_decode_worker_setting(monkeypatch):
+    from fusion.encoders.engine import decode_workers
+
+    monkeypatch.setenv("FUSEMIX_DECODE_WORKERS", "0")
+    assert decode_workers() == 0
+    assert decode_workers(3) == 3
+    monkeypatch.setenv("FUSEMIX_DECODE_WORKERS", "some")
+    with pytest.raises(ValueError, match="FUSEMIX_DECODE_WORKERS"):
+        decode_workers()
+    monkeypatch.delenv("FUSEMIX_DECODE_WORKERS")
+    assert 1 <= decode_workers() <= 4
