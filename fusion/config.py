@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 FuseMixMode = Literal["fusemix", "none", "independent", "permutation"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Schedule = Literal["cosine", "constant"]
 LossKind = Literal["infonce", "masked", "multi"]
 
@@ -79,6 +79,14 @@ class TrainConfig:
     masked and multi need `groups`; infonce ignores them. Where the pairs that share a positive all
     hold the very same latent on one side (six images of one caption, and no other key), plain InfoNCE
     already is the multi-positive loss (equal in value and gradient); masked is not.
+
+    precision: autocast of the step. "auto" picks per machine (fusion.hardware.resolve_train_precision:
+    bf16 on a CPU with AMX or AVX-512 BF16 and on a bf16 GPU, fp16 on other GPUs, else fp32); the
+    default stays fp32, since the config's repr is part of every experiment's inputs hash.
+    compile: run each step's forward and loss through torch.compile (True, False, or "auto": where a
+    compiler for the device is present). Results stay close to eager but not bit-equal (fused kernels,
+    inductor's own dropout random numbers); on failure the trainer warns once and runs eagerly. Kept
+    out of repr, and so out of the inputs hash: it changes how a run executes, not what it means.
     """
 
     batch_size: int = 1024
@@ -99,6 +107,7 @@ class TrainConfig:
     eval_every: int | None = None  # steps between validations; None: once per epoch
     val_batch_size: int = 4096
     loss: LossKind = "infonce"
+    compile: bool | Literal["auto"] = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
@@ -119,8 +128,12 @@ class TrainConfig:
         )
         _check(self.val_batch_size >= 2, f"val_batch_size must be >= 2, got {self.val_batch_size}")
         _check(
-            self.precision in ("fp32", "bf16", "fp16"),
-            f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
+            self.precision in ("fp32", "bf16", "fp16", "auto"),
+            f"precision must be fp32, bf16, fp16 or auto, got {self.precision!r}",
+        )
+        _check(
+            isinstance(self.compile, bool) or self.compile == "auto",
+            f"compile must be True, False or 'auto', got {self.compile!r}",
         )
         _check(
             self.schedule in ("cosine", "constant"),

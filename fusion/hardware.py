@@ -38,3 +38,22 @@ def cpu_bf16_units() -> str | None:
     if "avx512_bf16" in flags:
         return "avx512_bf16"
     return None
+
+
+def resolve_train_precision(precision: str, device: str = "cpu") -> str:
+    """The autocast precision adapter training runs in: "fp32", "bf16" or "fp16".
+
+    "auto": on CUDA, bf16 where the GPU supports it, else fp16; on a CPU, bf16 where it has bf16 units
+    (`cpu_bf16_units`), else fp32; fp32 on any other device. Any other value is returned as given
+    (TrainConfig checks it). `device`: "cpu", "cuda", "cuda:1", ... (str() of a torch.device).
+    """
+    if precision != "auto":
+        return precision
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        import torch  # only here: the CPU answer needs no torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if kind == "cpu":
+        return "bf16" if cpu_bf16_units() else "fp32"
+    return "fp32"
