@@ -27,13 +27,13 @@ HERE = Path(__file__).resolve().parent
 QUICK: dict[str, list[str]] = {
     "bench_train": [],
     "bench_retrieval": ["--n", "20000"],
-    "bench_extract": ["--repeats", "2"],
+    "bench_extract": ["--repeats", "2", "--real", "--n-image", "192", "--n-text", "512", "--n-audio", "24"],
     "bench_ingest": ["--limits", "300"],
     "bench_ingest_audio": ["--notes", "16"],
     "bench_ingest_readers": ["--rows", "500", "--repeat", "2"],
     "bench_studies": ["--steps", "10"],
 }
-FULL: dict[str, list[str]] = {"bench_train": ["--full"], "bench_extract": ["--real"]}
+FULL: dict[str, list[str]] = {"bench_train": ["--full"], "bench_extract": ["--real", "--repeats", "3"]}
 
 
 def available() -> list[str]:

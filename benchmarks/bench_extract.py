@@ -11,6 +11,15 @@ same 2-5 s clips with short_clip on and off (the 30-s window) and prints the spe
 Small randomly initialised models (hidden 128) are built in a temporary folder and always run; with
 --real the offline-pack encoders (minilm, effnet-lite0, whisper-tiny by default) run too.
 
+With --real it also prints the engine table, per offline encoder, side by side in one run:
+  today:    float32, items decoded in the calling thread between forward passes (the engine before
+            reduced precision and decoding threads), and for images also float32 NCHW (no channels_last);
+  fp32:     float32 with decoding threads;
+  auto:     the default (dtype auto: bf16 on CPUs with AMX / AVX-512 BF16, else fp32) with decoding threads;
+  forward:  the bare forward pass of the auto encoder on already prepared batches (no decoding: the
+            ceiling the engine can reach);
+with auto/today, auto/forward and the minimum cosine of the auto latents to the float32 ones.
+
 Run: python -m benchmarks.bench_extract [--real] [--encoders minilm,whisper-tiny] [--repeats 3]
 """
 
@@ -138,13 +147,28 @@ def build_small_models(root: Path, hidden: int = 128) -> dict[str, EncoderSpec]:
 # ------------------------------------------------------------------------------------------ inputs
 
 
+def svg_bytes(rng: np.random.Generator) -> bytes:
+    """An emoji-like SVG (a face of circles and a path on a 36x36 view box), rendered at decode time."""
+    c = [f"#{int(v):06x}" for v in rng.integers(0, 0xFFFFFF, 4)]
+    r = int(rng.integers(10, 17))
+    return (
+        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 36 36">'
+        f'<circle cx="18" cy="18" r="{r}" fill="{c[0]}"/><circle cx="12" cy="14" r="3" fill="{c[1]}"/>'
+        f'<circle cx="24" cy="14" r="3" fill="{c[1]}"/><path d="M10 22 Q18 {28 + r % 5} 26 22" '
+        f'stroke="{c[2]}" stroke-width="2" fill="none"/><rect x="4" y="30" width="28" height="3" fill="{c[3]}"/></svg>'
+    ).encode()
+
+
 def make_inputs(modality: str, n: int, seed: int = 0) -> list[tuple[str, object]]:
-    """(media_id, payload) items: sentences of 3-60 words, 96x128 PNG bytes, or 2-5 s 16-kHz WAV bytes."""
+    """(media_id, payload) items: sentences of 3-60 words; images alternating 96x128 PNG bytes and
+    emoji-like SVG bytes (rendered like the emoji sets); or 2-5 s 16-kHz WAV bytes."""
     rng = np.random.default_rng(seed)
     items: list[tuple[str, object]] = []
     for i in range(n):
         if modality == "text":
             payload: object = " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 60))))
+        elif modality == "image" and i % 2:
+            payload = svg_bytes(rng)
         elif modality == "image":
             from PIL import Image
 
@@ -200,6 +224,79 @@ def bench_encoder(enc: FrozenEncoder, items, batch_size: int, repeats: int) -> d
     return {"encoder": enc.spec.name, "items": len(items), "batch": batch_size, "bare": bare, "extract": ext}
 
 
+def engine_seq(enc: FrozenEncoder, items, batch_size: int) -> int:
+    """The engine with decoding in the calling thread (workers=0)."""
+    return sum(
+        len(b.media_ids) for b in extract(enc, items, batch_size=batch_size, progress=False, workers=0)
+    )
+
+
+def nchw(enc: FrozenEncoder) -> FrozenEncoder:
+    """Turns a float32 TorchImageEncoder into the NCHW path (no channels_last), in place."""
+    import torch
+
+    enc.model = enc.model.to(memory_format=torch.contiguous_format)
+
+    def forward(prepared):
+        return enc._run(enc._features, torch.from_numpy(np.stack(prepared)).to(enc.device))
+
+    enc.forward = forward
+    return enc
+
+
+def bench_engine(spec: EncoderSpec, items, repeats: int) -> dict:
+    """today / fp32 / auto / bare forward items/s of one encoder, alternated within each repeat."""
+    bs = spec.batch_size
+    fp32 = build_encoder(replace(spec, dtype="float32"))
+    auto = build_encoder(replace(spec, dtype="auto"))
+    prepared = [(mid, auto.prepare(p, mid)) for mid, p in items]
+    if getattr(auto, "sorts_by_cost", auto.modality != "image"):  # the batches the engine forms
+        prepared.sort(key=lambda pair: auto.cost(pair[1]))
+
+    def forward_only(enc, _items, batch_size):
+        for start in range(0, len(prepared), batch_size):
+            enc.forward([p for _, p in prepared[start : start + batch_size]])
+        return len(prepared)
+
+    runs = {
+        "today": (engine_seq, fp32),
+        "fp32": (engine, fp32),
+        "auto": (engine, auto),
+        "forward": (forward_only, auto),
+    }
+    if spec.modality == "image" and hasattr(fp32, "model"):
+        runs["nchw"] = (engine_seq, nchw(build_encoder(replace(spec, dtype="float32"))))
+    for fn, enc in runs.values():  # warm-up: lazy inits, allocator, oneDNN kernels of each precision
+        fn(enc, items[:bs], bs)
+    rates = dict(zip(runs, best_rates(*zip(*runs.values(), strict=True), items, bs, repeats), strict=True))
+    sample = items[: min(len(items), 2 * bs)]
+    a, b = engine_vectors(auto, sample, bs), engine_vectors(fp32, sample, bs)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"encoder": spec.name, "batch": bs, "items": len(items), "precision": auto.precision,
+            "cos_min": float(cos.min()), **rates}  # fmt: skip
+
+
+def engine_vectors(enc: FrozenEncoder, items, batch_size: int) -> np.ndarray:
+    got = {}
+    for b in extract(enc, items, batch_size=batch_size, progress=False):
+        got.update(zip(b.media_ids, b.vectors, strict=True))
+    return np.stack([got[mid] for mid, _ in items])
+
+
+def print_engine_table(rows: list[dict]) -> None:
+    print()
+    print("engine: items/s side by side (today = float32, decoding in line; auto = the default)")
+    head = f"{'encoder':<14}{'batch':>6}{'auto is':>10}{'nchw':>8}{'today':>8}{'fp32':>8}{'auto':>8}{'forward':>9}"
+    print(head + f"{'auto/today':>12}{'auto/forward':>14}{'cos min':>9}")
+    for r in rows:
+        nchw_rate = f"{r['nchw']:>8.1f}" if "nchw" in r else f"{'-':>8}"
+        print(
+            f"{r['encoder']:<14}{r['batch']:>6}{r['precision']:>10}{nchw_rate}{r['today']:>8.1f}{r['fp32']:>8.1f}"
+            f"{r['auto']:>8.1f}{r['forward']:>9.1f}{r['auto'] / r['today']:>12.2f}{r['auto'] / r['forward']:>14.2f}"
+            f"{r['cos_min']:>9.4f}"
+        )
+
+
 def bench_whisper_window(spec: EncoderSpec, items, repeats: int) -> dict:
     short = build_encoder(replace(spec, options={**spec.options, "short_clip": True}))
     full = build_encoder(replace(spec, options={**spec.options, "short_clip": False}))
@@ -214,7 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", action="store_true", help="also run the offline-pack encoders")
     parser.add_argument(
-        "--encoders", default="minilm,effnet-lite0,whisper-tiny", help="offline encoders for --real"
+        "--encoders",
+        default="effnet-lite0,effnet-lite2,minilm,mpnet,whisper-tiny,whisper-base",
+        help="offline encoders for --real",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n-text", type=int, default=384)
@@ -224,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {"text": args.n_text, "image": args.n_image, "audio": args.n_audio}
     print(f"torch threads: {configure_threads('cpu')}")
 
-    rows, whisper_rows = [], []
+    rows, whisper_rows, engine_rows = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         specs = build_small_models(Path(tmp))
         if args.real:
@@ -241,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
             items = make_inputs(spec.modality, n)
             enc = build_encoder(spec)
             rows.append(bench_encoder(enc, items, spec.batch_size, args.repeats))
+            if real:
+                engine_rows.append(bench_engine(spec, items, args.repeats))
             if spec.modality == "audio" and getattr(enc, "short_clip", None) is not None:
                 whisper_rows.append(
                     bench_whisper_window(spec, items[: max(spec.batch_size, n // 2)], args.repeats)
@@ -253,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['encoder']:<16}{r['items']:>7}{r['batch']:>7}{r['bare']:>12.1f}{r['extract']:>14.1f}"
             f"{r['extract'] / r['bare']:>14.2f}"
         )
+    if engine_rows:
+        print_engine_table(engine_rows)
     if whisper_rows:
         print()
         print(f"{'whisper (2-5 s)':<16}{'clips':>7}{'short it/s':>12}{'30-s it/s':>12}{'speed-up':>10}")
