@@ -32,6 +32,8 @@ QUICK: dict[str, list[str]] = {
     "bench_ingest_audio": ["--notes", "16"],
     "bench_ingest_readers": ["--rows", "500", "--repeat", "2"],
     "bench_studies": ["--steps", "10"],
+    "bench_demo": [],
+    "bench_precision": [],
 }
 FULL: dict[str, list[str]] = {"bench_train": ["--full"], "bench_extract": ["--real", "--repeats", "3"]}
 
