@@ -1,6 +1,6 @@
 """Runs the benchmarks one after another, each under a header, and reports which ones failed.
 
-Run: python -m benchmarks                      every bench_*.py module, quick sizes (~15 min on 2 cores)
+Run: python -m benchmarks                      every bench_*.py module, quick sizes (~25 min on 2 cores)
      python -m benchmarks train retrieval      only these (names with or without the bench_ prefix)
      python -m benchmarks --full               the modules' own full-size defaults
      python -m benchmarks --list               the modules found
