@@ -9,10 +9,10 @@ A `load` callback turns each stored payload into the one to decode just before i
 (the pipeline re-checks and re-hashes a file there, so what is encoded is what was checked).
 
 Decoding overlaps the forward pass: `workers` threads (default: one per core this process may use,
-at most 4; $FUSEMIX_DECODE_WORKERS overrides) load and prepare the items of the next windows while the
-model runs on the current one (image decoding, SVG rendering, resampling and file hashing release the
-GIL for most of their time, as does torch's forward pass). Output order and failure reports are those
-of the sequential path (workers=0).
+at most 4, for images and audio; none for text; $FUSEMIX_DECODE_WORKERS overrides) load and prepare
+the items of the next windows while the model runs on the current one (image decoding, SVG
+rendering, resampling and file hashing release the GIL for most of their time, as does torch's
+forward pass). Output order and failure reports are those of the sequential path (workers=0).
 
     from fusion.encoders import build_encoder, extract, load_registry
     enc = build_encoder(load_registry()["minilm"])
@@ -73,9 +73,11 @@ def _allowed_cores() -> int:
         return os.cpu_count() or 1
 
 
-def decode_workers(workers: int | None = None) -> int:
+def decode_workers(workers: int | None = None, modality: str = "image") -> int:
     """Threads that prepare items beside the forward pass: `workers` if given, else
-    $FUSEMIX_DECODE_WORKERS, else one per usable core, at most 4. 0 decodes in the calling thread."""
+    $FUSEMIX_DECODE_WORKERS, else one per usable core, at most 4, for images and audio, and none for
+    text (preparing a caption only checks it, so threads would only compete with the forward pass).
+    0 decodes in the calling thread."""
     if workers is None:
         wanted = os.environ.get("FUSEMIX_DECODE_WORKERS", "").strip()
         if wanted:
@@ -83,7 +85,7 @@ def decode_workers(workers: int | None = None) -> int:
                 raise ValueError(f"FUSEMIX_DECODE_WORKERS must be a whole number >= 0, got {wanted!r}")
             workers = int(wanted)
         else:
-            workers = min(4, _allowed_cores())
+            workers = 0 if modality == "text" else min(4, _allowed_cores())
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     return workers
@@ -114,7 +116,7 @@ def extract(
     bs = int(batch_size or encoder.spec.batch_size)
     if bs < 1:
         raise ValueError(f"batch_size must be positive, got {bs}")
-    n_workers = decode_workers(workers)
+    n_workers = decode_workers(workers, encoder.modality)
     configure_threads(getattr(encoder, "device", "cpu"))
     # Images all cost the same, so a window larger than one batch would only hold memory.
     window = bs * max(1, window_batches) if _sorts(encoder) else bs
