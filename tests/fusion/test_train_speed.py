@@ -19,6 +19,7 @@ from fusion.config import AdapterConfig, FuseMixConfig, TrainConfig
 from fusion.fusemix import mix_with_sources
 from fusion.loss import clamp_temperature, clip_loss
 from fusion.trainer import CompiledOrEager, lr_factor, param_groups, resolve_compile, train_adapters
+from tests.fusion.test_trainer import _data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,14 +34,6 @@ DEFAULT_REPR = (
     "temperature_init=0.07, temperature_min=0.001, temperature_max=0.5, eval_every=None, "
     "val_batch_size=4096, loss='infonce')"
 )
-
-
-def _data(n=96, dx=12, dy=10, seed=0):
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n, 6))
-    x = z @ rng.standard_normal((6, dx)) + 0.3 * rng.standard_normal((n, dx))
-    y = np.tanh(z @ rng.standard_normal((6, dy))) + 0.3 * rng.standard_normal((n, dy))
-    return x.astype(np.float32), y.astype(np.float32)
 
 
 def _train(x, y, adapter=SMALL, mode="fusemix", **kw):
