@@ -33,7 +33,7 @@ test-slow: install
 	$(BIN)/pytest -q -m slow
 
 test-all: install
-	$(BIN)/pytest -q -m "not gpu"
+	$(BIN)/pytest -q -m ""
 
 lint: install
 	$(BIN)/ruff check .

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
+from fusion.hardware import valid_device
+
 FuseMixMode = Literal["fusemix", "none", "independent", "permutation"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Schedule = Literal["cosine", "constant"]
@@ -80,6 +82,8 @@ class TrainConfig:
     hold the very same latent on one side (six images of one caption, and no other key), plain InfoNCE
     already is the multi-positive loss (equal in value and gradient); masked is not.
 
+    device: cpu, cuda, cuda:N, mps, or auto ($FUSEMIX_DEVICE where it names a device, else a CUDA
+    GPU where present, else mps, else cpu; fusion.hardware.resolve_device).
     precision: autocast of the step. "auto" picks per machine (fusion.hardware.resolve_train_precision:
     bf16 on a CPU with AMX or AVX-512 BF16 and on a bf16 GPU, fp16 on other GPUs, else fp32); the
     default stays fp32, since the config's repr is part of every experiment's inputs hash.
@@ -127,6 +131,10 @@ class TrainConfig:
             f"eval_every must be None or >= 1, got {self.eval_every}",
         )
         _check(self.val_batch_size >= 2, f"val_batch_size must be >= 2, got {self.val_batch_size}")
+        _check(
+            isinstance(self.device, str) and valid_device(self.device),
+            f"device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}",
+        )
         _check(
             self.precision in ("fp32", "bf16", "fp16", "auto"),
             f"precision must be fp32, bf16, fp16 or auto, got {self.precision!r}",

@@ -5,14 +5,21 @@ and later) or AVX-512 BF16 dot products (`avx512_bf16`, Intel Cooper Lake, AMD Z
 Without them PyTorch emulates bf16 and it is slower than fp32, so every "auto" precision of the
 project resolves to fp32 there.
 
-    from fusion.hardware import cpu_bf16_units
+    from fusion.hardware import cpu_bf16_units, resolve_device
     cpu_bf16_units()   # "amx", "avx512_bf16" or None
+    resolve_device("auto")   # "cuda" where a GPU is present, else "mps" on Apple silicon, else "cpu"
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import re
 from pathlib import Path
+
+# Where encoders run when neither the encoder's entry nor the pipeline's EncoderBank names a device.
+DEVICE_ENV = "FUSEMIX_DEVICE"
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?|auto)$")
 
 
 @functools.cache
@@ -57,3 +64,29 @@ def resolve_train_precision(precision: str, device: str = "cpu") -> str:
     if kind == "cpu":
         return "bf16" if cpu_bf16_units() else "fp32"
     return "fp32"
+
+
+def valid_device(name: str) -> bool:
+    """Whether `name` is a device resolve_device takes (cpu, cuda, cuda:N, mps, auto)."""
+    return bool(_DEVICE.match(name))
+
+
+def resolve_device(device: str | None = None) -> str:
+    """A concrete torch device name: `device`, else $FUSEMIX_DEVICE, else "cpu". "auto" is
+    $FUSEMIX_DEVICE where that names a device, else "cuda" where a CUDA GPU is present, else "mps"
+    where Apple's Metal backend is, else "cpu". Raises ValueError for a name that is none of cpu,
+    cuda, cuda:N, mps or auto."""
+    name = (device or os.environ.get(DEVICE_ENV, "") or "cpu").strip()
+    if name == "auto" and device == "auto" and os.environ.get(DEVICE_ENV, "").strip() not in ("", "auto"):
+        name = os.environ[DEVICE_ENV].strip()  # the machine's choice, where the config leaves it open
+    if not valid_device(name):
+        where = f"${DEVICE_ENV}" if not device else "device"
+        raise ValueError(f"{where} must be cpu, cuda, cuda:N, mps or auto, got {name!r}")
+    if name != "auto":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"

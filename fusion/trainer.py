@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from fusion.adapters import Adapter, EncoderRef, FusedModel
 from fusion.config import AdapterConfig, FuseMixConfig, TrainConfig
 from fusion.fusemix import mix_with_sources, mixed_same_from_groups
-from fusion.hardware import resolve_train_precision
+from fusion.hardware import resolve_device, resolve_train_precision
 from fusion.loss import clamp_temperature, clip_loss, masked_clip_loss
 
 # Each chunk is (x, y) or (x, y, groups); a source gives all chunks the same form.
@@ -339,7 +339,7 @@ def train_adapters(
 
     torch.manual_seed(train_cfg.seed)
     rng = np.random.default_rng(train_cfg.seed)
-    device = torch.device(train_cfg.device)
+    device = torch.device(resolve_device(train_cfg.device))
     precision = resolve_train_precision(train_cfg.precision, str(device))
     sx, sy = sides
     adapters = {sx: Adapter(dx, adapter_cfg), sy: Adapter(dy, adapter_cfg)}

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from fusion.adapters import EncoderRef
 from fusion.encoders import EncoderSpec, FrozenEncoder, build_encoder, describe_encoder, load_registry
+from fusion.hardware import resolve_device
 from fusion.paths import configs_dir, fusemix_home
 from pipelines.lake import Lake, default_lake_root
 from pipelines.tracking import default_artifact_root, default_tracking_uri
@@ -65,7 +66,11 @@ class EncoderBank(dg.ConfigurableResource):
     """The frozen encoders of configs/encoders.yaml, built once per process and kept."""
 
     registry_path: str = Field(default_factory=lambda: str(configs_dir() / "encoders.yaml"))
-    device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
+    device: str = Field(
+        default="",
+        description="cpu, cuda, cuda:N, mps or auto; empty: $FUSEMIX_DEVICE, else cpu. An encoder's own "
+        "`device` in encoders.yaml wins.",
+    )
     cache_dir: str | None = Field(default=None, description="Model cache (offline pack, converted weights)")
 
     def specs(self) -> dict[str, EncoderSpec]:
@@ -77,19 +82,24 @@ class EncoderBank(dg.ConfigurableResource):
             raise KeyError(f"encoder {name!r} is not in {self.registry_path}; known: {sorted(specs)}")
         return specs[name]
 
+    def device_for(self, spec: EncoderSpec) -> str:
+        """The device an encoder runs on: its own `device`, else this bank's, else $FUSEMIX_DEVICE, else cpu."""
+        return resolve_device(spec.device or self.device or None)
+
     def ref(self, name: str) -> EncoderRef:
         """What a checkpoint records of an encoder: name, fingerprint, dimension (weights not loaded)."""
-        return describe_encoder(
-            self.spec(name), cache_dir=Path(self.cache_dir) if self.cache_dir else None, device=self.device
-        )
+        spec = self.spec(name)
+        cache = Path(self.cache_dir) if self.cache_dir else None
+        return describe_encoder(spec, cache_dir=cache, device=self.device_for(spec))
 
     def get(self, name: str) -> FrozenEncoder:
         spec = self.spec(name)
-        key = (spec, self.device, self.cache_dir)
+        device = self.device_for(spec)
+        key = (spec, device, self.cache_dir)
         with _ENCODERS_LOCK:
             if key not in _ENCODERS:
                 _ENCODERS[key] = build_encoder(
-                    spec, device=self.device, cache_dir=Path(self.cache_dir) if self.cache_dir else None
+                    spec, device=device, cache_dir=Path(self.cache_dir) if self.cache_dir else None
                 )
             return _ENCODERS[key]
 

@@ -33,3 +33,18 @@ def _isolated_process_state():
         _current_storage.reset(token)
     except ValueError:  # set in another context (a fixture of wider scope): leave it cleared
         _current_storage.set(None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run wherever a CUDA device is present (in `make test` too) and are skipped,
+    with the reason, elsewhere."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False here")
+    for item in gpu_tests:
+        item.add_marker(skip)

@@ -64,6 +64,9 @@ class EncoderSpec:
     # Whether the pipeline's sensor extracts this encoder for the datasets by itself (None: when an
     # experiment uses it, or when it was added after the sensor first ran). Not in the fingerprint.
     eager: bool | None = None
+    # Where this encoder runs (cpu, cuda, cuda:N, mps, auto); None: the pipeline's EncoderBank device
+    # ($FUSEMIX_DEVICE, else cpu). Not in the fingerprint: the precision it runs in there is.
+    device: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preprocessing", _frozen(self.preprocessing))
@@ -89,6 +92,8 @@ class EncoderSpec:
             out["options"] = dict(self.options)
         if self.eager is not None:
             out["eager"] = self.eager
+        if self.device is not None:
+            out["device"] = self.device
         return out
 
 
@@ -114,6 +119,11 @@ def validate_spec(spec: EncoderSpec) -> None:
         raise bad("dtype", f"must be one of {DTYPES}, got {spec.dtype!r}")
     if spec.eager is not None and not isinstance(spec.eager, bool):
         raise bad("eager", f"must be true or false, got {spec.eager!r}")
+    if spec.device is not None:
+        from fusion.hardware import valid_device
+
+        if not isinstance(spec.device, str) or not valid_device(spec.device):
+            raise bad("device", f"must be cpu, cuda, cuda:N, mps or auto, got {spec.device!r}")
     tower = spec.options.get("tower")
     if tower is not None and tower not in ("audio", "text"):
         raise bad("options.tower", f"must be 'audio' or 'text', got {tower!r}")
