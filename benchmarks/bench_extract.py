@@ -276,10 +276,13 @@ def bench_engine(spec: EncoderSpec, items, repeats: int) -> dict:
             "cos_min": float(cos.min()), **rates}  # fmt: skip
 
 
-def engine_vectors(enc: FrozenEncoder, items, batch_size: int) -> np.ndarray:
+def engine_vectors(enc: FrozenEncoder, items, batch_size: int | None = None) -> np.ndarray:
+    """The engine's latents of `items`, in their order; raises if any item could not be encoded."""
     got = {}
     for b in extract(enc, items, batch_size=batch_size, progress=False):
         got.update(zip(b.media_ids, b.vectors, strict=True))
+        if b.failures:
+            raise RuntimeError(f"{enc.spec.name}: could not encode {[f.media_id for f in b.failures]}")
     return np.stack([got[mid] for mid, _ in items])
 
 

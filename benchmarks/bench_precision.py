@@ -22,21 +22,17 @@ import time
 
 import numpy as np
 
+from benchmarks.bench_extract import engine_vectors
 from fusion.adapters import EncoderRef
-from fusion.encoders import build_encoder, extract, load_registry
+from fusion.encoders import build_encoder, load_registry
 from fusion.paths import fusemix_home
 
 
 def encode(enc, payloads: list[tuple[str, object]]) -> tuple[np.ndarray, float]:
     """Latents in the order of `payloads` and the items/s of the encoding."""
     start = time.perf_counter()
-    got: dict[str, np.ndarray] = {}
-    for batch in extract(enc, payloads, progress=False):
-        got.update(zip(batch.media_ids, batch.vectors, strict=True))
-        if batch.failures:
-            raise RuntimeError(f"{enc.spec.name}: could not encode {[f.media_id for f in batch.failures]}")
-    seconds = time.perf_counter() - start
-    return np.stack([got[mid] for mid, _ in payloads]), len(payloads) / seconds
+    vectors = engine_vectors(enc, payloads)
+    return vectors, len(payloads) / (time.perf_counter() - start)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

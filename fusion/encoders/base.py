@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from fusion.hardware import resolve_train_precision, valid_device
+
 MODALITIES = ("image", "text", "audio")
 SOURCES = ("hf", "offline", "laion_clap")
 POOLINGS = ("mean", "cls", "pooler")
@@ -119,11 +121,8 @@ def validate_spec(spec: EncoderSpec) -> None:
         raise bad("dtype", f"must be one of {DTYPES}, got {spec.dtype!r}")
     if spec.eager is not None and not isinstance(spec.eager, bool):
         raise bad("eager", f"must be true or false, got {spec.eager!r}")
-    if spec.device is not None:
-        from fusion.hardware import valid_device
-
-        if not isinstance(spec.device, str) or not valid_device(spec.device):
-            raise bad("device", f"must be cpu, cuda, cuda:N, mps or auto, got {spec.device!r}")
+    if spec.device is not None and not (isinstance(spec.device, str) and valid_device(spec.device)):
+        raise bad("device", f"must be cpu, cuda, cuda:N, mps or auto, got {spec.device!r}")
     tower = spec.options.get("tower")
     if tower is not None and tower not in ("audio", "text"):
         raise bad("options.tower", f"must be 'audio' or 'text', got {tower!r}")
@@ -207,19 +206,11 @@ def resolve_precision(dtype: str, device: str = "cpu") -> str:
         dtype = os.environ.get(PRECISION_ENV, "").strip() or "auto"
         if dtype not in DTYPES:
             raise EncoderConfigError(f"${PRECISION_ENV} must be one of {DTYPES}, got {dtype!r}")
-    if device.startswith("cuda"):
-        if dtype == "auto":
-            import torch
-
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return dtype
-    if device.startswith("cpu"):
-        if dtype == "auto":
-            from fusion.hardware import cpu_bf16_units
-
-            return "bfloat16" if cpu_bf16_units() else "float32"
-        return "float32" if dtype == "float16" else dtype
-    return "float32" if dtype == "auto" else dtype
+    if dtype == "auto":  # the same choice as adapter training's precision "auto"
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[
+            resolve_train_precision("auto", device)
+        ]
+    return "float32" if dtype == "float16" and device.startswith("cpu") else dtype
 
 
 def compute_fingerprint(

@@ -176,10 +176,11 @@ def test_compiled_training_with_the_masked_loss_matches_eager(compile_without_cx
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not trainer_mod.compiler_available(torch.device("cpu")), reason="no C++ compiler for torch.compile"
+)
 def test_inductor_compiled_training_matches_eager():
     """The real backend: C++ kernels built by inductor (20-50 s the first time on 2 cores)."""
-    if not trainer_mod.compiler_available(torch.device("cpu")):
-        pytest.skip("no C++ compiler for torch.compile")
     x, y = _data(n=256)
     eager = _train(x, y, adapter=NO_DROPOUT, batch_size=32, steps=10)
     with warnings.catch_warnings():
