@@ -1,4 +1,4 @@
-"""Jobs, the encoder sensor and the extraction schedule.
+"""Jobs, the registry and experiment sensors and the extraction schedule.
 
 Which (dataset, encoder) pairs are kept current (`kept_current`): an encoder is extracted for the
 datasets of the experiments that use it (their own and their `eval_datasets`); an encoder no
@@ -7,26 +7,28 @@ encoders.yaml, or added to the registry after the sensor first ran (an encoder y
 false` never extracts by itself. So the first start of the UI extracts what the experiments need and
 nothing else.
 
-The sensor reads configs/encoders.yaml on every tick: every encoder becomes a partition (so any can be
-run by hand), and each kept-current (dataset, encoder) of an ingested dataset gets one extraction per
+The registry sensor reads configs/*.yaml on every tick and brings the dynamic partitions in step
+(pipelines.partitions: datasets, experiments and families added and removed, encoders added: every
+encoder is a partition, so any can be run by hand), and each kept-current (dataset, encoder) of an ingested dataset gets one extraction per
 encoder fingerprint (run key `extract:{dataset}:{encoder}:{fingerprint}`): adding an encoder or
 changing its settings or weights extracts it again, an unchanged one never twice. The schedule (on by
 default, nightly) requests extraction only where media of the encoder's modality still lack a latent
-of its current fingerprint, so a tick with nothing new launches nothing.
+of its current fingerprint, so a tick with nothing new launches nothing. The experiment sensor records
+each experiment's inputs as the data version of `experiment_inputs` when they change (assets.curate),
+which is what marks exactly those experiments stale, and re-runs the ones with `auto_run: true`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import dagster as dg
 
+from assets.curate import DATA_VERSION_TAG, INPUTS, inputs_event
 from fusion.encoders import EncoderSpec
-from pipelines.curate import read_tables
+from pipelines.curate import experiment_state
 from pipelines.lake import Lake, sql_str
-from pipelines.partitions import ENCODER_PARTITIONS, Partitions
-from pipelines.registries import ExperimentSpec
+from pipelines.partitions import ENCODER_PARTITIONS, EXPERIMENT_PARTITIONS, Partitions
 from pipelines.resources import EncoderBank, LanceLake
 from pipelines.schemas import table_name
 
@@ -104,21 +106,24 @@ def _fingerprints(bank: EncoderBank, names, log) -> dict[str, str]:
 
 def build_sensor(parts: Partitions) -> dg.SensorDefinition:
     @dg.sensor(
-        name="new_encoder_sensor",
+        name="registry_sensor",
         job_name="extract_job",
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
-            "Adds a partition for each encoder of configs/encoders.yaml and extracts the encoders "
-            "experiments use (and eager ones) whenever one is added or its fingerprint changes"
+            "Keeps the partitions in step with configs/*.yaml (datasets, experiments and families added "
+            "and removed, encoders added) and extracts the encoders experiments use (and eager ones) "
+            "whenever one is added or its fingerprint changes"
         ),
     )
-    def new_encoder_sensor(context: dg.SensorEvaluationContext, lake: LanceLake, encoders: EncoderBank):
+    def registry_sensor(context: dg.SensorEvaluationContext, lake: LanceLake, encoders: EncoderBank):
         specs = parts.encoders()
         state = json.loads(context.cursor) if context.cursor else {}
         first_seen = set(state.get("first_seen", specs))
-        known = set(context.instance.get_dynamic_partitions(ENCODER_PARTITIONS))
-        new = sorted(e for e in specs if e not in known)
+        changes = parts.partition_requests(context.instance)
+        for req in changes:
+            verb = "adding" if isinstance(req, dg.AddDynamicPartitionsRequest) else "removing"
+            context.log.info(f"{verb} {req.partitions_def_name} partitions {', '.join(req.partition_keys)}")
         current = kept_current(parts, first_seen)
         fps = _fingerprints(encoders, sorted(current), context.log)
         lk = lake.lake()
@@ -136,28 +141,20 @@ def build_sensor(parts: Partitions) -> dg.SensorDefinition:
             if lk.exists(table_name("media", dataset))
         ]
         return dg.SensorResult(
-            dynamic_partitions_requests=[parts.encoder.build_add_request(new)] if new else [],
+            dynamic_partitions_requests=changes,
             run_requests=requests,
             cursor=json.dumps({"first_seen": sorted(first_seen)}),
         )
 
-    return new_encoder_sensor
+    return registry_sensor
 
 
-def experiment_state(lake: Lake, exp: ExperimentSpec) -> str | None:
-    """A digest of what the experiment's run depends on: its configuration and the Lance versions of
-    the tables it reads (its dataset's pairs and latents, and those of its eval_datasets); None while
-    one of them does not exist yet."""
-    tables = read_tables(exp) + [
-        table_name(kind, d, *enc)
-        for d in exp.eval_datasets
-        for kind, enc in (("pairs", ()), ("latents", (exp.media_encoder,)), ("latents", (exp.text_encoder,)))
-    ]
-    versions = lake.versions(tables)
-    if len(versions) < len(tables):
+def recorded_state(instance: dg.DagsterInstance, experiment: str) -> str | None:
+    """The data version last recorded for the experiment's inputs (by a run or by the sensor)."""
+    record = instance.get_latest_data_version_record(dg.AssetKey(INPUTS), False, experiment)
+    if record is None:
         return None
-    text = repr(exp) + json.dumps(versions, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return record.asset_materialization.tags.get(DATA_VERSION_TAG) if record.asset_materialization else None
 
 
 def build_experiment_sensor(parts: Partitions) -> dg.SensorDefinition:
@@ -167,26 +164,39 @@ def build_experiment_sensor(parts: Partitions) -> dg.SensorDefinition:
         minimum_interval_seconds=60,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
-            "Re-runs each experiment with `auto_run: true` when its configuration, its pairs or its "
-            "latents change (an unchanged checkpoint is not retrained)"
+            "Records each experiment's inputs (configuration, encoder fingerprints, Lance versions of "
+            "its pairs and latents) as the data version of experiment_inputs, so that exactly the "
+            "experiments whose inputs changed show as stale; re-runs those with `auto_run: true` (an "
+            "unchanged checkpoint is not retrained)"
         ),
     )
-    def experiment_sensor(context: dg.SensorEvaluationContext, lake: LanceLake):
+    def experiment_sensor(context: dg.SensorEvaluationContext, lake: LanceLake, encoders: EncoderBank):
         lk = lake.lake()
-        requests = []
-        for name, exp in sorted(parts.experiments.items()):
-            if not exp.auto_run:
-                continue
-            state = experiment_state(lk, exp)
+        known = set(context.instance.get_dynamic_partitions(EXPERIMENT_PARTITIONS))
+        exps = parts.experiments
+        names = sorted({n for e in exps.values() for n in (e.media_encoder, e.text_encoder)})
+        fps = _fingerprints(encoders, names, context.log)
+        events, requests = [], []
+        for name, exp in sorted(exps.items()):
+            if name not in known or exp.media_encoder not in fps or exp.text_encoder not in fps:
+                continue  # the registry sensor adds the partition on its next tick
+            state = experiment_state(lk, exp, (fps[exp.media_encoder], fps[exp.text_encoder]))
             if state is None:
                 context.log.info(f"{name}: its pairs or latents are not in the lake yet")
                 continue
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"experiment:{name}:{state}", job_name="experiment_job", partition_key=name
+            if recorded_state(context.instance, name) != state:
+                events.append(inputs_event(name, state))
+            if exp.auto_run:
+                requests.append(
+                    dg.RunRequest(
+                        run_key=f"experiment:{name}:{state}", job_name="experiment_job", partition_key=name
+                    )
                 )
-            )
-        return requests or dg.SkipReason("no experiment has auto_run: true, or none has its inputs yet")
+        return dg.SensorResult(
+            run_requests=requests,
+            asset_events=events,
+            skip_reason=None if requests else "no experiment with auto_run: true has new inputs",
+        )
 
     return experiment_sensor
 

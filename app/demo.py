@@ -24,7 +24,7 @@ from app.cli import UserError, dagster_home
 from fusion.paths import fusemix_home
 from pipelines.evaluate import headline
 from pipelines.lake import Lake, default_lake_root
-from pipelines.partitions import ENCODER_PARTITIONS, Partitions
+from pipelines.partitions import Partitions, sync_partitions
 from pipelines.registries import load_experiments
 from pipelines.storage import FAILURE_KEY, check_writable, errno_in_text, storage_error_in_text
 from pipelines.tracking import OWNER_HOST, OWNER_PID, owner_gone, process_owner, this_host
@@ -154,15 +154,9 @@ def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, qu
     return result.success
 
 
-def add_encoder_partitions(parts: Partitions, inst: dg.DagsterInstance) -> None:
-    """Every encoder of the registry as a partition (the sensor does the same in the UI)."""
-    known = set(inst.get_dynamic_partitions(ENCODER_PARTITIONS))
-    inst.add_dynamic_partitions(ENCODER_PARTITIONS, [e for e in parts.encoders() if e not in known])
-
-
 def run_plan(defs, parts: Partitions, inst, experiments: list[str]) -> bool:
     """Ingest the datasets these experiments use, extract what their encoders need, then run them."""
-    add_encoder_partitions(parts, inst)
+    sync_partitions(parts, inst)  # the registry sensor does the same in the UI
     exps = [parts.experiments[e] for e in experiments]
     datasets = sorted({e.dataset for e in exps})
     ok = all(_run(defs, "ingest_job", d, inst) for d in datasets)
@@ -240,6 +234,7 @@ def materialize(stage: str, partition: str | None = None) -> int:
         return 2
     defs, parts = _defs()
     inst = instance()
+    sync_partitions(parts, inst)  # the registry sensor does the same in the UI
     if stage in ("experiment", "all"):
         exps = [partition] if partition else sorted(parts.experiments)
         unknown = [e for e in exps if e not in parts.experiments]
@@ -250,7 +245,6 @@ def materialize(stage: str, partition: str | None = None) -> int:
     if stage == "ingest":
         keys = [partition] if partition else sorted(parts.datasets)
         return 0 if all([_run(defs, "ingest_job", k, inst) for k in keys]) else 1
-    add_encoder_partitions(parts, inst)
     specs = parts.encoders()
     if partition:
         dataset, _, encoder = partition.partition("|")

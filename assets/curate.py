@@ -1,28 +1,78 @@
 """Curate: partition (experiment) -> `curated__{experiment}`, the selected pairs (quantity, quality,
-diversity ablations), plus the blocking data contract checked before any training."""
+diversity ablations), plus the blocking data contract checked before any training.
+
+`experiment_inputs` (one partition per experiment, the first step of experiment_job) records what the
+experiment reads as its data version: `pipelines.curate.experiment_state`, a digest of its
+configuration, its encoders' fingerprints and the Lance versions of its pairs and latents. The
+experiment sensor records a new one (a runless materialisation) when that state changes, so Dagster
+marks exactly the experiments whose inputs changed as stale, and `curated` downstream of it. (With
+`curated` depending on every latents partition directly, any new latents would mark every experiment
+stale; `experiment_inputs` itself still shows stale after any new latents, as its lineage says.)
+"""
 
 import dagster as dg
 
-from pipelines.curate import curate, latents_contract, read_tables, write_curated
+from pipelines.curate import (
+    curate,
+    experiment_state,
+    input_tables,
+    latents_contract,
+    read_tables,
+    write_curated,
+)
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake
 from pipelines.storage import dagster_failure
 
+INPUTS = "experiment_inputs"
+DATA_VERSION_TAG = "dagster/data_version"  # how a reported materialisation carries its data version
+
+
+def inputs_event(name: str, state: str) -> dg.AssetMaterialization:
+    """One experiment's inputs at `state` (a pipelines.curate.experiment_state), as the experiment
+    sensor reports it outside a run."""
+    return dg.AssetMaterialization(
+        INPUTS, partition=name, tags={DATA_VERSION_TAG: state}, metadata={"state": state}
+    )
+
 
 def build(parts: Partitions) -> list:
     @dg.asset(
-        name="curated",
+        name=INPUTS,
         group_name="curate",
         partitions_def=parts.experiment,
         deps=[
             dg.AssetDep("pairs", partition_mapping=dg.AllPartitionMapping()),
             dg.AssetDep("latents", partition_mapping=dg.AllPartitionMapping()),
         ],
+        description=(
+            "What the experiment reads, as its data version: its configuration, its encoders' "
+            "fingerprints and the Lance versions of its pairs and latents"
+        ),
+    )
+    def experiment_inputs(context: dg.AssetExecutionContext, lake: LanceLake, encoders: EncoderBank):
+        exp = parts.experiment_spec(context.partition_key)
+        lk = lake.lake()
+        media, text = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
+        state = experiment_state(lk, exp, (media.fingerprint, text.fingerprint))
+        if state is None:  # latents_ready names what to run; recorded so that their arrival shows
+            missing = [t for t in input_tables(exp) if not lk.exists(t)]
+            state = "missing:" + ",".join(missing)
+        versions = dg.MetadataValue.json(lk.versions(input_tables(exp)))
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(state), metadata={"state": state, "read_versions": versions}
+        )
+
+    @dg.asset(
+        name="curated",
+        group_name="curate",
+        partitions_def=parts.experiment,
+        deps=[INPUTS],
         kinds={"lance"},
         description="The experiment's training pairs (val and test whole)",
     )
     def curated(context: dg.AssetExecutionContext, lake: LanceLake, encoders: EncoderBank):
-        exp = parts.experiments[context.partition_key]
+        exp = parts.experiment_spec(context.partition_key)
         lk = lake.lake()
         media, text = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         table, info = curate(lk, exp, media.fingerprint, text.fingerprint)
@@ -41,7 +91,7 @@ def build(parts: Partitions) -> list:
         ),
     )
     def latents_ready(context: dg.AssetCheckExecutionContext, lake: LanceLake, encoders: EncoderBank):
-        exp = parts.experiments[context.partition_key]
+        exp = parts.experiment_spec(context.partition_key)
         media, text = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         problems, checked = latents_contract(lake.lake(), exp, media, text)
         quarantined = {name: c["quarantined"] for name, c in checked.items() if c["quarantined"]}
@@ -52,4 +102,4 @@ def build(parts: Partitions) -> list:
             metadata={"checked": dg.MetadataValue.json(checked)},
         )
 
-    return [curated, latents_ready]
+    return [experiment_inputs, curated, latents_ready]

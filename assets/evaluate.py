@@ -38,7 +38,7 @@ def build(parts: Partitions) -> list:
         tracking: MlflowTracking,
         paths: PipelinePaths,
     ):
-        exp = parts.experiments[context.partition_key]
+        exp = parts.experiment_spec(context.partition_key)
         lk = lake.lake()
         refs = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         models = glue.load_seeds(seed_dirs(paths.models_dir, exp), *refs)
@@ -64,7 +64,7 @@ def build(parts: Partitions) -> list:
 
     @dg.asset_check(asset=retrieval_metrics_asset, description="Recall@1 both ways is above chance")
     def recall_above_chance(context: dg.AssetCheckExecutionContext, lake: LanceLake):
-        passed, values = glue.recall_vs_chance(lake.lake(), parts.experiments[context.partition_key])
+        passed, values = glue.recall_vs_chance(lake.lake(), parts.experiment_spec(context.partition_key))
         return dg.AssetCheckResult(passed=passed, metadata=values)
 
     return [retrieval_metrics_asset, recall_above_chance]

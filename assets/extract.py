@@ -48,7 +48,7 @@ def build(parts: Partitions) -> list:
         if not parts.applies(dataset, spec):
             raise dg.Failure(
                 f"encoder {name} ({spec.modality}) does not apply to dataset {dataset} "
-                f"({parts.datasets[dataset].modality} + text); nothing to extract"
+                f"({parts.dataset_spec(dataset).modality} + text); nothing to extract"
             )
         encoder = encoders.get(name)
         with dagster_failure():  # a full or read-only disk: one clear line, the committed rows kept
@@ -56,7 +56,7 @@ def build(parts: Partitions) -> list:
                 lake.lake(),
                 dataset,
                 encoder,
-                roots=dataset_roots(parts.datasets[dataset], paths.data_cache),
+                roots=dataset_roots(parts.dataset_spec(dataset), paths.data_cache),
                 commit_every=config.commit_every,
                 progress=config.progress,
                 on_commit=lambda s: context.log.info(f"committed {s['encoded']}/{s['pending']} latents"),

@@ -38,7 +38,7 @@ def build(parts: Partitions) -> list:
     def ingest(
         context: dg.AssetExecutionContext, config: IngestConfig, lake: LanceLake, paths: PipelinePaths
     ):
-        spec = parts.datasets[context.partition_key]
+        spec = parts.dataset_spec(context.partition_key)
         with dagster_failure():  # a full or read-only disk: one clear line, the lake as it was
             ds = load_dataset(spec, paths.data_cache, progress=config.progress)
             info = write_dataset(lake.lake(), spec.name, ds)

@@ -33,7 +33,7 @@ def build(parts: Partitions) -> list:
         tracking: MlflowTracking,
         paths: PipelinePaths,
     ):
-        exp = parts.experiments[context.partition_key]
+        exp = parts.experiment_spec(context.partition_key)
         lk = lake.lake()
         refs = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         curated = lk.read(table_name("curated", exp.name))
@@ -45,7 +45,7 @@ def build(parts: Partitions) -> list:
             context.log.info(f"{exp.name}: checkpoints are up to date (inputs {digest}); not retraining")
             metadata = {**summaries[0], "skipped": True, "inputs_hash": digest, "seeds": len(summaries)}
             return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(digest))
-        media_side = parts.datasets[exp.dataset].modality
+        media_side = parts.dataset_spec(exp.dataset).modality
         experiment_id = tracking.experiment_id(exp.family)
         summaries, versions = train_and_save(
             lk, exp, curated, refs, media_side, client, experiment_id, dirs, digest

@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -126,6 +129,28 @@ def read_tables(exp: ExperimentSpec) -> list[str]:
         table_name("latents", exp.dataset, exp.media_encoder),
         table_name("latents", exp.dataset, exp.text_encoder),
     ]
+
+
+def input_tables(exp: ExperimentSpec) -> list[str]:
+    """Every lake table an experiment's run reads: curation's, and the pairs and latents of the
+    datasets it is also scored on."""
+    return read_tables(exp) + [
+        table_name(kind, d, *enc)
+        for d in exp.eval_datasets
+        for kind, enc in (("pairs", ()), ("latents", (exp.media_encoder,)), ("latents", (exp.text_encoder,)))
+    ]
+
+
+def experiment_state(lake: Lake, exp: ExperimentSpec, fingerprints: tuple[str, str]) -> str | None:
+    """A digest of what the experiment's run depends on: its configuration, its encoders' current
+    fingerprints (media, text) and the Lance versions of `input_tables`; None while one of those
+    tables does not exist yet. Two states are equal exactly when a rerun would read the same inputs."""
+    tables = input_tables(exp)
+    versions = lake.versions(tables)
+    if len(versions) < len(tables):
+        return None
+    text = repr(exp) + json.dumps({"fingerprints": list(fingerprints), "versions": versions}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def latents_contract(

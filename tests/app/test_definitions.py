@@ -21,6 +21,7 @@ ASSETS = {
     "pairs": "ingest",
     "quarantine": "ingest",
     "latents": "extract",
+    "experiment_inputs": "curate",
     "curated": "curate",
     "adapters": "train",
     "retrieval_metrics": "evaluate",
@@ -31,7 +32,7 @@ CHECKS[("retrieval_metrics", "recall_above_chance")] = False
 JOBS = {
     "ingest_job": {"media", "pairs", "quarantine"},
     "extract_job": {"latents"},
-    "experiment_job": {"curated", "adapters", "retrieval_metrics"},
+    "experiment_job": {"experiment_inputs", "curated", "adapters", "retrieval_metrics"},
     "report_job": {"ablation_report"},
 }
 
@@ -82,7 +83,7 @@ def test_real_definitions_load_with_the_promised_graph(real):
         job_def = defs.resolve_job_def(job)
         selected = {k.to_user_string() for k in job_def.asset_layer.selected_asset_keys}
         assert selected == assets, job
-    assert defs.resolve_sensor_def("new_encoder_sensor").job_name == "extract_job"
+    assert defs.resolve_sensor_def("registry_sensor").job_name == "extract_job"
     assert defs.resolve_sensor_def("experiment_sensor").job_name == "experiment_job"
     schedule = defs.resolve_schedule_def("refresh_latents_schedule")
     assert schedule.job_name == "extract_job"
@@ -95,16 +96,21 @@ def test_real_partitions_follow_the_registries(real):
     configs = PROJECT_ROOT / "configs"
     datasets = yaml.safe_load((configs / "datasets.yaml").read_text())["datasets"]
     experiments = yaml.safe_load((configs / "experiments.yaml").read_text())["experiments"]
-    assert parts.dataset.get_partition_keys() == sorted(datasets)
-    assert parts.experiment.get_partition_keys() == sorted(experiments)
-    assert parts.family.get_partition_keys() == sorted(
-        {e.get("family", "demo") for e in experiments.values()}
-    )
-    assert parts.encoder.name == "encoder"
+    wanted = parts.wanted()
+    assert wanted["dataset"] == sorted(datasets)
+    assert wanted["experiment"] == sorted(experiments)
+    assert wanted["family"] == sorted({e.get("family", "demo") for e in experiments.values()})
+    assert [parts.dataset.name, parts.encoder.name, parts.experiment.name, parts.family.name] == [
+        "dataset",
+        "encoder",
+        "experiment",
+        "family",
+    ]
     graph = real.defs.resolve_asset_graph()
     for key, expected in (
         ("media", parts.dataset),
         ("latents", parts.extract),
+        ("experiment_inputs", parts.experiment),
         ("curated", parts.experiment),
         ("adapters", parts.experiment),
         ("retrieval_metrics", parts.experiment),
@@ -141,8 +147,8 @@ def test_build_defs_on_the_tiny_project(tiny):
     dg.Definitions.validate_loadable(defs)
     assert _shape(defs) == ASSETS
     assert _checks(defs) == CHECKS
-    assert parts.dataset.get_partition_keys() == ["shapes"]
-    assert parts.experiment.get_partition_keys() == ["shapes-fusemix", "shapes-n12"]
+    assert parts.wanted()["dataset"] == ["shapes"]
+    assert parts.wanted()["experiment"] == ["shapes-fusemix", "shapes-n12"]
     assert sorted(parts.encoders()) == ["tiny-audio", "tiny-image", "tiny-text"]
     # The resources given replace the defaults: every store is inside the project folder.
     assert defs.resources["lake"].root == str(project.home / "lance")

@@ -21,7 +21,7 @@ from PIL import Image
 from fusion.data.canonical import content_id
 from fusion.encoders import add_encoder, load_registry
 from pipelines import schemas
-from pipelines.partitions import ENCODER_PARTITIONS
+from pipelines.partitions import ENCODER_PARTITIONS, apply_partition_requests, sync_partitions
 from tests.pipeline_fixture import make_project
 
 REGISTRY = ["tiny-audio", "tiny-image", "tiny-text"]
@@ -51,6 +51,7 @@ def ingested(tmp_path_factory):
     (tmp / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp / "dagster")) as instance:
         defs, parts = build_defs(project.configs, resources=project.resources())
+        sync_partitions(parts, instance)
         result = defs.resolve_job_def("ingest_job").execute_in_process(
             partition_key="shapes",
             instance=instance,
@@ -79,7 +80,7 @@ def registry_copy(ingested):
 
 
 def tick(defs, project, instance, cursor: str | None = None):
-    sensor = defs.resolve_sensor_def("new_encoder_sensor")
+    sensor = defs.resolve_sensor_def("registry_sensor")
     res = project.resources()
     ctx = dg.build_sensor_context(
         instance=instance, cursor=cursor, resources={"lake": res["lake"], "encoders": res["encoders"]}
@@ -98,14 +99,29 @@ def requested(result) -> list[tuple[str, str, str]]:
     return sorted(out)
 
 
-def added(result) -> list[str]:
-    return sorted(k for req in result.dynamic_partitions_requests for k in req.partition_keys)
+def added(result, dim: str = ENCODER_PARTITIONS) -> list[str]:
+    """The partition keys the tick adds to one dimension."""
+    return sorted(
+        k
+        for req in result.dynamic_partitions_requests
+        if isinstance(req, dg.AddDynamicPartitionsRequest) and req.partitions_def_name == dim
+        for k in req.partition_keys
+    )
+
+
+def removed(result, dim: str) -> list[str]:
+    return sorted(
+        k
+        for req in result.dynamic_partitions_requests
+        if isinstance(req, dg.DeleteDynamicPartitionsRequest) and req.partitions_def_name == dim
+        for k in req.partition_keys
+    )
 
 
 def ingest_and_extract(defs, parts, instance, between=lambda: True) -> None:
     """Ingests `shapes` and extracts it with tiny-image and tiny-text; `between()` must hold after
     the ingest."""
-    instance.add_dynamic_partitions(ENCODER_PARTITIONS, REGISTRY)
+    sync_partitions(parts, instance)
     quiet = {"ops": {"ingest": {"config": {"progress": False}}}}
     job = defs.resolve_job_def("ingest_job")
     assert job.execute_in_process(partition_key="shapes", instance=instance, run_config=quiet).success
@@ -132,7 +148,9 @@ def test_first_tick_adds_every_encoder_but_extracts_only_what_experiments_use(in
     result = tick(defs, project, instance)
     assert isinstance(result, dg.SensorResult)
     assert added(result) == REGISTRY
-    assert all(req.partitions_def_name == ENCODER_PARTITIONS for req in result.dynamic_partitions_requests)
+    assert added(result, "dataset") == ["shapes", "sounds"]
+    assert added(result, "experiment") == ["shapes-fusemix", "shapes-n12"]
+    assert added(result, "family") == ["demo", "quantity"]
     # The experiments use tiny-image x tiny-text on shapes; tiny-audio is in the registry but no
     # experiment uses it and it was there from the start: not extracted by itself.
     assert requested(result) == keys(project, ("shapes", "tiny-image"), ("shapes", "tiny-text"))
@@ -141,7 +159,7 @@ def test_first_tick_adds_every_encoder_but_extracts_only_what_experiments_use(in
 def test_known_encoders_are_not_added_again_and_run_keys_are_stable(ingested, instance):
     project, defs, _ = ingested
     first = tick(defs, project, instance)
-    instance.add_dynamic_partitions(ENCODER_PARTITIONS, added(first))
+    apply_partition_requests(instance, first.dynamic_partitions_requests)
     second = tick(defs, project, instance, first.cursor)
     assert added(second) == []
     # The same run keys every tick: Dagster launches each (dataset, encoder, fingerprint) once.
@@ -151,7 +169,7 @@ def test_known_encoders_are_not_added_again_and_run_keys_are_stable(ingested, in
 def test_an_added_encoder_is_extracted_for_the_datasets_it_applies_to(ingested, instance, registry_copy):
     project, defs, _ = ingested
     first = tick(defs, project, instance)
-    instance.add_dynamic_partitions(ENCODER_PARTITIONS, added(first))
+    apply_partition_requests(instance, first.dynamic_partitions_requests)
     text = load_registry(registry_copy)["tiny-text"].to_dict()
     add_encoder(registry_copy, "tiny-text-2", **text)
     result = tick(defs, project, instance, first.cursor)
@@ -164,7 +182,7 @@ def test_an_added_encoder_is_extracted_for_the_datasets_it_applies_to(ingested, 
 def test_editing_an_encoder_extracts_it_again_under_a_new_run_key(ingested, instance, registry_copy):
     project, defs, _ = ingested
     first = tick(defs, project, instance)
-    instance.add_dynamic_partitions(ENCODER_PARTITIONS, added(first))
+    apply_partition_requests(instance, first.dynamic_partitions_requests)
     before = fingerprint(project, "tiny-text")
     data = yaml.safe_load(registry_copy.read_text())
     data["encoders"]["tiny-text"]["pooling"] = "cls"
@@ -260,13 +278,15 @@ def test_experiment_sensor_reruns_only_opted_in_experiments_when_their_inputs_ch
     (project.configs / "experiments.yaml").write_text(yaml.safe_dump(exps))
     defs, parts = build_defs(project.configs, resources=project.resources())
     sensor = defs.resolve_sensor_def("experiment_sensor")
-    lake = project.resources()["lake"]
+    res = project.resources()
+    lake = res["lake"]
+    sync_partitions(parts, instance)
 
     def keys_now() -> list[tuple[str, str]]:
-        result = sensor(dg.build_sensor_context(instance=instance, resources={"lake": lake}))
-        if isinstance(result, dg.SkipReason):
-            return []
-        return sorted((r.partition_key, r.run_key) for r in result)
+        ctx = dg.build_sensor_context(
+            instance=instance, resources={"lake": lake, "encoders": res["encoders"]}
+        )
+        return sorted((r.partition_key, r.run_key) for r in sensor(ctx).run_requests)
 
     assert keys_now() == []  # nothing ingested or extracted yet
     ingest_and_extract(defs, parts, instance, between=lambda: keys_now() == [])  # no latents yet

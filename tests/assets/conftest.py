@@ -29,6 +29,7 @@ import yaml
 
 from fusion.encoders import add_encoder, load_registry
 from pipelines.lake import vectors_to_arrow
+from pipelines.partitions import sync_partitions
 from tests.pipeline_fixture import Project, make_project
 
 ENCODERS = ("tiny-image", "tiny-text", "tiny-audio")
@@ -122,7 +123,7 @@ def graph(tmp_path_factory) -> Graph:
         (Path(tmp) / "dagster").mkdir()
         with dg.instance_for_test(temp_dir=str(Path(tmp) / "dagster")) as instance:
             g = Graph(project, defs, parts, instance)
-            instance.add_dynamic_partitions("encoder", list(ENCODERS))
+            sync_partitions(parts, instance)
             quiet = {"ops": {"ingest": {"config": {"progress": False}}}}
             g.run("ingest", "ingest_job", "shapes", run_config=quiet)
             quiet_extract = {"run_config": {"ops": {"latents": {"config": {"progress": False}}}}}

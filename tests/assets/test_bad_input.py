@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from pipelines.partitions import sync_partitions
 from tests.assets.conftest import metadata
 from tests.fixtures.media_factory import image_bytes
 from tests.pipeline_fixture import Project, make_project
@@ -44,9 +45,10 @@ def ingest(project: Project, dataset: str, tmp) -> dg.ExecuteInProcessResult:
     """ingest_job for `dataset` of the project, in process, on a test instance under tmp/dagster."""
     from app.definitions import build_defs
 
-    defs, _ = build_defs(project.configs, resources=project.resources())
+    defs, parts = build_defs(project.configs, resources=project.resources())
     (tmp / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp / "dagster")) as instance:
+        sync_partitions(parts, instance)
         return defs.resolve_job_def("ingest_job").execute_in_process(
             partition_key=dataset,
             instance=instance,

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from pipelines.partitions import sync_partitions
 from tests.assets.conftest import mlflow_client
 from tests.pipeline_fixture import make_project
 
@@ -50,7 +51,7 @@ def methods(tmp_path_factory):
         defs, parts = build_defs(project.configs, resources=project.resources())
         (Path(tmp) / "dagster").mkdir()
         with dg.instance_for_test(temp_dir=str(Path(tmp) / "dagster")) as instance:
-            instance.add_dynamic_partitions("encoder", list(ENCODERS))
+            sync_partitions(parts, instance)
             runs = {}
 
             def run(label, job, key, **kw):

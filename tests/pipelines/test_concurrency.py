@@ -480,6 +480,7 @@ def instance_dir(tmp_path) -> Path:
     path.mkdir()
     (path / "dagster.yaml").touch()
     with dg.DagsterInstance.from_config(str(path)) as instance:
+        instance.add_dynamic_partitions("dataset", [DATASET])
         instance.add_dynamic_partitions("encoder", [ENCODER])
     return path
 

@@ -38,6 +38,7 @@ from pipelines.curate import write_curated
 from pipelines.extract import run_extraction
 from pipelines.ingest import load_dataset, write_dataset
 from pipelines.lake import Lake
+from pipelines.partitions import sync_partitions
 from pipelines.registries import ExperimentSpec, load_datasets
 from pipelines.storage import (
     FAILURE_KEY,
@@ -361,10 +362,12 @@ def test_materialize_on_a_full_disk_prints_one_line_and_exits_2(env, monkeypatch
 def test_the_ingest_asset_fails_with_the_line_in_dagster(env, project, monkeypatch):
     from app.definitions import build_defs
 
-    defs, _ = build_defs(project.configs)
+    defs, parts = build_defs(project.configs)
     LanceWriteFault(monkeypatch, errno.ENOSPC, lance_style=False)
+    instance = dg.DagsterInstance.ephemeral()
+    sync_partitions(parts, instance)
     result = defs.resolve_job_def("ingest_job").execute_in_process(
-        partition_key=DATASET, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False
+        partition_key=DATASET, instance=instance, raise_on_error=False
     )
     assert not result.success
     failures = [ev.event_specific_data.user_failure_data for ev in result.all_events if ev.is_step_failure]
