@@ -30,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusion.paths import PROJECT_ROOT, cache_dir, fusemix_home
+from fusion.paths import PROJECT_ROOT, cache_dir, configs_dir, fusemix_home
 
 # The project's Dagster instance settings, written into a dagster.yaml that is missing or empty (one
 # you edited is left alone): telemetry and the UI's onboarding dialog off (set `telemetry: enabled:
@@ -309,6 +309,22 @@ def _cancel_ui_runs(home: Path) -> None:
         print(f"run {run_id} was in flight: marked canceled", flush=True)
 
 
+def _sync_partitions(home: Path) -> None:
+    """The partitions of configs/*.yaml in the instance before the UI opens (the registry sensor keeps
+    them in step afterwards); a registry that does not load is reported, and the UI shows why."""
+    import dagster as dg
+
+    from pipelines.partitions import build_partitions, sync_partitions
+
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as inst:
+            for req in sync_partitions(build_partitions(configs_dir()), inst):
+                verb = "added" if isinstance(req, dg.AddDynamicPartitionsRequest) else "removed"
+                print(f"{req.partitions_def_name} partitions {verb}: {', '.join(req.partition_keys)}")
+    except Exception as err:  # a broken YAML file: the code location will say so in the UI too
+        print(f"partitions not brought in step with configs/: {err}", file=sys.stderr)
+
+
 def cmd_ui(args) -> int:
     workspace = PROJECT_ROOT / "workspace.yaml"
     if not workspace.is_file():
@@ -316,6 +332,7 @@ def cmd_ui(args) -> int:
             f"{workspace} does not exist; the Dagster definitions are not set up in this checkout"
         )
     home = dagster_home()  # the same instance that `fusemix demo` runs in
+    _sync_partitions(home)
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     argv = [_tool("dagster"), "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
     print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={home})", flush=True)

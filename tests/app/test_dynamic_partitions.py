@@ -196,3 +196,27 @@ def test_editing_an_encoder_marks_exactly_the_experiments_that_use_it_stale(tmp_
     assert stale_status(defs, instance, "curated", "shapes-t2") == StaleStatus.FRESH
     assert sensor_tick() == []  # the run recorded the state the sensor sees
     assert stale_status(defs, instance, "curated", "shapes-fusemix") == StaleStatus.FRESH
+
+
+def test_fusemix_ui_brings_the_partitions_in_step_before_it_starts(tmp_path, monkeypatch, capsys):
+    from app.cli import _sync_partitions
+
+    project = make_project(tmp_path)
+    monkeypatch.setenv("FUSEMIX_CONFIGS", str(project.configs))
+    home = tmp_path / "dagster-home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    _sync_partitions(home)
+    out = capsys.readouterr().out
+    assert "dataset partitions added: shapes" in out
+    assert "experiment partitions added: shapes-fusemix, shapes-n12" in out
+    with dg.DagsterInstance.from_config(str(home)) as inst:
+        assert inst.get_dynamic_partitions("family") == ["demo", "quantity"]
+    # A registry that does not load: one line on stderr, the partitions as they were, no traceback.
+    (project.configs / "experiments.yaml").write_text("experiments: {broken: {dataset: nowhere}}\n")
+    _sync_partitions(home)
+    captured = capsys.readouterr()
+    assert "partitions not brought in step with configs/" in captured.err
+    assert "Traceback" not in captured.err
+    with dg.DagsterInstance.from_config(str(home)) as inst:
+        assert inst.get_dynamic_partitions("dataset") == ["shapes"]

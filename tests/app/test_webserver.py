@@ -2,7 +2,8 @@
 
 Starts `dagster-webserver -w workspace.yaml` on a free port of 127.0.0.1 in its own session, with
 FUSEMIX_HOME, FUSEMIX_CONFIGS and DAGSTER_HOME in a temporary folder; lists the asset nodes over
-GraphQL, launches `ingest_job` for partition `shapes` (a DefaultRunCoordinator, so no daemon is
+GraphQL, brings the dynamic partitions in step with the YAML files (and lists a dataset added to
+datasets.yaml without a reload), launches `ingest_job` for partition `shapes` (a DefaultRunCoordinator, so no daemon is
 needed), waits for SUCCESS, checks that the run wrote into the temporary lake and nothing into the
 checkout, then stops the server by its process group.
 
@@ -23,9 +24,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import dagster as dg
 import pytest
+import yaml
 
 from pipelines.lake import Lake
+from pipelines.partitions import build_partitions, sync_partitions
 from tests.app.test_definitions import ASSETS as GROUP_OF
 from tests.pipeline_fixture import make_project
 
@@ -140,6 +144,28 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
     proc.wait(timeout=grace_s)
 
 
+PARTITION_KEYS = """
+query Keys($path: [String!]!) {
+  assetNodeOrError(assetKey: {path: $path}) {
+    __typename
+    ... on AssetNode { partitionKeysByDimension { name partitionKeys } }
+  }
+}
+"""
+
+
+def _partition_keys(base: str, asset: str) -> list[str]:
+    node = _graphql(base, PARTITION_KEYS, {"path": [asset]})["assetNodeOrError"]
+    assert node["__typename"] == "AssetNode", node
+    (dim,) = node["partitionKeysByDimension"]
+    return dim["partitionKeys"]
+
+
+def _sync(project, dagster_home: Path) -> None:
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        sync_partitions(build_partitions(project.configs), instance)
+
+
 @pytest.mark.slow
 def test_webserver_lists_assets_and_runs_ingest(tmp_path):
     assert WEBSERVER.exists(), f"{WEBSERVER} is missing: is dagster-webserver installed in the venv?"
@@ -189,6 +215,22 @@ def test_webserver_lists_assets_and_runs_ingest(tmp_path):
         keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
         assert keys == ASSETS
         assert {n["groupName"] for n in nodes} == GROUPS
+
+        # Partitions are dynamic: brought in step with the YAML files (as `fusemix ui` does before it
+        # starts and the registry sensor does on each tick), and the running server lists an entry
+        # added to datasets.yaml without a reload.
+        _sync(project, dagster_home)
+        assert _partition_keys(base, "media") == ["shapes"]
+        datasets = project.configs / "datasets.yaml"
+        before = datasets.read_text()
+        entries = yaml.safe_load(before)
+        entries["datasets"]["shapes-copy"] = dict(entries["datasets"]["shapes"])
+        datasets.write_text(yaml.safe_dump(entries))
+        _sync(project, dagster_home)
+        assert sorted(_partition_keys(base, "media")) == ["shapes", "shapes-copy"]
+        datasets.write_text(before)
+        _sync(project, dagster_home)
+        assert _partition_keys(base, "media") == ["shapes"]
 
         params = {
             "selector": {
