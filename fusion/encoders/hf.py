@@ -514,9 +514,14 @@ class _AudioEncoder(_TorchEncoder):
 @dataclass(frozen=True)
 class WhisperSettings(ResolvedSettings):
     short_clip: bool
+    window_s: float | None = None  # None: Whisper's own 30-s window
 
     def effective(self) -> dict[str, Any]:
-        return {"short_clip": self.short_clip}
+        # window_s only where set, so that the fingerprints of encoders without it stay as they were
+        out: dict[str, Any] = {"short_clip": self.short_clip}
+        if self.window_s is not None:
+            out["window_s"] = self.window_s
+        return out
 
 
 class WhisperAudioEncoder(_AudioEncoder):
@@ -532,7 +537,22 @@ class WhisperAudioEncoder(_AudioEncoder):
         d_model = read_config(model_dir).get("d_model")
         if isinstance(d_model, bool) or not isinstance(d_model, int):
             raise EncoderUnavailable(f"{model_dir}: config.json does not say d_model")
-        return WhisperSettings(dim=d_model, short_clip=bool(spec.options.get("short_clip", False)))
+        short_clip = bool(spec.options.get("short_clip", False))
+        window = spec.options.get("window_s")
+        if window is not None:
+            full = int(read_config(model_dir).get("max_source_positions", 1500)) * 2 * 160 / 16000
+            if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 < window <= full:
+                raise EncoderConfigError(
+                    f"encoder {spec.name!r}: options.window_s must be a number of seconds in (0, {full:g}], "
+                    f"got {window!r}"
+                )
+            if short_clip:
+                raise EncoderConfigError(
+                    f"encoder {spec.name!r}: options.window_s and short_clip exclude each other (a short "
+                    "clip has no window)"
+                )
+            window = float(window)
+        return WhisperSettings(dim=d_model, short_clip=short_clip, window_s=window)
 
     def __init__(self, spec: EncoderSpec, model_dir: Path, weights_sha256: str, device: str = "cpu") -> None:
         super().__init__(spec, device)
@@ -555,19 +575,42 @@ class WhisperAudioEncoder(_AudioEncoder):
         self.hop = int(self.feature_extractor.hop_length)
         self.max_frames = int(self.encoder.config.max_source_positions)  # encoder frames (after stride 2)
         self.max_seconds = self.max_frames * 2 * self.hop / self.sample_rate
+        self.window_frames = self.max_frames
+        if self.settings.window_s is not None:  # a shorter window: fewer frames, padded with silence
+            self.window_frames = max(1, round(self.settings.window_s * self.sample_rate / (2 * self.hop)))
+            self.max_seconds = self.window_frames * 2 * self.hop / self.sample_rate
         self.short_clip = self.settings.short_clip
         self.dim = self.settings.dim
         self.fingerprint = self.settings.fingerprint(weights_sha256, spec, device)
 
     def real_frames(self, n_samples: int) -> int:
         """Encoder frames that cover `n_samples` of real audio: ceil(n / (2 * hop)), at least 1."""
-        return max(1, min(self.max_frames, math.ceil(n_samples / (2 * self.hop))))
+        return max(1, min(self.window_frames, math.ceil(n_samples / (2 * self.hop))))
 
     def forward(self, prepared: list[np.ndarray]) -> np.ndarray:
         """list of B float32 waveforms [T_i] at `sample_rate` -> float32 [B, d_model]."""
         if self.short_clip:
             return self._run(self._short_clip, prepared)
+        if self.window_frames < self.max_frames:
+            return self._run(self._short_window, prepared)
         return self._run(self._full_window, prepared)
+
+    def _short_window(self, waves: list[np.ndarray]) -> torch.Tensor:
+        """Like the 30-s window, on the first `window_frames` frames only: the same log-mel features
+        (computed on the 30-s window, so their normalisation is unchanged) cut to the window, the
+        clip padded with silence to it, every frame attended to, the mean over the real frames."""
+        enc = self.encoder
+        with _fp32():
+            feats = self.feature_extractor(waves, sampling_rate=self.sample_rate, return_tensors="pt")
+        x = feats["input_features"][:, :, : 2 * self.window_frames].to(self.device)
+        h = torch.nn.functional.gelu(enc.conv1(x))
+        h = torch.nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)  # [B, window_frames, d]
+        h = h + enc.embed_positions.weight[: h.shape[1]].to(h.dtype)
+        for layer in enc.layers:
+            h = layer(h, None)
+        h = enc.layer_norm(h)
+        n = torch.tensor([self.real_frames(len(w)) for w in waves], device=h.device)
+        return masked_mean(h, torch.arange(h.shape[1], device=h.device)[None, :] < n[:, None])
 
     def _full_window(self, waves: list[np.ndarray]) -> torch.Tensor:
         with _fp32():

@@ -218,6 +218,53 @@ def test_whisper_short_clip_is_finite_batch_invariant_and_exact_on_a_full_window
     assert short.fingerprint != full.fingerprint
 
 
+def test_whisper_window_s_is_the_30_s_window_cut_short(dirs):
+    """options.window_s: the first frames of the 30-s window's features, the clip padded with
+    silence to the window and every frame attended to. At 30 s it is the full window exactly; shorter,
+    it matches transformers' layers run by hand on the cut features."""
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    full = build_encoder(spec(dirs["whisper"], "audio"))
+    same = build_encoder(spec(dirs["whisper"], "audio", options={"window_s": 29.9}))
+    clips = [wav(16000 * 2), wav(7000, seed=1), wav(100, seed=2)]
+    assert same.window_frames == 1495  # 29.9 s of 20-ms frames
+    thirty = build_encoder(spec(dirs["whisper"], "audio", options={"window_s": 30}))
+    by_hand = thirty._run(thirty._short_window, [thirty.prepare(c) for c in clips])
+    np.testing.assert_allclose(by_hand, full.encode(clips), atol=1e-4)  # the hand-run path at 30 s
+    ten = build_encoder(spec(dirs["whisper"], "audio", options={"window_s": 10}))
+    assert ten.window_frames == 500 and ten.max_seconds == 10.0
+    got = ten.encode(clips)
+    np.testing.assert_allclose(got, np.stack([ten.encode([c])[0] for c in clips]), atol=1e-5)
+    fe = WhisperFeatureExtractor.from_pretrained(str(dirs["whisper"]))
+    enc = WhisperModel.from_pretrained(str(dirs["whisper"])).eval().encoder
+    with torch.no_grad():
+        x = fe(clips, sampling_rate=16000, return_tensors="pt")["input_features"][:, :, :1000]
+        h = torch.nn.functional.gelu(enc.conv2(torch.nn.functional.gelu(enc.conv1(x)))).permute(0, 2, 1)
+        h = h + enc.embed_positions.weight[:500]
+        for layer in enc.layers:
+            h = layer(h, None)
+        h = enc.layer_norm(h)
+    for i, clip in enumerate(clips):
+        n = max(1, math.ceil(len(clip) / 320))
+        np.testing.assert_allclose(got[i], h[i, :n].mean(0).numpy(), atol=1e-5)
+    assert not np.allclose(got, full.encode(clips), atol=1e-3)  # a shorter window sees less silence
+    # A clip longer than the window is cut to it; fingerprints differ only where window_s is set.
+    long_clip = wav(16000 * 12, seed=3)
+    np.testing.assert_allclose(ten.encode([long_clip]), ten.encode([long_clip[: 16000 * 10]]), atol=1e-5)
+    assert len({full.fingerprint, same.fingerprint, ten.fingerprint}) == 3
+    assert "window_s" not in full.settings.effective()
+
+
+@pytest.mark.parametrize(
+    "options", [{"window_s": 0}, {"window_s": 31}, {"window_s": "10"}, {"window_s": 10, "short_clip": True}]
+)
+def test_whisper_window_s_refuses_what_it_cannot_do(dirs, options):
+    from fusion.encoders import EncoderConfigError
+
+    with pytest.raises(EncoderConfigError, match="window_s"):
+        build_encoder(spec(dirs["whisper"], "audio", options=options))
+
+
 def test_whisper_rejects_cls_pooling(dirs):
     from fusion.encoders import EncoderConfigError
 
