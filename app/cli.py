@@ -12,7 +12,8 @@
     fusemix demo [--family demo]                   ingest, extract, train and evaluate a family
     fusemix materialize STAGE|all [--partition KEY]
 
-Files live under FUSEMIX_HOME (fusion.paths): Lance tables in <home>/lance (or --lake),
+Files live under FUSEMIX_HOME (fusion.paths): Lance tables in <home>/lance (or $FUSEMIX_LAKE, a folder or
+an s3:// prefix, for every command; --lake for sql and search),
 models in <home>/models, MLflow in <home>/mlflow, DAGSTER_HOME in <home>/dagster (unless set). User errors exit
 with status 2 and a one-line message, and so do writes that a full or read-only disk refuses (the line
 names the folder and what to do); servers bind to 127.0.0.1 unless --host says otherwise.
@@ -386,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusemix",
         description="FuseMix: data-efficient multimodal fusion as a Dagster pipeline over Lance, MLflow and DuckDB.",
     )
-    parser.add_argument("--lake", help="Lance lake root (default: <FUSEMIX_HOME>/lance)")
+    parser.add_argument(
+        "--lake",
+        help="Lance lake root, a folder or s3://bucket/prefix (default: $FUSEMIX_LAKE, else <FUSEMIX_HOME>/lance)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = sub.add_parser("data", help="default-corpus sources").add_subparsers(

@@ -150,11 +150,14 @@ class Catalog:
     references to Lance versions."""
 
     def __init__(
-        self, lake_root: str | os.PathLike, database: str | None = None, tables: Iterable[str] | None = None
+        self,
+        lake_root: str | os.PathLike | Lake,
+        database: str | None = None,
+        tables: Iterable[str] | None = None,
     ) -> None:
-        self.lake = Lake(lake_root)
+        self.lake = lake_root if isinstance(lake_root, Lake) else Lake(lake_root)
         self.database = database
-        # Object-store lakes cannot be listed here: name their tables explicitly.
+        # Only these tables (default: every table the lake lists, local or on an object store).
         self._tables = list(tables) if tables is not None else None
 
     def tables(self) -> list[str]:

@@ -33,8 +33,45 @@ from fusion.paths import fusemix_home
 
 
 def default_lake_root() -> str:
-    """Where the Lance tables live unless configured: <FUSEMIX_HOME>/lance."""
-    return str(fusemix_home() / "lance")
+    """Where the Lance tables live unless configured: $FUSEMIX_LAKE (a folder or an object-store
+    prefix such as s3://bucket/lake), else <FUSEMIX_HOME>/lance."""
+    return os.environ.get("FUSEMIX_LAKE") or str(fusemix_home() / "lance")
+
+
+def is_object_store(root: str) -> bool:
+    """True for a URI with a scheme (s3://, gs://, az://, memory://); False for a local folder."""
+    return "://" in str(root) and not str(root).startswith("file://")
+
+
+# Where the S3 endpoint of an S3-compatible store (MinIO, moto, Ceph, R2) is named, first found wins:
+# the AWS SDKs' variables, then object_store's own.
+_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
+
+
+def object_store_options(root: str, given: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The Lance (object_store) options for a lake at `root`: for s3:// the endpoint, region and
+    credentials from the environment (the standard AWS variables; `allow_http` when the endpoint is
+    plain http, as a local MinIO or moto is), with `given` (the LanceLake resource's
+    `storage_options`) taking precedence. None for a local lake. Credentials are read at run time and
+    never written to the lake, the configs or the logs."""
+    if not is_object_store(root):
+        return None
+    options: dict[str, str] = {}
+    if str(root).startswith(("s3://", "s3a://")):
+        endpoint = next((os.environ[v] for v in _ENDPOINT_VARS if os.environ.get(v)), None)
+        if endpoint:
+            options["aws_endpoint"] = endpoint
+        env = {
+            "aws_region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+            "aws_access_key_id": os.environ.get("AWS_ACCESS_KEY_ID"),
+            "aws_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "aws_session_token": os.environ.get("AWS_SESSION_TOKEN"),
+        }
+        options.update({k: v for k, v in env.items() if v})
+    options.update({str(k): str(v) for k, v in (given or {}).items()})
+    if options.get("aws_endpoint", "").startswith("http://"):
+        options.setdefault("allow_http", "true")
+    return options
 
 
 def sql_str(value: str) -> str:
@@ -114,27 +151,40 @@ class Lake:
     (the wait doubles from `backoff_s`, with jitter, up to 2 s). `conflicts` counts the redone writes.
     """
 
-    def __init__(self, root: str | os.PathLike, retries: int = 8, backoff_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        retries: int = 8,
+        backoff_s: float = 0.05,
+        storage_options: dict[str, str] | None = None,
+    ) -> None:
         self.root = str(root)
         self.retries = retries
         self.backoff_s = backoff_s
         self.conflicts = 0
-        if "://" not in self.root:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
+        self.options = object_store_options(self.root, storage_options)
+        if not is_object_store(self.root):
+            Path(self.root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+    def _dataset(self, table: str) -> lance.LanceDataset:
+        return lance.dataset(self.uri(table), storage_options=self.options)
+
+    def _write(self, data: pa.Table, table: str, mode: str) -> lance.LanceDataset:
+        return lance.write_dataset(data, self.uri(table), mode=mode, storage_options=self.options)
 
     def uri(self, table: str) -> str:
         return f"{self.root.rstrip('/')}/{table}.lance"
 
     def exists(self, table: str) -> bool:
         try:
-            lance.dataset(self.uri(table))
+            self._dataset(table)
         except (ValueError, FileNotFoundError, OSError):
             return False
         return True
 
     def open(self, table: str) -> lance.LanceDataset:
         try:
-            return lance.dataset(self.uri(table))
+            return self._dataset(table)
         except (ValueError, FileNotFoundError, OSError) as err:
             raise LookupError(
                 f"lake table {table!r} does not exist at {self.uri(table)}; materialise it first"
@@ -170,7 +220,7 @@ class Lake:
         if self.exists(table):
             return False
         try:
-            lance.write_dataset(schema.empty_table(), self.uri(table), mode="create")
+            self._write(schema.empty_table(), table, "create")
         except OSError as err:
             if _already_exists(err) or is_commit_conflict(err):
                 return False
@@ -203,11 +253,11 @@ class Lake:
         def write() -> int:
             try:
                 first = "create" if not self.exists(table) else mode
-                return lance.write_dataset(data, self.uri(table), mode=first).version
+                return self._write(data, table, first).version
             except OSError as err:
                 if not _already_exists(err):
                     raise
-                return lance.write_dataset(data, self.uri(table), mode=mode).version
+                return self._write(data, table, mode).version
 
         return self._retry(write)
 
@@ -324,17 +374,57 @@ class Lake:
         return vectors[np.fromiter((index[m] for m in ids), dtype=np.int64, count=len(ids))]
 
     def tables(self) -> list[str]:
-        """The tables of a local lake: `*.lance` folders with at least one committed version. A folder
-        that a failed first write left without a manifest (a full disk, a kill) is not a table and is
-        skipped, so SQL over the rest keeps working."""
-        if "://" in self.root:
-            raise NotImplementedError("listing tables is supported for local lakes only")
+        """The tables of the lake: `*.lance` folders (or prefixes, on an object store) with at least
+        one committed version. A folder that a failed first write left without a manifest (a full
+        disk, a kill) is not a table and is skipped, so SQL over the rest keeps working."""
+        if is_object_store(self.root):
+            return self._object_store_tables()
+        root = Path(self.root.removeprefix("file://"))
         return sorted(
             p.name[: -len(".lance")]
-            for p in Path(self.root).glob("*.lance")
+            for p in root.glob("*.lance")
             if p.is_dir() and any((p / "_versions").glob("*.manifest"))
         )
+
+    def _object_store_tables(self) -> list[str]:
+        import pyarrow.fs as pafs
+
+        fs, base = _arrow_filesystem(self.root, self.options or {})
+        found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        names = []
+        for info in found:
+            name = info.base_name
+            if not name.endswith(".lance"):
+                continue
+            versions = fs.get_file_info(pafs.FileSelector(f"{info.path}/_versions", allow_not_found=True))
+            if any(v.base_name.endswith(".manifest") for v in versions):
+                names.append(name[: -len(".lance")])
+        return sorted(names)
 
     def versions(self, tables: Iterable[str]) -> dict[str, int]:
         """The current Lance version of each existing table: recorded wherever a table is read."""
         return {t: v for t in tables if (v := self.version(t)) is not None}
+
+
+def _arrow_filesystem(root: str, options: dict[str, str]):
+    """(pyarrow filesystem, path inside it) for an object-store lake root, configured from the same
+    options Lance gets, so listing the tables sees the store that Lance writes to."""
+    import pyarrow.fs as pafs
+
+    scheme, _, rest = root.partition("://")
+    if scheme in ("s3", "s3a"):
+        endpoint = options.get("aws_endpoint") or options.get("endpoint") or None
+        http = None
+        if endpoint and "://" in endpoint:
+            http, _, endpoint = endpoint.partition("://")
+        fs = pafs.S3FileSystem(
+            access_key=options.get("aws_access_key_id"),
+            secret_key=options.get("aws_secret_access_key"),
+            session_token=options.get("aws_session_token"),
+            region=options.get("aws_region"),
+            endpoint_override=endpoint,
+            scheme=http or "https",
+        )
+        return fs, rest.rstrip("/")
+    fs, path = pafs.FileSystem.from_uri(root)
+    return fs, path.rstrip("/")

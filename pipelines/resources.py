@@ -21,10 +21,18 @@ from pipelines.tracking import default_artifact_root, default_tracking_uri
 class LanceLake(dg.ConfigurableResource):
     """The Lance tables of the pipeline under one root URI."""
 
-    root: str = Field(default_factory=default_lake_root, description="Local folder or s3:// / gs:// prefix")
+    root: str = Field(
+        default_factory=default_lake_root,
+        description="Local folder or s3:// / gs:// prefix (default: $FUSEMIX_LAKE, else <home>/lance)",
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Lance object-store options over those taken from the environment (AWS_ENDPOINT_URL, "
+        "AWS_REGION, AWS_ACCESS_KEY_ID, ...); pass secrets as dg.EnvVar, never literally",
+    )
 
     def lake(self) -> Lake:
-        return Lake(self.root)
+        return Lake(self.root, storage_options=self.storage_options or None)
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -113,7 +121,7 @@ class DuckDBCatalog(dg.ConfigurableResource):
     def catalog(self):
         from pipelines.catalog import Catalog
 
-        return Catalog(self.lake.root, self.database)
+        return Catalog(self.lake.lake(), self.database)
 
 
 class PipelinePaths(dg.ConfigurableResource):

@@ -31,9 +31,11 @@ class Project:
     home: Path
     n_media: int
     n_pairs: int
+    # Where the Lance tables go: the home's lance/ folder unless a test puts them elsewhere (s3://...).
+    lake_root: str | None = None
 
     def resources(self) -> dict:
-        lake = LanceLake(root=str(self.home / "lance"))
+        lake = LanceLake(root=self.lake_root or str(self.home / "lance"))
         return {
             "lake": lake,
             "encoders": EncoderBank(registry_path=str(self.configs / "encoders.yaml")),
