@@ -155,12 +155,16 @@ def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, qu
 
 
 def run_plan(defs, parts: Partitions, inst, experiments: list[str]) -> bool:
-    """Ingest the datasets these experiments use, extract what their encoders need, then run them."""
+    """Ingest the datasets these experiments use (those they are also scored on included), extract
+    what their encoders need on each, then run them."""
     sync_partitions(parts, inst)  # the registry sensor does the same in the UI
     exps = [parts.experiments[e] for e in experiments]
-    datasets = sorted({e.dataset for e in exps})
+    used = {e.name: (e.dataset, *e.eval_datasets) for e in exps}
+    datasets = sorted({d for ds in used.values() for d in ds})
     ok = all(_run(defs, "ingest_job", d, inst) for d in datasets)
-    needed = sorted({(e.dataset, enc) for e in exps for enc in (e.media_encoder, e.text_encoder)})
+    needed = sorted(
+        {(d, enc) for e in exps for d in used[e.name] for enc in (e.media_encoder, e.text_encoder)}
+    )
     ok = ok and all(_run(defs, "extract_job", parts.extract_key(d, enc), inst) for d, enc in needed)
     ok = ok and all([_run(defs, "experiment_job", e, inst) for e in experiments])
     return ok

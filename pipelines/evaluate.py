@@ -132,6 +132,12 @@ def scoring_targets(
         raise ValueError(f"experiment {exp.name}: the test split is empty; nothing to evaluate")
     targets = {exp.dataset: paired_split(lake, exp, test, fingerprints=fps)}
     for other in exp.eval_datasets:
+        if not lake.exists(table_name("pairs", other)):
+            raise LookupError(
+                f"experiment {exp.name} is also scored on {other}, which is not ingested yet: "
+                f"run ingest_job for {other}, then extract_job for ({other}, {exp.media_encoder}) "
+                f"and ({other}, {exp.text_encoder})"
+            )
         rows = holdout_pairs(lake, exp, other)
         if len(rows) == 0:
             raise ValueError(f"experiment {exp.name}: dataset {other} has no test pairs to score")

@@ -35,6 +35,30 @@ def project(tmp_path, monkeypatch):
     return project
 
 
+def test_run_plan_ingests_and_extracts_the_datasets_an_experiment_is_also_scored_on(project, capsys):
+    import yaml
+
+    from app.definitions import build_defs
+    from app.demo import run_plan
+
+    ds = yaml.safe_load((project.configs / "datasets.yaml").read_text())
+    ds["datasets"]["shapes-copy"] = dict(ds["datasets"]["shapes"])
+    (project.configs / "datasets.yaml").write_text(yaml.safe_dump(ds))
+    exps = yaml.safe_load((project.configs / "experiments.yaml").read_text())
+    exps["experiments"][EXPERIMENT]["eval_datasets"] = ["shapes-copy"]
+    (project.configs / "experiments.yaml").write_text(yaml.safe_dump(exps))
+    defs, parts = build_defs(project.configs, resources=project.resources())
+    assert run_plan(defs, parts, dg.DagsterInstance.ephemeral(), [EXPERIMENT]) is True
+    out = capsys.readouterr().out
+    for dataset in ("shapes", "shapes-copy"):
+        assert out.count(f"-> ingest_job [{dataset}]") == 1
+        assert out.count(f"-> extract_job [{dataset}|tiny-image]") == 1
+        assert out.count(f"-> extract_job [{dataset}|tiny-text]") == 1
+    assert "FAILED" not in out
+    scored = {r["dataset"] for r in Lake(project.home / "lance").read("metrics").to_pylist()}
+    assert scored == {"shapes", "shapes-copy"}
+
+
 def test_run_plan_runs_an_experiment_and_the_table_shows_it(project, capsys):
     from app.definitions import build_defs
     from app.demo import retrieval_table, run_plan

@@ -189,3 +189,21 @@ def test_scoring_another_dataset_refuses_latents_of_another_fingerprint(methods)
     errors = [e.event_specific_data.error.to_string() for e in result.all_events if e.is_step_failure]
     assert any("shapes-copy" in m and "run extract_job for (shapes-copy" in m for m in errors), errors
     lake.overwrite(table, rows)  # the other tests of this module keep a consistent lake
+
+
+def test_scoring_a_dataset_that_was_never_ingested_says_which_jobs_to_run(methods):
+    project, _, _, _, _, run = methods
+    lake = project.resources()["lake"].lake()
+    folder = Path(lake.uri("pairs__shapes-copy"))
+    aside = folder.with_name("aside.lance.tmp")
+    folder.rename(aside)  # as on a lake where shapes-copy was never ingested
+    try:
+        force = {"ops": {"retrieval_metrics": {"config": {"force": True}}}}
+        result = run("not-ingested", "experiment_job", "shapes-seeds", run_config=force)
+    finally:
+        aside.rename(folder)
+    assert not result.success
+    errors = [e.event_specific_data.error.to_string() for e in result.all_events if e.is_step_failure]
+    assert any(
+        "shapes-copy, which is not ingested yet: run ingest_job for shapes-copy" in m for m in errors
+    ), errors
