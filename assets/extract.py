@@ -10,8 +10,9 @@ import dagster as dg
 from pydantic import Field
 
 from pipelines.extract import run_extraction
-from pipelines.ingest import dataset_roots
+from pipelines.ingest import dataset_roots, mirror
 from pipelines.partitions import Partitions
+from pipelines.remote import is_remote_root
 from pipelines.resources import EncoderBank, LanceLake, PipelinePaths
 from pipelines.storage import dagster_failure
 
@@ -52,11 +53,14 @@ def build(parts: Partitions) -> list:
             )
         encoder = encoders.get(name)
         with dagster_failure():  # a full or read-only disk: one clear line, the committed rows kept
+            ds_spec = parts.dataset_spec(dataset)
+            if spec.modality != "text" and is_remote_root(ds_spec.root):
+                mirror(ds_spec, paths.data_cache, context.log.info)  # the files, on this machine too
             stats = run_extraction(
                 lake.lake(),
                 dataset,
                 encoder,
-                roots=dataset_roots(parts.dataset_spec(dataset), paths.data_cache),
+                roots=dataset_roots(ds_spec, paths.data_cache),
                 commit_every=config.commit_every,
                 progress=config.progress,
                 on_commit=lambda s: context.log.info(f"committed {s['encoded']}/{s['pending']} latents"),

@@ -40,7 +40,7 @@ def build(parts: Partitions) -> list:
     ):
         spec = parts.dataset_spec(context.partition_key)
         with dagster_failure():  # a full or read-only disk: one clear line, the lake as it was
-            ds = load_dataset(spec, paths.data_cache, progress=config.progress)
+            ds = load_dataset(spec, paths.data_cache, progress=config.progress, log=context.log.info)
             info = write_dataset(lake.lake(), spec.name, ds)
         context.log.info(
             f"{spec.name}: {info['pairs']} pairs, {info['quarantined']} quarantined {info['quarantine_reasons']}"

@@ -26,6 +26,7 @@ from pipelines import schemas
 from pipelines.catalog import Catalog
 from pipelines.lake import Lake, sql_in
 from pipelines.registries import DatasetSpec
+from pipelines.remote import is_remote_root, mirror_dir, sync_mirror
 from pipelines.schemas import table_name
 from pipelines.storage import writing
 
@@ -35,14 +36,34 @@ def dataset_roots(spec: DatasetSpec, cache: Path) -> list[Path]:
     reader's root plus its `extract_to` folder. Extraction checks each stored path against them again."""
     if spec.source:
         return [(Path(cache) / spec.source).resolve()]
+    if is_remote_root(spec.root):  # an object-store prefix: its local mirror (pipelines.remote)
+        return [mirror_dir(cache, spec.root).resolve()]
     roots = [Path(spec.root).resolve()]
     if spec.options.get("extract_to"):
         roots.append(Path(spec.options["extract_to"]).resolve())
     return roots
 
 
-def load_dataset(spec: DatasetSpec, cache: Path, progress: bool = True) -> Dataset:
-    """Fetches a default-corpus source or reads a user's folder into the canonical form."""
+def mirror(spec: DatasetSpec, cache: Path, log=None) -> Path:
+    """Brings the local mirror of a dataset whose root is an object-store prefix up to date (ingest
+    and extraction both do, so a fresh machine gets the files) and returns its folder."""
+    folder = dataset_roots(spec, cache)[0]
+    report = sync_mirror(spec.root, folder)
+    if log is not None:
+        line = (
+            f"{spec.name}: mirrored {spec.root}: {report.fetched} fetched, {report.kept} unchanged, "
+            f"{report.removed} removed"
+        )
+        if report.refused:
+            key, why = next(iter(report.refused.items()))
+            line += f"; {len(report.refused)} objects not mirrored (first: {key!r}, {why})"
+        log(line)
+    return folder
+
+
+def load_dataset(spec: DatasetSpec, cache: Path, progress: bool = True, log=None) -> Dataset:
+    """Fetches a default-corpus source or reads a user's folder (or object-store prefix, through its
+    local mirror) into the canonical form. `log`: a callable for one line about the mirror."""
     if spec.source:
         from pipelines.sources import SOURCES
 
@@ -53,8 +74,9 @@ def load_dataset(spec: DatasetSpec, cache: Path, progress: bool = True) -> Datas
         )
     from fusion.data.readers import read_dataset
 
+    root = mirror(spec, cache, log) if is_remote_root(spec.root) else spec.root
     return read_dataset(
-        spec.reader, spec.root, name=spec.name, modality=spec.modality, progress=progress, **spec.options
+        spec.reader, root, name=spec.name, modality=spec.modality, progress=progress, **spec.options
     )
 
 

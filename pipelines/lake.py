@@ -389,7 +389,7 @@ class Lake:
     def _object_store_tables(self) -> list[str]:
         import pyarrow.fs as pafs
 
-        fs, base = _arrow_filesystem(self.root, self.options or {})
+        fs, base = arrow_filesystem(self.root, self.options or {})
         found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
         names = []
         for info in found:
@@ -406,7 +406,7 @@ class Lake:
         return {t: v for t in tables if (v := self.version(t)) is not None}
 
 
-def _arrow_filesystem(root: str, options: dict[str, str]):
+def arrow_filesystem(root: str, options: dict[str, str]):
     """(pyarrow filesystem, path inside it) for an object-store lake root, configured from the same
     options Lance gets, so listing the tables sees the store that Lance writes to."""
     import pyarrow.fs as pafs

@@ -7,13 +7,16 @@ from __future__ import annotations
 import csv
 import io
 import os
+import time
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 
+from fusion.data.readers import read_dataset
 from pipelines.lake import Lake, object_store_options, vectors_to_arrow
 from tests.s3_server import list_keys, make_bucket, s3_env, s3_server
 
@@ -136,6 +139,55 @@ def test_a_missing_bucket_is_an_error_not_an_empty_lake(s3):
     assert not missing.exists("t")
 
 
+def _client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def upload_folder(endpoint: str, folder: Path, prefix: str) -> int:
+    """Puts every file under `folder` at s3://BUCKET/prefix/<relative path>; returns the count."""
+    client, n = _client(endpoint), 0
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.put_object(
+                Bucket=BUCKET, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes()
+            )
+            n += 1
+    return n
+
+
+def test_only_safe_relative_keys_become_files():
+    from pipelines.remote import _relative_key
+
+    assert _relative_key("p/images/a.png", "p") == "images/a.png"
+    for bad in ("p/../a.png", "p/images/./a.png", "p/images//a.png", "p/a\x01b.png", "p/a\\b.png", "p/"):
+        assert _relative_key(bad, "p") is None, bad
+
+
+def test_the_mirror_fetches_what_changed_and_drops_what_is_gone(s3, tmp_path):
+    from pipelines.remote import mirror_dir, sync_mirror
+
+    client = _client(s3)
+    for key, body in {"m/a.txt": b"a", "m/sub/b.txt": b"bb", "m/big.bin": b"x" * 64}.items():
+        client.put_object(Bucket=BUCKET, Key=key, Body=body)
+    dest = mirror_dir(tmp_path, f"s3://{BUCKET}/m")
+    assert dest == mirror_dir(tmp_path, f"s3://{BUCKET}/m/")  # one mirror per root, trailing slash or not
+    first = sync_mirror(f"s3://{BUCKET}/m", dest, max_bytes=32)
+    assert (first.fetched, first.kept, first.removed) == (2, 0, 0)
+    assert list(first.refused) == [f"{BUCKET}/m/big.bin"]
+    assert (dest / "sub" / "b.txt").read_bytes() == b"bb" and not (dest / "big.bin").exists()
+    (dest / ".b.txt.part-1").write_bytes(b"left by a kill")
+    again = sync_mirror(f"s3://{BUCKET}/m", dest, max_bytes=32)
+    assert (again.fetched, again.kept, again.removed) == (0, 2, 1)  # the stray part file is gone
+    time.sleep(1.1)  # S3 times have one-second resolution
+    client.put_object(Bucket=BUCKET, Key="m/a.txt", Body=b"A")  # same size, newer object
+    client.delete_object(Bucket=BUCKET, Key="m/sub/b.txt")
+    changed = sync_mirror(f"s3://{BUCKET}/m", dest, max_bytes=32)
+    assert (changed.fetched, changed.kept, changed.removed) == (1, 0, 1)
+    assert (dest / "a.txt").read_bytes() == b"A" and not (dest / "sub" / "b.txt").exists()
+
+
 def _materialise(project, instance, defs, parts) -> dict[str, dg.ExecuteInProcessResult]:
     from pipelines.partitions import sync_partitions
 
@@ -164,10 +216,17 @@ def test_the_whole_graph_runs_with_the_lake_on_s3_and_sql_reads_it(s3, tmp_path,
     project = make_project(tmp_path)
     root = f"s3://{BUCKET}/graph"
     project.lake_root = root
+    # The dataset's manifest and pictures live in the store too; nothing reads the local folder.
+    assert upload_folder(s3, project.data, "media/shapes") == project.n_media + 1  # and manifest.csv
+    local = project.data.rename(tmp_path / "data-uploaded")
+    datasets = yaml.safe_load((project.configs / "datasets.yaml").read_text())
+    datasets["datasets"]["shapes"]["root"] = f"s3://{BUCKET}/media/shapes"
+    (project.configs / "datasets.yaml").write_text(yaml.safe_dump(datasets))
     defs, parts = build_defs(project.configs, resources=project.resources())
     (tmp_path / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
         runs = _materialise(project, instance, defs, parts)
+        ingest_log = [e.user_message for e in instance.all_logs(runs["ingest"].run_id)]
     assert {label: r.success for label, r in runs.items()} == dict.fromkeys(runs, True)
 
     lake = Lake(root)
@@ -189,6 +248,16 @@ def test_the_whole_graph_runs_with_the_lake_on_s3_and_sql_reads_it(s3, tmp_path,
     assert not (project.home / "lance").exists()
     assert lake.count("pairs__shapes") == project.n_pairs
     assert lake.count("latents__shapes__tiny-image") == project.n_media
+    # The same media ids (content hashes) as the local folder gives, and its one quarantine row.
+    direct = read_dataset(
+        "manifest", str(local), name="shapes", modality="image", progress=False, license="CC0-1.0"
+    )
+    image_ids = {m for m in lake.ids("media__shapes", filter="modality = 'image'")}
+    assert image_ids == {m.media_id for m in direct.media.values() if m.modality == "image"}
+    assert lake.read("quarantine__shapes")["reason"].to_pylist() == ["missing"]
+    assert any(
+        f"shapes: mirrored s3://{BUCKET}/media/shapes: {project.n_media + 1} fetched" in m for m in ingest_log
+    )
 
     # `fusemix sql` over the same lake, its options from the environment only.
     capsys.readouterr()
