@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first and pinned: a loose requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline,ray]"
 	touch $@
 
 install: system-deps $(BIN)/.installed

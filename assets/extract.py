@@ -6,6 +6,8 @@ writes keep one latent per item when two do overlap (a higher limit, an instance
 Each file is checked again (inside the dataset's folder, same content hash) right before it is encoded.
 """
 
+import os
+
 import dagster as dg
 from pydantic import Field
 
@@ -24,6 +26,25 @@ class ExtractConfig(dg.Config):
         default=512, description="Rows per Lance commit: a kill loses at most this many"
     )
     progress: bool = Field(default=True, description="Show a progress bar")
+    engine: str = Field(
+        default="",
+        description="in-process or ray; empty: $FUSEMIX_EXTRACT_ENGINE, else in-process (pipelines.ray_extract)",
+    )
+    ray_workers: int = Field(default=2, description="Encoder actors when the engine is ray")
+    ray_address: str = Field(
+        default="", description="Ray cluster address; empty: $RAY_ADDRESS, else a local Ray on this machine"
+    )
+
+
+ENGINES = ("in-process", "ray")
+
+
+def engine_of(config: ExtractConfig) -> str:
+    """The extraction engine a run uses: its config, else $FUSEMIX_EXTRACT_ENGINE, else in-process."""
+    engine = (config.engine or os.environ.get("FUSEMIX_EXTRACT_ENGINE", "") or "in-process").strip().lower()
+    if engine not in ENGINES:
+        raise dg.Failure(f"unknown extraction engine {engine!r}; use one of {', '.join(ENGINES)}")
+    return engine
 
 
 def build(parts: Partitions) -> list:
@@ -51,20 +72,38 @@ def build(parts: Partitions) -> list:
                 f"encoder {name} ({spec.modality}) does not apply to dataset {dataset} "
                 f"({parts.dataset_spec(dataset).modality} + text); nothing to extract"
             )
-        encoder = encoders.get(name)
+        engine = engine_of(config)
         with dagster_failure():  # a full or read-only disk: one clear line, the committed rows kept
             ds_spec = parts.dataset_spec(dataset)
             if spec.modality != "text" and is_remote_root(ds_spec.root):
                 mirror(ds_spec, paths.data_cache, context.log.info)  # the files, on this machine too
-            stats = run_extraction(
-                lake.lake(),
-                dataset,
-                encoder,
-                roots=dataset_roots(ds_spec, paths.data_cache),
-                commit_every=config.commit_every,
-                progress=config.progress,
-                on_commit=lambda s: context.log.info(f"committed {s['encoded']}/{s['pending']} latents"),
-            )
+            roots = dataset_roots(ds_spec, paths.data_cache)
+            if engine == "ray":
+                from pipelines.ray_extract import run_extraction_ray
+
+                stats = run_extraction_ray(
+                    lake.lake(),
+                    dataset,
+                    spec,
+                    roots=roots,
+                    workers=config.ray_workers,
+                    address=config.ray_address or None,
+                    device=encoders.device_for(spec),
+                    cache_dir=encoders.cache_dir,
+                    on_shard=lambda p: context.log.info(
+                        f"ray: {p['shards_done']}/{p['shards']} shards, {p['encoded']} latents written"
+                    ),
+                )
+            else:
+                stats = run_extraction(
+                    lake.lake(),
+                    dataset,
+                    encoders.get(name),
+                    roots=roots,
+                    commit_every=config.commit_every,
+                    progress=config.progress,
+                    on_commit=lambda s: context.log.info(f"committed {s['encoded']}/{s['pending']} latents"),
+                )
         return dg.MaterializeResult(
             metadata={
                 "items_encoded": stats["encoded"],
@@ -77,6 +116,7 @@ def build(parts: Partitions) -> list:
                 "dimension": stats["dim"],
                 "fingerprint": stats["fingerprint"],
                 "lance_version": stats["lance_version"],
+                "engine": engine,
             }
         )
 

@@ -34,6 +34,7 @@ QUICK: dict[str, list[str]] = {
     "bench_studies": ["--steps", "10"],
     "bench_demo": [],
     "bench_precision": [],
+    "bench_ray": ["--n", "192"],
 }
 FULL: dict[str, list[str]] = {"bench_train": ["--full"], "bench_extract": ["--real", "--repeats", "3"]}
 

@@ -261,6 +261,26 @@ class Lake:
 
         return self._retry(write)
 
+    def commit_fragments(self, table: str, fragments: Sequence[str]) -> int:
+        """Commits fragments that other processes wrote into the existing `table`
+        (lance.fragment.write_fragments, their metadata as JSON) in one Append; returns the rows added.
+        Until this commit no reader sees them, so a job that dies before it leaves the table as it was."""
+        from lance.fragment import FragmentMetadata
+
+        metadata = [FragmentMetadata.from_json(f) for f in fragments]
+
+        def write() -> int:
+            current = self.open(table).version
+            lance.LanceDataset.commit(
+                self.uri(table),
+                lance.LanceOperation.Append(metadata),
+                read_version=current,
+                storage_options=self.options,
+            )
+            return sum(m.num_rows for m in metadata)
+
+        return self._retry(write)
+
     def upsert(self, table: str, data: pa.Table, key: str | Sequence[str]) -> int:
         """Inserts rows whose key is new and updates the others, in one commit; one row per key."""
         return self._merge(table, data, _keys(key), update=True)
