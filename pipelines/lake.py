@@ -169,7 +169,7 @@ class Lake:
     def _dataset(self, table: str) -> lance.LanceDataset:
         return lance.dataset(self.uri(table), storage_options=self.options)
 
-    def _write(self, data: pa.Table, table: str, mode: str) -> lance.LanceDataset:
+    def _write(self, data: pa.Table | pa.RecordBatchReader, table: str, mode: str) -> lance.LanceDataset:
         return lance.write_dataset(data, self.uri(table), mode=mode, storage_options=self.options)
 
     def uri(self, table: str) -> str:
@@ -260,6 +260,13 @@ class Lake:
                 return self._write(data, table, mode).version
 
         return self._retry(write)
+
+    def overwrite_stream(self, table: str, reader: pa.RecordBatchReader) -> int:
+        """Replaces the table's contents with a stream of record batches in one commit, holding one
+        batch at a time (for tables larger than memory); returns the rows written. Not retried on a
+        commit conflict: the stream is read once."""
+        mode = "overwrite" if self.exists(table) else "create"
+        return self._write(reader, table, mode).count_rows()
 
     def commit_fragments(self, table: str, fragments: Sequence[str]) -> int:
         """Commits fragments that other processes wrote into the existing `table`

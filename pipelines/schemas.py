@@ -115,6 +115,9 @@ KINDS: dict[str, tuple[int, pa.Schema | None]] = {
     "latents": (2, None),
     "curated": (1, CURATED),
     "metrics": (0, METRICS),
+    # An experiment's train pairs joined with their latents (x, y[, groups]), written when its train
+    # split is large enough to stream (pipelines.train, pipelines.stream); rewritten on every training.
+    "trainpairs": (1, None),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from pipelines.curate import pair_groups, paired_split, split_arrays, split_rows
 from pipelines.lake import Lake
 from pipelines.registries import ExperimentSpec
 from pipelines.schemas import table_name
+from pipelines.stream import lance_chunks, write_pairs
 from pipelines.tracking import mlflow_run, run_status
 
 HISTORY = "history.json"
@@ -84,28 +86,63 @@ def experiment_params(
     return {k: str(v) for k, v in flat.items()}
 
 
+# Train splits of at least this many pairs are streamed from Lance instead of held in memory
+# ($FUSEMIX_STREAM_PAIRS overrides; 0 streams every adapter training).
+STREAM_PAIRS = 2_000_000
+# Pairs joined per chunk when the streamed table is written, and rows per slice when it is read.
+JOIN_CHUNK = 65536
+
+
+def stream_threshold() -> int:
+    value = os.environ.get("FUSEMIX_STREAM_PAIRS", "").strip()
+    if not value:
+        return STREAM_PAIRS
+    if not value.isdigit():
+        raise ValueError(f"FUSEMIX_STREAM_PAIRS must be a whole number of pairs, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class TrainingData:
     """What every seed of an experiment trains on, read from the lake once: the train pairs' latents
     x [n, d_m] and y [n, d_t], their group keys for a loss that knows its positives (None for plain
-    InfoNCE), and the val split for model selection (None with fewer than 2 val pairs)."""
+    InfoNCE), and the val split for model selection (None with fewer than 2 val pairs). A large train
+    split is streamed instead: x, y and groups are None and `stream_table` names the Lance table of
+    the joined pairs (pipelines.stream), read in slices by every seed."""
 
-    x: np.ndarray
-    y: np.ndarray
+    x: np.ndarray | None
+    y: np.ndarray | None
     groups: np.ndarray | None
     val: PairedSplit | None
+    n: int = 0
+    stream_table: str | None = None
+    lake: Lake | None = None
+
+    def chunks(self, seed: int):
+        """The streamed pairs as a fusion.trainer ChunkSource (None when held in memory)."""
+        if self.stream_table is None or self.lake is None:
+            return None
+        return lance_chunks(self.lake, self.stream_table, seed=seed)
+
+
+def _joined(lake: Lake, exp: ExperimentSpec, rows: pa.Table, groups: np.ndarray | None):
+    for start in range(0, len(rows), JOIN_CHUNK):
+        x, y = split_arrays(lake, exp, rows.slice(start, JOIN_CHUNK))
+        yield (x, y) if groups is None else (x, y, groups[start : start + JOIN_CHUNK])
 
 
 def training_data(lake: Lake, exp: ExperimentSpec, curated: pa.Table) -> TrainingData:
     train_rows = split_rows(curated, "train")
-    x, y = split_arrays(lake, exp, train_rows)
+    groups = pair_groups(train_rows) if exp.train.loss != "infonce" else None
     val_rows = split_rows(curated, "val")
-    return TrainingData(
-        x,
-        y,
-        pair_groups(train_rows) if exp.train.loss != "infonce" else None,
-        paired_split(lake, exp, val_rows) if len(val_rows) >= 2 else None,
-    )
+    val = paired_split(lake, exp, val_rows) if len(val_rows) >= 2 else None
+    if exp.method == "adapters" and len(train_rows) >= max(2, stream_threshold()):
+        # Joined one chunk at a time and kept in the curated order (shuffled per slice when read).
+        table = table_name("trainpairs", exp.name)
+        write_pairs(lake, table, _joined(lake, exp, train_rows, groups))
+        return TrainingData(None, None, None, val, n=len(train_rows), stream_table=table, lake=lake)
+    x, y = split_arrays(lake, exp, train_rows)
+    return TrainingData(x, y, groups, val, n=len(x))
 
 
 def train_experiment(
@@ -121,19 +158,21 @@ def train_experiment(
     R-sum (R@1+R@5+R@10 both ways), never looking at test."""
     from evaluation.retrieval import evaluate_model
 
-    if len(data.x) < 2:
-        raise ValueError(f"experiment {exp.name}: {len(data.x)} training pairs; need at least 2")
+    if data.n < 2:
+        raise ValueError(f"experiment {exp.name}: {data.n} training pairs; need at least 2")
 
     def rsum(model: FusedModel) -> float:
         r, _, _ = evaluate_model(model, data.val)
         return float(sum(r.t2i_recall.values()) + sum(r.i2t_recall.values()))
 
+    chunks = data.chunks(exp.train.seed)
     return train_adapters(
         data.x,
         data.y,
         exp.adapter,
         exp.fusemix,
         exp.train,
+        chunks=chunks,
         validator=rsum if data.val is not None else None,
         sides=(media_side, "text"),
         encoders={media_side: media_ref, "text": text_ref},
@@ -167,7 +206,7 @@ def fit_method(
     """(model, summary, history or None): trained adapters, or a baseline fitted on the same train
     pairs with its hyperparameters chosen on the val split."""
     media_ref, text_ref = refs
-    train_pairs = len(data.x)
+    train_pairs = data.n
     if exp.method == "adapters":
         result = train_experiment(
             data,
@@ -187,6 +226,7 @@ def fit_method(
             "final_loss": result.history[-1]["loss"],
             "final_temperature": result.history[-1]["temperature"],
             "train_pairs": train_pairs,
+            "streamed": data.stream_table is not None,
             "seconds": round(result.seconds, 2),
             "pairs_per_s": round(result.pairs_seen / max(result.seconds, 1e-9), 1),
         }
