@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from evaluation.retrieval import PairedSplit, paired_ids
     from pipelines.curate import split_rows
     from pipelines.evaluate import POOLED, load_trained, score
-    from pipelines.extract import _payloads
+    from pipelines.extract import media_payloads
     from pipelines.lake import Lake
     from pipelines.registries import load_experiments
     from pipelines.schemas import table_name
@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     test = split_rows(lake.read(curated), "test")
     item_ids, text_ids, pi, pt = paired_ids(test["media_id"].to_pylist(), test["caption_id"].to_pylist())
     media_t = table_name("media", exp.dataset)
-    items, texts = list(_payloads(lake, media_t, item_ids)), list(_payloads(lake, media_t, text_ids))
+    items, texts = (
+        list(media_payloads(lake, media_t, item_ids)),
+        list(media_payloads(lake, media_t, text_ids)),
+    )
 
     registry = load_registry()
     latents, rates, refs, precision = {}, {}, {}, {}

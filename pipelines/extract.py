@@ -124,7 +124,9 @@ def verified_file(
     return target if target.suffix.lower() in _DECODED_BY_NAME else data
 
 
-def _payloads(lake: Lake, media_t: str, ids: list[str], chunk: int = 512) -> Iterator[tuple[str, object]]:
+def media_payloads(
+    lake: Lake, media_t: str, ids: list[str], chunk: int = 512
+) -> Iterator[tuple[str, object]]:
     """(media_id, payload) with payload the text, the inline bytes, or the file path (a Path)."""
     for i in range(0, len(ids), chunk):
         part = ids[i : i + chunk]
@@ -157,6 +159,61 @@ def run_extraction(
         return _run_extraction(lake, dataset, encoder, roots, commit_every, progress, on_commit)
 
 
+def plan(lake: Lake, dataset: str, encoder: FrozenEncoder) -> tuple[list[str], dict]:
+    """What a run of either engine encodes, after the clean-up every run starts with (duplicates of
+    overlapping runs, latents of another fingerprint or of media gone, failures of another
+    fingerprint), and its starting counts. `encoder` needs only spec, modality and fingerprint."""
+    media_t = table_name("media", dataset)
+    lat_t = table_name("latents", dataset, encoder.spec.name)
+    if not lake.exists(media_t):
+        raise LookupError(f"dataset {dataset!r} has not been ingested (no {media_t} table)")
+    duplicates = lake.dedupe(lat_t, "media_id")  # left by overlapping runs of an older version
+    todo, stale = pending(lake, dataset, encoder)
+    want = lake.ids(media_t, filter=f"modality = {sql_str(encoder.modality)}")
+    retried, _ = drop_stale_failures(lake, dataset, encoder, want)
+    already_failed = failed_items(lake, dataset, encoder.spec.name, encoder.fingerprint)
+    todo = [i for i in todo if i not in already_failed]
+    stats = {
+        "encoded": 0,
+        "failed": 0,
+        "commits": 0,
+        "stale_deleted": stale,
+        "duplicates_deleted": duplicates,
+        "retried": retried,
+        "pending": len(todo),
+    }
+    return todo, stats
+
+
+def quarantine_failures(
+    lake: Lake, dataset: str, encoder: FrozenEncoder, failures: Sequence[MediaError]
+) -> int:
+    """Records items the encoder could not encode as quarantine rows of its stage and fingerprint."""
+    if not failures:
+        return 0
+    quar_t = table_name("quarantine", dataset)
+    rows = [QuarantineRow(encoder.spec.name, f.media_id, f.reason, f.detail) for f in failures]
+    upgrade_quarantine(lake, quar_t)
+    table = quarantine_table(dataset, extract_stage(encoder.spec.name), rows, fingerprint=encoder.fingerprint)
+    lake.append(quar_t, table, key=["stage", "item"])
+    return len(failures)
+
+
+def summary(lake: Lake, dataset: str, encoder: FrozenEncoder, stats: dict, t0: float) -> dict:
+    """A run's counts with its speed, the table's rows and version, the encoder's dim and fingerprint."""
+    lat_t = table_name("latents", dataset, encoder.spec.name)
+    seconds = time.perf_counter() - t0
+    return {
+        **stats,
+        "seconds": round(seconds, 2),
+        "items_per_s": round(stats["encoded"] / seconds, 2) if stats["encoded"] and seconds > 0 else 0.0,
+        "total": lake.count(lat_t),
+        "dim": encoder.dim,
+        "fingerprint": encoder.fingerprint,
+        "lance_version": lake.version(lat_t),
+    }
+
+
 def _run_extraction(
     lake: Lake,
     dataset: str,
@@ -168,16 +225,7 @@ def _run_extraction(
 ) -> dict:
     media_t = table_name("media", dataset)
     lat_t = table_name("latents", dataset, encoder.spec.name)
-    quar_t = table_name("quarantine", dataset)
-    stage = extract_stage(encoder.spec.name)
-    if not lake.exists(media_t):
-        raise LookupError(f"dataset {dataset!r} has not been ingested (no {media_t} table)")
-    duplicates = lake.dedupe(lat_t, "media_id")  # left by overlapping runs of an older version
-    todo, stale = pending(lake, dataset, encoder)
-    want = lake.ids(media_t, filter=f"modality = {sql_str(encoder.modality)}")
-    retried, _ = drop_stale_failures(lake, dataset, encoder, want)
-    already_failed = failed_items(lake, dataset, encoder.spec.name, encoder.fingerprint)
-    todo = [i for i in todo if i not in already_failed]
+    todo, stats = plan(lake, dataset, encoder)
 
     def load(media_id: str, payload: Any) -> Any:
         if isinstance(payload, Path):
@@ -188,15 +236,6 @@ def _run_extraction(
     ids: list[str] = []
     vecs: list[np.ndarray] = []
     failures: list = []
-    stats = {
-        "encoded": 0,
-        "failed": 0,
-        "commits": 0,
-        "stale_deleted": stale,
-        "duplicates_deleted": duplicates,
-        "retried": retried,
-        "pending": len(todo),
-    }
     t0 = time.perf_counter()
 
     def commit() -> None:
@@ -218,17 +257,14 @@ def _run_extraction(
             )
             stats["encoded"] += len(ids)
             stats["commits"] += 1
-        if failures:
-            rows = [QuarantineRow(encoder.spec.name, f.media_id, f.reason, f.detail) for f in failures]
-            upgrade_quarantine(lake, quar_t)
-            table = quarantine_table(dataset, stage, rows, fingerprint=encoder.fingerprint)
-            lake.append(quar_t, table, key=["stage", "item"])
-            stats["failed"] += len(failures)
+        stats["failed"] += quarantine_failures(lake, dataset, encoder, failures)
         if on_commit and (ids or failures):
             on_commit({**stats, "seconds": time.perf_counter() - t0})
         ids, vecs, failures = [], [], []
 
-    batches = extract(encoder, _payloads(lake, media_t, todo), progress=progress, total=len(todo), load=load)
+    batches = extract(
+        encoder, media_payloads(lake, media_t, todo), progress=progress, total=len(todo), load=load
+    )
     for batch in batches:
         if len(batch.media_ids):
             ids.extend(batch.media_ids)
@@ -238,13 +274,4 @@ def _run_extraction(
             commit()
     commit()
     lake.create(lat_t, schema)  # nothing to encode at all: an empty table still documents the partition
-    seconds = time.perf_counter() - t0
-    return {
-        **stats,
-        "seconds": round(seconds, 2),
-        "items_per_s": round(stats["encoded"] / seconds, 2) if stats["encoded"] and seconds > 0 else 0.0,
-        "total": lake.count(lat_t),
-        "dim": encoder.dim,
-        "fingerprint": encoder.fingerprint,
-        "lance_version": lake.version(lat_t),
-    }
+    return summary(lake, dataset, encoder, stats, t0)

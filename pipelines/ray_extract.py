@@ -35,19 +35,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from fusion.data import QuarantineRow
 from fusion.encoders import EncoderSpec
+from fusion.media import MediaError
 from pipelines import schemas
-from pipelines.extract import (
-    _payloads,
-    drop_stale_failures,
-    extract_stage,
-    failed_items,
-    pending,
-    verified_file,
-)
-from pipelines.ingest import quarantine_table, upgrade_quarantine
-from pipelines.lake import Lake, sql_str, vectors_to_arrow
+from pipelines.extract import media_payloads, plan, quarantine_failures, summary, verified_file
+from pipelines.lake import Lake, vectors_to_arrow
 from pipelines.schemas import table_name
 from pipelines.storage import writing
 
@@ -149,99 +141,68 @@ def ray_session(address: str | None, workers: int):
     return True
 
 
+@dataclass(frozen=True)
+class RayJob:
+    """How a Ray extraction runs: `workers` actors at `address` (None: $RAY_ADDRESS, else a local Ray),
+    encoders on `device` (`gpus_per_worker` GPUs each), shards of `shard_size` items, `max_retries`
+    restarts of a dead worker and retries of its shards."""
+
+    workers: int = 2
+    address: str | None = None
+    device: str = "cpu"
+    cache_dir: str | None = None
+    shard_size: int = 256
+    gpus_per_worker: float = 0
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+
+
 def run_extraction_ray(
     lake: Lake,
     dataset: str,
     spec: EncoderSpec,
     *,
     roots: Sequence[str | os.PathLike] | None = None,
-    workers: int = 2,
-    address: str | None = None,
-    device: str = "cpu",
-    cache_dir: str | os.PathLike | None = None,
-    shard_size: int = 256,
-    gpus_per_worker: float = 0,
-    max_retries: int = 3,
     on_shard: Callable[[dict], None] | None = None,
+    **job: Any,
 ) -> dict:
-    """Encodes what is missing on Ray and commits once (see the module docstring). Returns the same
-    counts as pipelines.extract.run_extraction, plus `workers` and `shards`. `on_shard` is called after
-    each finished shard with the progress and the workers' pids."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    """Encodes what is missing on Ray and commits once (see the module docstring). `job`: the fields
+    of RayJob (workers, address, device, cache_dir, shard_size, gpus_per_worker, max_retries). Returns
+    the counts of pipelines.extract.run_extraction, plus `workers` and `shards`. `on_shard` is called
+    after each finished shard with the progress and the workers' pids."""
+    if job.get("cache_dir") is not None:
+        job["cache_dir"] = str(job["cache_dir"])
+    settings = RayJob(**job)
     with writing(lake.root):
-        return _run(
-            lake,
-            dataset,
-            spec,
-            roots,
-            workers,
-            address,
-            device,
-            cache_dir,
-            shard_size,
-            gpus_per_worker,
-            max_retries,
-            on_shard,
-        )
+        return _run(lake, dataset, spec, roots, settings, on_shard)
 
 
-def _run(
-    lake, dataset, spec, roots, workers, address, device, cache_dir, shard_size, gpus, retries, on_shard
-):
+def _run(lake: Lake, dataset: str, spec: EncoderSpec, roots, job: RayJob, on_shard) -> dict:
     import ray
 
     from fusion.encoders import describe_encoder
 
-    t0 = time.perf_counter()
-    ref = describe_encoder(spec, cache_dir=Path(cache_dir) if cache_dir else None, device=device)
+    ref = describe_encoder(spec, cache_dir=Path(job.cache_dir) if job.cache_dir else None, device=job.device)
     info = EncoderInfo(spec, ref.fingerprint, ref.dim)
-    media_t = table_name("media", dataset)
     lat_t = table_name("latents", dataset, spec.name)
-    quar_t = table_name("quarantine", dataset)
-    if not lake.exists(media_t):
-        raise LookupError(f"dataset {dataset!r} has not been ingested (no {media_t} table)")
-    duplicates = lake.dedupe(lat_t, "media_id")
-    todo, stale = pending(lake, dataset, info)
-    want = lake.ids(media_t, filter=f"modality = {sql_str(info.modality)}")
-    retried, _ = drop_stale_failures(lake, dataset, info, want)
-    already_failed = failed_items(lake, dataset, spec.name, info.fingerprint)
-    todo = [i for i in todo if i not in already_failed]
-    schema = schemas.latents(info.dim)
-    lake.create(lat_t, schema)  # the fragments are written into the table, which must exist
-    stats = {
-        "encoded": 0,
-        "failed": 0,
-        "commits": 0,
-        "stale_deleted": stale,
-        "duplicates_deleted": duplicates,
-        "retried": retried,
-        "pending": len(todo),
-        "workers": workers,
-        "shards": 0,
-    }
+    todo, stats = plan(lake, dataset, info)
+    stats.update(workers=job.workers, shards=0)
+    lake.create(
+        lat_t, schemas.latents(info.dim)
+    )  # the fragments are written into the table, which must exist
+    t0 = time.perf_counter()
     fragments: list[str] = []
-    failures: list[tuple[str, str, str]] = []
+    failures: list[MediaError] = []
     if todo:
-        started = ray_session(address, workers)
+        started = ray_session(job.address, job.workers)
         try:
             fragments, failures, stats["shards"] = _encode_on_ray(
-                ray,
-                lake,
-                lat_t,
-                info,
-                todo,
-                media_t,
-                roots,
-                workers,
-                device,
-                cache_dir,
-                shard_size,
-                gpus,
-                retries,
-                on_shard,
+                ray, lake, dataset, info, todo, roots, job, on_shard
             )
         finally:
             if started:
@@ -250,50 +211,21 @@ def _run(
         stats["encoded"] = lake.commit_fragments(lat_t, fragments)
         stats["commits"] += 1
         stats["duplicates_deleted"] += lake.dedupe(lat_t, "media_id")
-    if failures:
-        rows = [QuarantineRow(spec.name, mid, reason, detail) for mid, reason, detail in failures]
-        upgrade_quarantine(lake, quar_t)
-        table = quarantine_table(dataset, extract_stage(spec.name), rows, fingerprint=info.fingerprint)
-        lake.append(quar_t, table, key=["stage", "item"])
-        stats["failed"] = len(failures)
-    seconds = time.perf_counter() - t0
-    return {
-        **stats,
-        "seconds": round(seconds, 2),
-        "items_per_s": round(stats["encoded"] / seconds, 2) if stats["encoded"] and seconds > 0 else 0.0,
-        "total": lake.count(lat_t),
-        "dim": info.dim,
-        "fingerprint": info.fingerprint,
-        "lance_version": lake.version(lat_t),
-    }
+    stats["failed"] = quarantine_failures(lake, dataset, info, failures)
+    return summary(lake, dataset, info, stats, t0)
 
 
 def _encode_on_ray(
-    ray,
-    lake,
-    lat_t,
-    info,
-    todo,
-    media_t,
-    roots,
-    workers,
-    device,
-    cache_dir,
-    shard_size,
-    gpus,
-    retries,
-    on_shard,
+    ray, lake: Lake, dataset: str, info: EncoderInfo, todo: list[str], roots, job: RayJob, on_shard
 ):
     actor_cls = ray.remote(_EncoderWorker).options(
         num_cpus=1,
-        num_gpus=gpus,
-        max_restarts=retries,
-        max_task_retries=retries,
-        runtime_env={"env_vars": _worker_env(workers)},
+        num_gpus=job.gpus_per_worker,
+        max_restarts=job.max_retries,
+        max_task_retries=job.max_retries,
+        runtime_env={"env_vars": _worker_env(job.workers)},
     )
-    actors = [
-        actor_cls.remote(info.spec, device, str(cache_dir) if cache_dir else None) for _ in range(workers)
-    ]
+    actors = [actor_cls.remote(info.spec, job.device, job.cache_dir) for _ in range(job.workers)]
     described = ray.get([a.describe.remote() for a in actors])
     pids = [pid for pid, _, _ in described]
     for _, fingerprint, dim in described:
@@ -303,21 +235,22 @@ def _encode_on_ray(
                 f"driver expects {info.fingerprint} (dim {info.dim}); the workers need the same weights, "
                 "settings and device kind as this machine"
             )
-    uri = lake.uri(lat_t)
+    uri = lake.uri(table_name("latents", dataset, info.spec.name))
+    media_t = table_name("media", dataset)
     root_list = [str(r) for r in roots] if roots is not None else None
     futures = []
-    for i in range(0, len(todo), shard_size):
-        shard = list(_payloads(lake, media_t, todo[i : i + shard_size]))
-        actor = actors[(i // shard_size) % workers]
+    for i in range(0, len(todo), job.shard_size):
+        shard = list(media_payloads(lake, media_t, todo[i : i + job.shard_size]))
+        actor = actors[(i // job.shard_size) % job.workers]
         futures.append(actor.encode.remote(shard, uri, lake.options, root_list))
     fragments: list[str] = []
-    failures: list[tuple[str, str, str]] = []
+    failures: list[MediaError] = []
     done, remaining, encoded = 0, list(futures), 0
     while remaining:
         ready, remaining = ray.wait(remaining, num_returns=1)
         frags, fails, rows = ray.get(ready[0])
         fragments += frags
-        failures += fails
+        failures += [MediaError(mid, reason, detail) for mid, reason, detail in fails]
         done += 1
         encoded += rows
         if on_shard is not None:

@@ -53,6 +53,14 @@ def _fresh_lake(setup, name: str) -> Lake:
     return lake
 
 
+def _on_ray(setup, lake: Lake, **job) -> dict:
+    """The tiny image encoder's extraction of `shapes` on the module's local Ray, 2 workers unless said."""
+    project, _, specs, _, _ = setup
+    return run_extraction_ray(
+        lake, "shapes", specs["tiny-image"], roots=[project.data], **{"workers": 2, **job}
+    )
+
+
 def _latents(lake: Lake) -> dict[str, np.ndarray]:
     rows = lake.read(LAT, ["media_id", "vector"])
     ids = rows["media_id"].to_pylist()
@@ -74,15 +82,7 @@ def test_two_ray_workers_give_the_ids_and_latents_of_the_in_process_engine(setup
     project, _, specs, reference, _ = setup
     lake = _fresh_lake(setup, "two-workers")
     shards = []
-    stats = run_extraction_ray(
-        lake,
-        "shapes",
-        specs["tiny-image"],
-        roots=[project.data],
-        workers=2,
-        shard_size=8,
-        on_shard=shards.append,
-    )
+    stats = _on_ray(setup, lake, shard_size=8, on_shard=shards.append)
     assert stats["encoded"] == project.n_media == lake.count(LAT)
     assert stats["commits"] == 1 and stats["shards"] == len(shards) == -(-project.n_media // 8)
     assert len(set(shards[-1]["worker_pids"])) == 2  # two actors in two processes
@@ -92,7 +92,7 @@ def test_two_ray_workers_give_the_ids_and_latents_of_the_in_process_engine(setup
     assert set(lake.read(LAT, ["fingerprint"])["fingerprint"].to_pylist()) == set(
         reference.read(LAT, ["fingerprint"])["fingerprint"].to_pylist()
     )
-    again = run_extraction_ray(lake, "shapes", specs["tiny-image"], roots=[project.data], workers=2)
+    again = _on_ray(setup, lake)
     assert (again["encoded"], again["pending"], again["shards"]) == (0, 0, 0)
 
 
@@ -107,9 +107,7 @@ def test_a_worker_killed_mid_job_is_retried_without_duplicates_or_gaps(setup):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    stats = run_extraction_ray(
-        lake, "shapes", specs["tiny-image"], roots=[project.data], workers=2, shard_size=4, on_shard=kill_one
-    )
+    stats = _on_ray(setup, lake, shard_size=4, on_shard=kill_one)
     assert killed, "the callback never ran"
     assert stats["encoded"] == project.n_media
     _assert_same_latents(lake, reference)  # every id once, none missing
@@ -129,18 +127,15 @@ def test_a_job_that_fails_leaves_the_table_as_it_was_and_a_rerun_finishes(setup)
                 os.kill(pid, signal.SIGKILL)
 
     with pytest.raises(ray.exceptions.RayError):
-        run_extraction_ray(
+        _on_ray(
+            setup,
             lake,
-            "shapes",
-            specs["tiny-image"],
-            roots=[project.data],
-            workers=2,
             shard_size=2,
             max_retries=0,  # no restarts: the job fails
             on_shard=kill_every_worker,
         )
     assert (lake.version(LAT), lake.count(LAT)) == before  # nothing committed
-    stats = run_extraction_ray(lake, "shapes", specs["tiny-image"], roots=[project.data], workers=2)
+    stats = _on_ray(setup, lake)
     assert stats["encoded"] == len(victims)
     _assert_same_latents(lake, reference)
 
