@@ -190,23 +190,41 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> tuple[np.nd
     return labels, c
 
 
-def select_diversity(
-    latents: np.ndarray, n: int, k: int = 16, mode: str = "balanced", seed: int = 0
-) -> np.ndarray:
-    """latents: [N, d] (one per candidate pair, e.g. its media latent). Returns n indices.
+# Above this many candidates, k-means is fitted on a seeded sample of this size and every candidate
+# is then assigned to its nearest centre in blocks (the latents need not be in memory at once).
+KMEANS_SAMPLE = 50_000
 
-    uniform: a seeded random n. balanced: round-robin over clusters in a seeded order, so every
-    cluster gets an equal share while it has members. concentrated: whole clusters, largest first.
-    """
-    total = len(latents)
+
+def assign(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre (squared Euclidean) of each row of x [N, d]."""
+    x = np.asarray(x, dtype=np.float64)
+    dist = (x**2).sum(1, keepdims=True) - 2 * x @ centres.T + (centres**2).sum(1)
+    return dist.argmin(1)
+
+
+def diversity_sample(total: int, seed: int = 0, cap: int | None = None) -> np.ndarray:
+    """The sorted candidate indices k-means is fitted on: all of them up to `cap` (default
+    KMEANS_SAMPLE), else a seeded sample of `cap`."""
+    cap = KMEANS_SAMPLE if cap is None else cap
+    if total <= cap:
+        return np.arange(total)
+    return np.sort(np.random.default_rng((seed, 1)).choice(total, cap, replace=False))
+
+
+def uniform_indices(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """Diversity's `uniform` mode: a seeded random n of `total`, sorted."""
+    return np.sort(np.random.default_rng(seed).permutation(total)[:n])
+
+
+def select_by_clusters(labels: np.ndarray, n: int, mode: str = "balanced", seed: int = 0) -> np.ndarray:
+    """n indices given each candidate's cluster: balanced round-robin over the clusters in a seeded
+    order, or whole clusters, largest first (concentrated)."""
+    total = len(labels)
     if not 1 <= n <= total:
         raise ValueError(f"diversity n must be in [1, {total}], got {n}")
-    rng = np.random.default_rng(seed)
-    if mode == "uniform":
-        return np.sort(rng.permutation(total)[:n])
     if mode not in ("balanced", "concentrated"):
         raise ValueError(f"unknown diversity mode {mode!r}; use uniform, balanced or concentrated")
-    labels, _ = kmeans(latents, min(k, total), seed=seed)
+    rng = np.random.default_rng(seed)
     clusters = [rng.permutation(np.flatnonzero(labels == j)) for j in range(labels.max() + 1)]
     clusters = [c for c in clusters if len(c)]
     if mode == "concentrated":
@@ -220,3 +238,32 @@ def select_diversity(
                 picked.append(int(c[depth]))
         depth += 1
     return np.sort(np.array(picked, dtype=np.int64))
+
+
+def select_diversity(
+    latents: np.ndarray,
+    n: int,
+    k: int = 16,
+    mode: str = "balanced",
+    seed: int = 0,
+    sample: int | None = None,
+) -> np.ndarray:
+    """latents: [N, d] (one per candidate pair, e.g. its media latent). Returns n indices.
+
+    uniform: a seeded random n. balanced: round-robin over clusters in a seeded order, so every
+    cluster gets an equal share while it has members. concentrated: whole clusters, largest first.
+    K-means runs on all candidates up to `sample`, else on a seeded sample of that size, with every
+    candidate then assigned to its nearest centre.
+    """
+    total = len(latents)
+    if not 1 <= n <= total:
+        raise ValueError(f"diversity n must be in [1, {total}], got {n}")
+    if mode == "uniform":
+        return uniform_indices(total, n, seed)
+    if mode not in ("balanced", "concentrated"):
+        raise ValueError(f"unknown diversity mode {mode!r}; use uniform, balanced or concentrated")
+    fit = diversity_sample(total, seed, sample)
+    labels, centres = kmeans(latents[fit], min(k, len(fit)), seed=seed)
+    if len(fit) < total:
+        labels = np.concatenate([assign(latents[i : i + 65536], centres) for i in range(0, total, 65536)])
+    return select_by_clusters(labels, n, mode, seed)

@@ -18,10 +18,14 @@ from evaluation.retrieval import PairedSplit, paired_ids
 from fusion.adapters import EncoderRef
 from fusion.selection import (
     alignment_quality,
-    select_diversity,
+    assign,
+    diversity_sample,
+    kmeans,
+    select_by_clusters,
     select_quality,
     select_quality_fraction,
     select_quantity,
+    uniform_indices,
 )
 from pipelines import schemas
 from pipelines.extract import failed_items
@@ -41,6 +45,30 @@ def latents_for(
 ) -> np.ndarray:
     """[len(ids), d] latents in the order of `ids`; raises if any is missing or of another fingerprint."""
     return lake.vectors(table_name("latents", dataset, encoder), ids, fingerprint)
+
+
+def diversity_labels(
+    lake: Lake,
+    exp: ExperimentSpec,
+    media_ids: list[str],
+    media_fp: str,
+    k: int,
+    seed: int,
+    chunk: int = 65536,
+) -> np.ndarray:
+    """The k-means cluster of each candidate's media latent, without holding all latents: k-means is
+    fitted on all candidates up to fusion.selection.KMEANS_SAMPLE (else on a seeded sample), and the
+    others are assigned to the nearest centre reading their latents `chunk` at a time."""
+    fit = diversity_sample(len(media_ids), seed)
+    sample = latents_for(lake, exp.dataset, exp.media_encoder, [media_ids[i] for i in fit], media_fp)
+    labels, centres = kmeans(sample, min(k, len(fit)), seed=seed)
+    if len(fit) == len(media_ids):
+        return labels
+    parts = []
+    for start in range(0, len(media_ids), chunk):
+        block = latents_for(lake, exp.dataset, exp.media_encoder, media_ids[start : start + chunk], media_fp)
+        parts.append(assign(block, centres))
+    return np.concatenate(parts)
 
 
 def curate(lake: Lake, exp: ExperimentSpec, media_fp: str, text_fp: str) -> tuple[pa.Table, dict]:
@@ -87,10 +115,14 @@ def curate(lake: Lake, exp: ExperimentSpec, media_fp: str, text_fp: str) -> tupl
         else:
             idx = select_quality(scores, float(sel["min_quality"]))
     elif strategy == "diversity":
-        lat = latents_for(lake, exp.dataset, exp.media_encoder, train["media_id"].to_pylist(), media_fp)
-        idx = select_diversity(
-            lat, min(int(sel["n"]), len(keys)), int(sel.get("k", 16)), sel.get("mode", "balanced"), seed
-        )
+        n, mode = min(int(sel["n"]), len(keys)), sel.get("mode", "balanced")
+        if mode == "uniform":
+            idx = uniform_indices(len(keys), n, seed)
+        else:
+            labels = diversity_labels(
+                lake, exp, train["media_id"].to_pylist(), media_fp, int(sel.get("k", 16)), seed
+            )
+            idx = select_by_clusters(labels, n, mode, seed)
     else:
         raise ValueError(f"experiment {exp.name}: unknown select strategy {strategy!r}")
     chosen = pa.concat_tables([train.take(pa.array(idx, type=pa.int64())), rest])

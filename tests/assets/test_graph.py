@@ -370,3 +370,19 @@ def test_reingesting_unchanged_data_keeps_media_and_latents(graph):
     assert lk.versions(list(before)) == before
     assert sorted(lk.read("pairs__shapes")["pair_id"].to_pylist()) == pairs_before
     assert lk.count("quarantine__shapes") == 1
+
+
+def test_diversity_labels_on_a_sample_assign_the_rest_chunk_by_chunk(graph, monkeypatch):
+    import fusion.selection as selection
+    from pipelines.curate import diversity_labels, latents_for
+
+    lake, exp = graph.lake(), graph.parts.experiments["shapes-diverse"]
+    fp = graph.project.resources()["encoders"].ref("tiny-image").fingerprint
+    ids = sorted(lake.ids("latents__shapes__tiny-image"))
+    monkeypatch.setattr(selection, "KMEANS_SAMPLE", 10)
+    labels = diversity_labels(lake, exp, ids, fp, k=3, seed=1, chunk=7)
+    whole = latents_for(lake, "shapes", "tiny-image", ids, fp)
+    fit = selection.diversity_sample(len(ids), 1)
+    _, centres = selection.kmeans(whole[fit], 3, seed=1)
+    assert len(fit) == 10 < len(ids)
+    np.testing.assert_array_equal(labels, selection.assign(whole, centres))

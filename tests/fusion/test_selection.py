@@ -359,3 +359,26 @@ def test_diversity_errors():
         select_diversity(x, 3, mode="spread")
     # k larger than the candidates is capped, not an error.
     assert len(select_diversity(x, 4, k=64, mode="balanced")) == 4
+
+
+def test_assign_picks_the_nearest_centre():
+    from fusion.selection import assign
+
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = np.array([[1.0, 1.0], [9.0, -1.0], [-1.0, 8.0], [6.0, 0.0]])
+    assert assign(x, centres).tolist() == [0, 1, 2, 1]
+
+
+def test_diversity_fitted_on_a_sample_still_balances_well_separated_clusters():
+    from fusion.selection import diversity_sample
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(4), [400, 300, 200, 100])
+    x = np.eye(4)[truth] * 20 + rng.standard_normal((1000, 4))
+    fit = diversity_sample(1000, seed=3, cap=80)
+    assert len(fit) == 80 and len(set(fit.tolist())) == 80 and np.array_equal(fit, np.sort(fit))
+    np.testing.assert_array_equal(diversity_sample(50, seed=3, cap=80), np.arange(50))
+    idx = select_diversity(x, 40, k=4, mode="balanced", seed=3, sample=80)
+    assert np.bincount(truth[idx], minlength=4).tolist() == [10, 10, 10, 10]
+    # On all candidates (the default cap is far above 1,000) the same clusters give the same shares.
+    assert np.bincount(truth[select_diversity(x, 40, k=4, seed=3)], minlength=4).tolist() == [10, 10, 10, 10]
