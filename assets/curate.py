@@ -12,14 +12,7 @@ stale; `experiment_inputs` itself still shows stale after any new latents, as it
 
 import dagster as dg
 
-from pipelines.curate import (
-    curate,
-    experiment_state,
-    input_tables,
-    latents_contract,
-    read_tables,
-    write_curated,
-)
+from pipelines.curate import curate, inputs_record, latents_contract, read_tables, write_curated
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake
 from pipelines.storage import dagster_failure
@@ -52,16 +45,10 @@ def build(parts: Partitions) -> list:
     )
     def experiment_inputs(context: dg.AssetExecutionContext, lake: LanceLake, encoders: EncoderBank):
         exp = parts.experiment_spec(context.partition_key)
-        lk = lake.lake()
         media, text = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
-        state = experiment_state(lk, exp, (media.fingerprint, text.fingerprint))
-        if state is None:  # latents_ready names what to run; recorded so that their arrival shows
-            missing = [t for t in input_tables(exp) if not lk.exists(t)]
-            state = "missing:" + ",".join(missing)
-        versions = dg.MetadataValue.json(lk.versions(input_tables(exp)))
-        return dg.MaterializeResult(
-            data_version=dg.DataVersion(state), metadata={"state": state, "read_versions": versions}
-        )
+        state, versions = inputs_record(lake.lake(), exp, (media.fingerprint, text.fingerprint))
+        metadata = {"state": state, "read_versions": dg.MetadataValue.json(versions)}
+        return dg.MaterializeResult(data_version=dg.DataVersion(state), metadata=metadata)
 
     @dg.asset(
         name="curated",

@@ -6,15 +6,11 @@ writes keep one latent per item when two do overlap (a higher limit, an instance
 Each file is checked again (inside the dataset's folder, same content hash) right before it is encoded.
 """
 
-import os
-
 import dagster as dg
 from pydantic import Field
 
-from pipelines.extract import run_extraction
-from pipelines.ingest import dataset_roots, mirror
+from pipelines.extract import extract_dataset, resolve_engine
 from pipelines.partitions import Partitions
-from pipelines.remote import is_remote_root
 from pipelines.resources import EncoderBank, LanceLake, PipelinePaths
 from pipelines.storage import dagster_failure
 
@@ -36,15 +32,12 @@ class ExtractConfig(dg.Config):
     )
 
 
-ENGINES = ("in-process", "ray")
-
-
 def engine_of(config: ExtractConfig) -> str:
     """The extraction engine a run uses: its config, else $FUSEMIX_EXTRACT_ENGINE, else in-process."""
-    engine = (config.engine or os.environ.get("FUSEMIX_EXTRACT_ENGINE", "") or "in-process").strip().lower()
-    if engine not in ENGINES:
-        raise dg.Failure(f"unknown extraction engine {engine!r}; use one of {', '.join(ENGINES)}")
-    return engine
+    try:
+        return resolve_engine(config.engine)
+    except ValueError as err:
+        raise dg.Failure(str(err)) from err
 
 
 def build(parts: Partitions) -> list:
@@ -73,37 +66,25 @@ def build(parts: Partitions) -> list:
                 f"({parts.dataset_spec(dataset).modality} + text); nothing to extract"
             )
         engine = engine_of(config)
+        ray = {
+            "workers": config.ray_workers,
+            "address": config.ray_address or None,
+            "device": encoders.device_for(spec),
+            "cache_dir": encoders.cache_dir,
+        }
         with dagster_failure():  # a full or read-only disk: one clear line, the committed rows kept
-            ds_spec = parts.dataset_spec(dataset)
-            if spec.modality != "text" and is_remote_root(ds_spec.root):
-                mirror(ds_spec, paths.data_cache, context.log.info)  # the files, on this machine too
-            roots = dataset_roots(ds_spec, paths.data_cache)
-            if engine == "ray":
-                from pipelines.ray_extract import run_extraction_ray
-
-                stats = run_extraction_ray(
-                    lake.lake(),
-                    dataset,
-                    spec,
-                    roots=roots,
-                    workers=config.ray_workers,
-                    address=config.ray_address or None,
-                    device=encoders.device_for(spec),
-                    cache_dir=encoders.cache_dir,
-                    on_shard=lambda p: context.log.info(
-                        f"ray: {p['shards_done']}/{p['shards']} shards, {p['encoded']} latents written"
-                    ),
-                )
-            else:
-                stats = run_extraction(
-                    lake.lake(),
-                    dataset,
-                    encoders.get(name),
-                    roots=roots,
-                    commit_every=config.commit_every,
-                    progress=config.progress,
-                    on_commit=lambda s: context.log.info(f"committed {s['encoded']}/{s['pending']} latents"),
-                )
+            stats = extract_dataset(
+                lake.lake(),
+                parts.dataset_spec(dataset),
+                spec,
+                lambda: encoders.get(name),
+                paths.data_cache,
+                engine=engine,
+                ray=ray,
+                commit_every=config.commit_every,
+                progress=config.progress,
+                log=context.log.info,
+            )
         return dg.MaterializeResult(
             metadata={
                 "items_encoded": stats["encoded"],

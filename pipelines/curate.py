@@ -173,16 +173,30 @@ def input_tables(exp: ExperimentSpec) -> list[str]:
     ]
 
 
+def _state(exp: ExperimentSpec, fingerprints: tuple[str, str], versions: dict[str, int]) -> str:
+    text = repr(exp) + json.dumps({"fingerprints": list(fingerprints), "versions": versions}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def experiment_state(lake: Lake, exp: ExperimentSpec, fingerprints: tuple[str, str]) -> str | None:
     """A digest of what the experiment's run depends on: its configuration, its encoders' current
     fingerprints (media, text) and the Lance versions of `input_tables`; None while one of those
     tables does not exist yet. Two states are equal exactly when a rerun would read the same inputs."""
     tables = input_tables(exp)
     versions = lake.versions(tables)
-    if len(versions) < len(tables):
-        return None
-    text = repr(exp) + json.dumps({"fingerprints": list(fingerprints), "versions": versions}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _state(exp, fingerprints, versions) if len(versions) == len(tables) else None
+
+
+def inputs_record(
+    lake: Lake, exp: ExperimentSpec, fingerprints: tuple[str, str]
+) -> tuple[str, dict[str, int]]:
+    """(data version, Lance versions read) of the experiment_inputs asset: experiment_state, or
+    "missing:<tables>" while some input tables are absent (so that their arrival is a change)."""
+    tables = input_tables(exp)
+    versions = lake.versions(tables)
+    if len(versions) == len(tables):
+        return _state(exp, fingerprints, versions), versions
+    return "missing:" + ",".join(t for t in tables if t not in versions), versions
 
 
 def latents_contract(

@@ -34,11 +34,13 @@ import numpy as np
 import pyarrow as pa
 
 from fusion.data import QuarantineRow, content_id
-from fusion.encoders import FrozenEncoder, extract
+from fusion.encoders import EncoderSpec, FrozenEncoder, extract
 from fusion.media import MediaError, read_bytes, resolve_under
 from pipelines import schemas
-from pipelines.ingest import quarantine_table, upgrade_quarantine
+from pipelines.ingest import dataset_roots, mirror, quarantine_table, upgrade_quarantine
 from pipelines.lake import Lake, sql_in, sql_str, vectors_to_arrow
+from pipelines.registries import DatasetSpec
+from pipelines.remote import is_remote_root
 from pipelines.schemas import table_name
 from pipelines.storage import writing
 
@@ -157,6 +159,57 @@ def run_extraction(
     disk is full or read-only."""
     with writing(lake.root):
         return _run_extraction(lake, dataset, encoder, roots, commit_every, progress, on_commit)
+
+
+ENGINES = ("in-process", "ray")
+
+
+def resolve_engine(engine: str = "") -> str:
+    """The extraction engine a run uses: `engine`, else $FUSEMIX_EXTRACT_ENGINE, else in-process.
+    Raises ValueError for a name that is not in ENGINES."""
+    name = (engine or os.environ.get("FUSEMIX_EXTRACT_ENGINE", "") or "in-process").strip().lower()
+    if name not in ENGINES:
+        raise ValueError(f"unknown extraction engine {name!r}; use one of {', '.join(ENGINES)}")
+    return name
+
+
+def extract_dataset(
+    lake: Lake,
+    dataset: DatasetSpec,
+    spec: EncoderSpec,
+    build: Callable[[], FrozenEncoder],
+    cache: Path,
+    *,
+    engine: str = "in-process",
+    ray: dict | None = None,
+    commit_every: int = 512,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """One (dataset, encoder) partition's extraction on `engine`: the media of a dataset in an object
+    store mirrored to this machine first, the files checked against the dataset's folders. `build()`
+    gives the frozen encoder of the in-process engine; `ray`: the Ray engine's job settings
+    (pipelines.ray_extract.RayJob fields). Returns run_extraction's counts."""
+    say = log or (lambda _line: None)
+    if spec.modality != "text" and is_remote_root(dataset.root):
+        mirror(dataset, cache, say)  # the files, on this machine too
+    roots = dataset_roots(dataset, cache)
+    if engine == "ray":
+        from pipelines.ray_extract import run_extraction_ray
+
+        def shard_done(p: dict) -> None:
+            say(f"ray: {p['shards_done']}/{p['shards']} shards, {p['encoded']} latents written")
+
+        return run_extraction_ray(lake, dataset.name, spec, roots=roots, on_shard=shard_done, **(ray or {}))
+    return run_extraction(
+        lake,
+        dataset.name,
+        build(),
+        roots=roots,
+        commit_every=commit_every,
+        progress=progress,
+        on_commit=lambda s: say(f"committed {s['encoded']}/{s['pending']} latents"),
+    )
 
 
 def plan(lake: Lake, dataset: str, encoder: FrozenEncoder) -> tuple[list[str], dict]:
