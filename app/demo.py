@@ -154,10 +154,19 @@ def _run(defs: dg.Definitions, job: str, partition, inst: dg.DagsterInstance, qu
     return result.success
 
 
+def with_anchors(parts: Partitions, experiments: list[str]) -> list[str]:
+    """The experiments with the anchors they bind to, every anchor before the experiments bound to it
+    (an anchored experiment trains against its anchor's checkpoint)."""
+    anchors = [parts.experiments[e].anchor for e in experiments if parts.experiments[e].anchor]
+    wanted = list(dict.fromkeys([*experiments, *anchors]))
+    return sorted(wanted, key=lambda e: parts.experiments[e].anchor is not None)
+
+
 def run_plan(defs, parts: Partitions, inst, experiments: list[str]) -> bool:
     """Ingest the datasets these experiments use (those they are also scored on included), extract
     what their encoders need on each, then run them."""
     sync_partitions(parts, inst)  # the registry sensor does the same in the UI
+    experiments = with_anchors(parts, experiments)
     exps = [parts.experiments[e] for e in experiments]
     used = {e.name: (e.dataset, *e.eval_datasets) for e in exps}
     datasets = sorted({d for ds in used.values() for d in ds})
@@ -168,6 +177,23 @@ def run_plan(defs, parts: Partitions, inst, experiments: list[str]) -> bool:
     ok = ok and all(_run(defs, "extract_job", parts.extract_key(d, enc), inst) for d, enc in needed)
     ok = ok and all([_run(defs, "experiment_job", e, inst) for e in experiments])
     return ok
+
+
+def emergent_tables(experiments: list[str]) -> dict[str, str]:
+    """experiment -> its emergent retrieval table (direct, two-step, chance), for anchored experiments
+    that have been evaluated."""
+    from evaluation.crossmodal import emergent_table_markdown
+
+    out, rows = {}, metric_rows()
+    for e in experiments:
+        values = {
+            r["metric"]: (r["value"], r["std"])
+            for r in rows
+            if r["experiment"] == e and r["gallery"] == "emergent" and r["seed"] is None
+        }
+        if values:
+            out[e] = emergent_table_markdown(values, ("audio", "image"))
+    return out
 
 
 def metric_rows() -> list[dict]:
@@ -219,6 +245,12 @@ def run_demo(family: str = "demo") -> int:
     )
     print(retrieval_table(experiments))
     print()
+    for name, table in emergent_tables(experiments).items():
+        print(
+            f"{name}: emergent audio <-> image retrieval, never trained on (recall in %, mean ± std over seeds)"
+        )
+        print(table)
+        print()
     if family != "demo":
         print(f"Ablation table and plot: {home / 'reports' / 'families' / family}.md")
         print()

@@ -9,7 +9,14 @@ from pydantic import Field
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, PipelinePaths
 from pipelines.schemas import table_name
-from pipelines.train import all_up_to_date, inputs_hash, seed_dirs, train_and_save
+from pipelines.train import (
+    all_up_to_date,
+    anchored_hash,
+    inputs_hash,
+    load_anchor,
+    seed_dirs,
+    train_and_save,
+)
 
 
 class TrainAssetConfig(dg.Config):
@@ -38,6 +45,17 @@ def build(parts: Partitions) -> list:
         refs = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         curated = lk.read(table_name("curated", exp.name))
         digest = inputs_hash(exp, curated["pair_id"].to_pylist(), refs[0].fingerprint, refs[1].fingerprint)
+        media_side = parts.dataset_spec(exp.dataset).modality
+        anchor = None
+        if exp.anchor:  # bind into the anchor's space: its text adapter, frozen
+            spec = parts.experiment_spec(exp.anchor)
+            side = parts.dataset_spec(spec.dataset).modality
+            if side == media_side:
+                raise ValueError(
+                    f"{exp.name} and its anchor {spec.name} both have {side} media; an anchor adds another modality"
+                )
+            anchor = load_anchor(paths.models_dir, spec, side, refs[1], exp.seed_list())
+            digest = anchored_hash(digest, anchor)
         dirs = seed_dirs(paths.models_dir, exp)
         client = tracking.client()
         summaries = None if config.force else all_up_to_date(dirs, digest, client)
@@ -45,10 +63,9 @@ def build(parts: Partitions) -> list:
             context.log.info(f"{exp.name}: checkpoints are up to date (inputs {digest}); not retraining")
             metadata = {**summaries[0], "skipped": True, "inputs_hash": digest, "seeds": len(summaries)}
             return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(digest))
-        media_side = parts.dataset_spec(exp.dataset).modality
         experiment_id = tracking.experiment_id(exp.family)
         summaries, versions = train_and_save(
-            lk, exp, curated, refs, media_side, client, experiment_id, dirs, digest
+            lk, exp, curated, refs, media_side, client, experiment_id, dirs, digest, anchor
         )
         metadata = {**summaries[0], "inputs_hash": digest, "checkpoint": str(dirs[exp.train.seed])}
         metadata |= {"seeds": len(summaries), "read_versions": dg.MetadataValue.json(versions)}

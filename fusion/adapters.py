@@ -69,7 +69,8 @@ class EncoderRef:
 
 
 class FusedModel(nn.Module):
-    """Two adapters (one per side, e.g. "image" and "text") and the learnt temperature.
+    """One adapter per side (e.g. "image" and "text"; three for a space bound through text) and the
+    learnt temperature.
 
     `embed(side, latents)` maps a batch of raw latents [B, d_side] of that side's encoder into
     the shared space [B, d_shared], L2-normalised.
@@ -95,6 +96,19 @@ class FusedModel(nn.Module):
         self.adapters = nn.ModuleDict(adapters)
         self.encoders = dict(encoders)
         self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+
+    def restrict(self, sides: tuple[str, ...]) -> FusedModel:
+        """A model over some of these sides, in that order, sharing their adapters (not copies) and
+        the temperature's value: a three-sided space seen as one of its pairs of sides."""
+        missing = [s for s in sides if s not in self.adapters]
+        if missing:
+            raise KeyError(f"unknown sides {missing}; this model has {list(self.sides)}")
+        view = FusedModel(
+            {s: self.adapters[s] for s in sides},
+            {s: self.encoders[s] for s in sides},
+            temperature=float(self.temperature.detach()),
+        )
+        return view.to(self.temperature.device).train(self.training)
 
     @torch.inference_mode()
     def embed(self, side: str, latents, batch_size: int = 8192) -> torch.Tensor:

@@ -13,6 +13,11 @@ Shared positives: `groups` int64 [N, K] (or (x, y, g) chunks) gives each pair K 
 caption id, concept code; -1 = none). With TrainConfig.loss "masked" or "multi", pairs of a batch that
 agree on a key (and mixed pairs with such sources) are not each other's negatives.
 
+Binding to an existing space: `fixed={"text": adapter}` trains the other side against a copy of an
+already trained adapter that stays frozen (no gradient, eval mode, not in the optimizer), so the new
+side lands in that adapter's shared space. Two media sides bound to one frozen text adapter share a
+space although no media-media pair was ever seen (pipelines: an experiment's `anchor`).
+
 Speed: AdamW runs fused where this torch has the kernel (about 6x faster than the per-parameter loop on
 a CPU; the same results to float rounding), TrainConfig.precision "auto" trains in bf16 where the
 hardware has bf16 units (about 1.8x the pairs/s of fp32 with AVX-512 BF16), and TrainConfig.compile
@@ -262,6 +267,25 @@ class CompiledOrEager:
         return body(self.eager, *inputs)
 
 
+def _frozen_adapters(fixed: dict[str, Adapter], dims: dict[str, int], output_dim: int) -> dict[str, Adapter]:
+    """Frozen copies of the `fixed` adapters, checked against the sides' latent and output sizes."""
+    if len(fixed) >= len(dims):
+        raise ValueError("at most one side can be fixed: something has to be trained")
+    out = {}
+    for side, adapter in fixed.items():
+        if side not in dims:
+            raise ValueError(f"fixed side {side!r} is not one of the sides {sorted(dims)}")
+        if adapter.input_dim != dims[side] or adapter.cfg.output_dim != output_dim:
+            raise ValueError(
+                f"fixed adapter of side {side!r} maps {adapter.input_dim}-d to {adapter.cfg.output_dim}-d; "
+                f"these latents are {dims[side]}-d and the trained side maps to {output_dim}-d"
+            )
+        copy_ = copy.deepcopy(adapter).cpu()
+        copy_.requires_grad_(False)
+        out[side] = copy_.eval()
+    return out
+
+
 def step_loss_fn(
     model: FusedModel, train_cfg: TrainConfig, precision: str, device: torch.device
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
@@ -298,6 +322,7 @@ def train_adapters(
     on_step: StepCallback | None = None,
     on_validate: StepCallback | None = None,
     progress: bool = False,
+    fixed: dict[str, Adapter] | None = None,
 ) -> TrainResult:
     """Trains the two adapters and the temperature. Give (x, y) arrays or `chunks`.
 
@@ -306,6 +331,8 @@ def train_adapters(
     "masked" and "multi", which need them, and ignored by "infonce". `validator(model) -> score`
     (higher is better) overrides the default score on (x_val, y_val), which stays plain InfoNCE.
     Returns the best model on validation when validation data or a validator is given, else the last.
+    `fixed` maps a side to a trained Adapter used frozen in its place (a copy: the caller's is not
+    touched); its input size must match that side's latents and its output size adapter_cfg's.
     """
     if (x is None) == (chunks is None):
         raise ValueError("give either the arrays x, y or a chunk source, not both")
@@ -343,6 +370,8 @@ def train_adapters(
     precision = resolve_train_precision(train_cfg.precision, str(device))
     sx, sy = sides
     adapters = {sx: Adapter(dx, adapter_cfg), sy: Adapter(dy, adapter_cfg)}
+    frozen = _frozen_adapters(fixed or {}, {sx: dx, sy: dy}, adapter_cfg.output_dim)
+    adapters.update(frozen)
     encoders = encoders or {sx: EncoderRef(sx, "", dx), sy: EncoderRef(sy, "", dy)}
     model = FusedModel(adapters, encoders, temperature=train_cfg.temperature_init).to(device)
 
@@ -353,7 +382,7 @@ def train_adapters(
     steps_per_epoch = max(1, math.ceil(n / batch))
     total = train_cfg.steps or steps_per_epoch * (train_cfg.epochs or 1)
     opt = make_optimizer(
-        param_groups(model.adapters.values(), train_cfg.weight_decay)
+        param_groups([a for s, a in model.adapters.items() if s not in frozen], train_cfg.weight_decay)
         + [{"params": [model.temperature], "weight_decay": 0.0}],
         train_cfg.lr,
         device,
@@ -380,8 +409,13 @@ def train_adapters(
             if validator
             else contrastive_val_score(model, x_val, y_val, train_cfg.val_batch_size)
         )
-        model.train()
+        train_mode()
         return s
+
+    def train_mode() -> None:
+        model.train()
+        for side in frozen:  # a frozen adapter never drops out: it is the fixed target space
+            model.adapters[side].eval()
 
     def forward_backward(loss_of: Callable, *inputs: torch.Tensor | None) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -393,7 +427,7 @@ def train_adapters(
     best_state = None
     t0 = time.perf_counter()
     step, epoch = 0, 0
-    model.train()
+    train_mode()
     bar = tqdm(total=total, desc="train adapters", unit="step", disable=not progress)
     while step < total:
         step_at_epoch_start = step

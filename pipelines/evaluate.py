@@ -4,6 +4,11 @@ other datasets it names; pooled and, with `group_by`, one gallery per group. Eve
 rows of the Lance `metrics` table, per seed and as mean and std over seeds, logged on the seeds'
 MLflow runs, and written up as a report with plots. No Dagster here.
 
+An anchored experiment (three modalities bound through text) is also scored on the emergent
+retrieval between its media and its anchor's media (`emergent_rows`, evaluation.crossmodal): every
+item of the two datasets whose concepts match, direct in the shared space, via the nearest caption,
+and chance, as rows with dataset "<dataset>/<anchor dataset>" and gallery "emergent".
+
 Stored metrics are keyed on the checkpoints' inputs hash and the evaluation's code version, so
 unchanged checkpoints are not scored twice (`cached_metrics`). Only checkpoints whose MLflow run
 FINISHED are scored and logged to (`check_trained`): a run left by a killed training is never
@@ -13,13 +18,22 @@ written into.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 
 from evaluation.aggregate import aggregate_seeds
+from evaluation.crossmodal import (
+    concept_name,
+    emergent_metrics,
+    emergent_table_markdown,
+    match_concepts,
+    plot_emergent,
+)
 from evaluation.examples import query_examples
 from evaluation.report import seeds_table_markdown, write_report
 from evaluation.retrieval import (
@@ -34,7 +48,7 @@ from evaluation.retrieval import (
 from fusion.adapters import EncoderRef
 from fusion.checkpoint import atomic_write_text, load_checkpoint, read_config
 from pipelines import schemas
-from pipelines.curate import holdout_pairs, paired_split, split_rows
+from pipelines.curate import caption_column, holdout_pairs, latents_for, paired_split, split_rows
 from pipelines.lake import Lake, sql_in, sql_str
 from pipelines.registries import ExperimentSpec
 from pipelines.schemas import table_name
@@ -42,6 +56,7 @@ from pipelines.tracking import RunLogger, mlflow_run, require_finished, run_stat
 from pipelines.train import read_history
 
 POOLED = "pooled"
+EMERGENT = "emergent"  # the gallery of emergent media<->media rows
 
 
 def load_trained(out: Path, media: EncoderRef, text: EncoderRef) -> tuple[object, dict]:
@@ -54,7 +69,10 @@ def load_trained(out: Path, media: EncoderRef, text: EncoderRef) -> tuple[object
         from evaluation.baselines import load_baseline
 
         return load_baseline(out, expect=expect), extra
-    return load_checkpoint(out, expect=expect), extra
+    model = load_checkpoint(out, expect=expect)
+    if len(model.sides) > 2:  # a space bound through text: scored here on its own pair of sides
+        model = model.restrict((extra["media_side"], "text"))
+    return model, extra
 
 
 def load_seeds(dirs: dict[int, Path], media: EncoderRef, text: EncoderRef) -> dict[int, tuple]:
@@ -152,6 +170,125 @@ def scoring_targets(
     return targets
 
 
+@dataclass(frozen=True)
+class ConceptItems:
+    """Every media item of a dataset (all splits) with its concept, its latents, and the dataset's
+    caption bank (caption latents) and the names of its concepts (evaluation.crossmodal)."""
+
+    item_ids: list[str]
+    concepts: list[str]
+    items: np.ndarray
+    bank: np.ndarray
+    names: dict[str, str]
+
+
+def concept_items(
+    lake: Lake, dataset: str, exp: ExperimentSpec, fingerprints: tuple[str, str]
+) -> ConceptItems:
+    """The items of `dataset` with the latents of `exp`'s encoders (exactly these fingerprints)."""
+    column = caption_column(exp)
+    pairs = lake.read(table_name("pairs", dataset), ["media_id", column, "concept"]).to_pylist()
+    concept_of = {p["media_id"]: p["concept"] for p in pairs if p["concept"]}
+    captions = sorted({p[column] for p in pairs if p[column]})
+    texts = texts_of(lake, dataset, captions)
+    by_concept: dict[str, list[str]] = defaultdict(list)
+    for p in pairs:
+        if p["concept"] and p[column] in texts:
+            by_concept[p["concept"]].append(texts[p[column]])
+    item_ids = sorted(concept_of)
+    return ConceptItems(
+        item_ids,
+        [concept_of[m] for m in item_ids],
+        latents_for(lake, dataset, exp.media_encoder, item_ids, fingerprints[0]),
+        latents_for(lake, dataset, exp.text_encoder, captions, fingerprints[1]),
+        {c: concept_name(c, t) for c, t in by_concept.items()},
+    )
+
+
+@dataclass(frozen=True)
+class Emergent:
+    """What the emergent scoring of an anchored experiment needs: the anchor's spec, its media side
+    and its media encoder; `own`/`other` are filled by `emergent_sets`."""
+
+    anchor: ExperimentSpec
+    anchor_side: str
+    anchor_media: EncoderRef
+
+
+def emergent_rows(
+    lake: Lake,
+    exp: ExperimentSpec,
+    models: dict[int, tuple],
+    refs: tuple[EncoderRef, EncoderRef],
+    emergent: Emergent,
+) -> tuple[list[dict], dict[int, dict[str, float]], tuple[str, str]]:
+    """Per-seed emergent retrieval between this experiment's media (one side) and its anchor's (the
+    other) over the concepts whose names match; (rows, {seed: metrics}, (audio side, image side)).
+    Both sides must be image and audio: the match is between pictures and sounds."""
+    own_side = next(iter(models.values()))[1]["media_side"]
+    if {own_side, emergent.anchor_side} != {"audio", "image"}:
+        raise ValueError(
+            f"{exp.name}: emergent retrieval matches pictures with sounds; its sides are {own_side} and {emergent.anchor_side}"
+        )
+    a = emergent.anchor
+    own = concept_items(lake, exp.dataset, exp, (refs[0].fingerprint, refs[1].fingerprint))
+    other = concept_items(lake, a.dataset, a, (emergent.anchor_media.fingerprint, refs[1].fingerprint))
+    sets = {own_side: own, emergent.anchor_side: other}
+    pictures, sounds = sets["image"], sets["audio"]
+    picture_label, sound_label = match_concepts(pictures.names, sounds.names)
+    if not sound_label:
+        raise ValueError(f"{exp.name}: no concept of {exp.dataset} matches one of {a.dataset} by name")
+    keep = {
+        "image": [i for i, c in enumerate(pictures.concepts) if c in picture_label],
+        "audio": [i for i, c in enumerate(sounds.concepts) if c in sound_label],
+    }
+    labels = {
+        "image": [picture_label[pictures.concepts[i]] for i in keep["image"]],
+        "audio": [sound_label[sounds.concepts[i]] for i in keep["audio"]],
+    }
+    dataset = f"{exp.dataset}/{a.dataset}"  # MLflow metric names allow "/", not "+"
+    rows, per_seed = [], {}
+    for seed, (_, extra, folder) in models.items():
+        full = load_checkpoint(folder)  # all three sides (load_trained scores two)
+        emb = {s: full.embed(s, sets[s].items[keep[s]]).numpy() for s in ("audio", "image")}
+        banks = {s: full.embed("text", sets[s].bank).numpy() for s in ("audio", "image")}
+        values, _ = emergent_metrics(
+            emb["audio"], labels["audio"], emb["image"], labels["image"], banks["audio"], banks["image"]
+        )
+        per_seed[seed] = values
+        run_id = extra["summary"]["mlflow_run_id"]
+        rows += [
+            {"dataset": dataset, "gallery": EMERGENT, "seed": seed, "metric": m, "value": float(v),
+             "std": None, "n_seeds": 1, "mlflow_run_id": run_id}
+            for m, v in values.items()
+        ]  # fmt: skip
+    first_run = next(iter(models.values()))[1]["summary"]["mlflow_run_id"]
+    for metric, (mean, std, n) in aggregate_seeds(list(per_seed.values())).items():
+        rows.append(
+            {"dataset": dataset, "gallery": EMERGENT, "seed": None, "metric": metric, "value": mean,
+             "std": std, "n_seeds": n, "mlflow_run_id": first_run}
+        )  # fmt: skip
+    return rows, per_seed, sorted(set(labels["audio"]))
+
+
+def emergent_section(rows: list[dict], report_dir: Path, concepts: list[str]) -> str:
+    """The report's section on the emergent rows: table (mean ± std over seeds) and a bar plot."""
+    values = {
+        r["metric"]: (r["value"], r["std"]) for r in rows if r["gallery"] == EMERGENT and r["seed"] is None
+    }
+    names = ("audio", "image")
+    plot_emergent(values, names, report_dir / "emergent.png")
+    n_seeds = max((r["n_seeds"] for r in rows if r["gallery"] == EMERGENT), default=1)
+    items = f"{int(values['audio_items'][0])} sounds and {int(values['image_items'][0])} pictures"
+    return (
+        "\n## Emergent audio <-> image retrieval (no audio-image pair was ever trained on)\n\n"
+        f"{items} of {len(concepts)} concepts that exist as both ({', '.join(concepts)}); a hit is any item "
+        f"of the same concept in the top K. Recall in %, mean ± std over {n_seeds} seed(s).\n\n"
+        + emergent_table_markdown(values, names)
+        + "\n\n![emergent retrieval](emergent.png)\n"
+    )
+
+
 def score(
     model, split: PairedSplit, groups: list[str] | None, hubness: str | None = None
 ) -> tuple[dict[str, dict[str, float]], tuple]:
@@ -222,6 +359,7 @@ def evaluate_experiment(
     key: str,
     report_dir: Path,
     examples: int = 3,
+    emergent: Emergent | None = None,
 ) -> tuple[dict[str, float], list[dict], int, Path]:
     """Scores every seed's model (`models`: seed -> (model, record, folder)) on every target,
     replaces the experiment's rows of the `metrics` table, writes the report of the first seed on the
@@ -250,6 +388,10 @@ def evaluate_experiment(
                     for m, v in values.items()
                 ]  # fmt: skip
     first_run = next(iter(models.values()))[1]["summary"]["mlflow_run_id"]
+    concepts: list[str] = []
+    if emergent is not None:
+        extra_rows, _, concepts = emergent_rows(lake, exp, models, refs, emergent)
+        rows += extra_rows
     for (name, gallery), values in per_seed.items():
         for metric, (mean, std, n) in aggregate_seeds(values).items():
             rows.append(
@@ -284,6 +426,10 @@ def evaluate_experiment(
         ),
         pairs=(split.pair_items, split.pair_texts),
     )
+    if emergent is not None:
+        atomic_write_text(
+            report, report.read_text(encoding="utf-8") + emergent_section(rows, report_dir, concepts)
+        )
     if len(per_seed) > 1 or len(models) > 1:
         atomic_write_text(
             report,

@@ -70,6 +70,12 @@ class ExperimentSpec:
     eval_datasets: tuple[str, ...] = ()  # other datasets scored zero-shot (their test split)
     group_by: str | None = None  # also score one gallery per value of this pairs column (e.g. source)
     hubness: str | None = None  # csls or inverted_softmax: rank with hubness correction (evaluation only)
+    # Bind into another experiment's shared space: its trained text adapter is reused frozen and only
+    # this experiment's media adapter is trained, so both media sides share one space (three
+    # modalities bound through text); evaluation adds the emergent media<->media retrieval. Not in
+    # repr, so the inputs hash of every other experiment stays as it was; an anchored one's hash adds
+    # its anchor's checkpoints (pipelines.train.anchored_hash).
+    anchor: str | None = field(default=None, repr=False)
     # Re-run by itself (app.automation's experiment sensor) when its configuration or the tables it
     # reads (pairs, latents, those of eval_datasets) change. Not in repr: it does not change what is
     # trained, so it stays out of the checkpoints' inputs hash (pipelines.train.inputs_hash).
@@ -99,6 +105,27 @@ def load_datasets(path: str | Path | None = None) -> dict[str, DatasetSpec]:
             raise RegistryError(f"{path}: dataset {name!r}: a reader needs a root folder")
         out[name] = spec
     return out
+
+
+def _check_anchor(path: Path, spec: ExperimentSpec, specs: dict[str, ExperimentSpec]) -> None:
+    """An anchored experiment binds to a trained adapters experiment with the same text encoder and
+    adapter shape, whose own media side is another dataset (and is not anchored itself)."""
+    if spec.anchor is None:
+        return
+    where = f"{path}: experiment {spec.name!r}: anchor"
+    anchor = specs.get(spec.anchor)
+    if anchor is None:
+        raise RegistryError(f"{where} {spec.anchor!r} is not an experiment of this file")
+    problems = [
+        (anchor.anchor is not None, f"{anchor.name!r} is anchored itself; bind to the experiment it binds to"),
+        (spec.method != "adapters" or anchor.method != "adapters", "both experiments must train adapters"),
+        (anchor.text_encoder != spec.text_encoder, f"{anchor.name!r} uses text encoder {anchor.text_encoder!r}, not {spec.text_encoder!r}"),
+        (anchor.adapter != spec.adapter, f"{anchor.name!r} has another adapter shape ({anchor.adapter}); use the same"),
+        (anchor.dataset == spec.dataset, f"{anchor.name!r} is trained on the same dataset {spec.dataset!r}"),
+    ]  # fmt: skip
+    for bad, why in problems:
+        if bad:
+            raise RegistryError(f"{where}: {why}")
 
 
 def load_experiments(path: str | Path | None = None) -> dict[str, ExperimentSpec]:
@@ -138,4 +165,6 @@ def load_experiments(path: str | Path | None = None) -> dict[str, ExperimentSpec
                 f"{path}: experiment {name!r}: hubness must be one of {HUBNESS_METHODS}, got {spec.hubness!r}"
             )
         out[name] = spec
+    for spec in out.values():
+        _check_anchor(path, spec, out)
     return out

@@ -1,6 +1,11 @@
 """Train glue: an experiment's adapters from its curated pairs, tracked in an MLflow run and saved as
 safetensors + JSON with the training history beside them. No Dagster here.
 
+An experiment with an `anchor` binds into the anchor's trained space: the anchor's text adapter (of
+the same seed) is used frozen, only this experiment's media adapter is trained, and the checkpoint
+holds all three adapters (this media side, text, the anchor's media side) with `sides` and
+`datasets` in its config's extra, so images and sounds share one space (`load_anchor`, `bind`).
+
 A checkpoint records the hash of its inputs (experiment config, curated pair ids, encoder
 fingerprints) and its MLflow run; `up_to_date` finds a checkpoint trained on exactly these whose run
 FINISHED, so an unchanged rerun skips training. The files are saved inside the run, before its
@@ -22,7 +27,7 @@ import pyarrow as pa
 
 from evaluation.retrieval import PairedSplit
 from fusion.adapters import EncoderRef, FusedModel
-from fusion.checkpoint import CONFIG, read_config, save_checkpoint
+from fusion.checkpoint import CONFIG, load_checkpoint, read_config, save_checkpoint
 from fusion.trainer import TrainResult, train_adapters
 from pipelines.curate import pair_groups, paired_split, split_arrays, split_rows
 from pipelines.lake import Lake
@@ -44,6 +49,61 @@ def inputs_hash(exp: ExperimentSpec, curated_ids: list[str], media_fp: str, text
     for pid in sorted(curated_ids):
         h.update(pid.encode())
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The trained space an anchored experiment binds to: the anchor's spec, its media side, its
+    model for each seed of the bound experiment, and the inputs hashes of those checkpoints."""
+
+    spec: ExperimentSpec
+    media_side: str
+    models: dict[int, FusedModel]
+    hashes: tuple[str, ...]
+
+
+def load_anchor(
+    models_dir: Path, anchor: ExperimentSpec, media_side: str, text_ref: EncoderRef, seeds: list[int]
+) -> Anchor:
+    """The anchor's checkpoint for each seed (its first seed's where it has fewer), checked against
+    the text encoder's current fingerprint; LookupError when the anchor is not trained yet."""
+    dirs = seed_dirs(models_dir, anchor)
+    first = next(iter(dirs.values()))
+    models, hashes = {}, []
+    for seed in seeds:
+        out = dirs.get(seed, first)
+        if not (out / CONFIG).exists():
+            raise LookupError(
+                f"anchor experiment {anchor.name} has no trained model at {out}; "
+                f"run experiment_job for {anchor.name} first"
+            )
+        model = load_checkpoint(out, expect={"text": text_ref})
+        if media_side not in model.sides:
+            raise ValueError(
+                f"anchor {anchor.name}'s checkpoint has sides {list(model.sides)}, not {media_side!r}"
+            )
+        models[seed] = model
+        hashes.append(read_config(out)["extra"]["inputs_hash"])
+    return Anchor(anchor, media_side, models, tuple(hashes))
+
+
+def anchored_hash(digest: str, anchor: Anchor | None) -> str:
+    """The inputs hash of an anchored experiment: its own, and its anchor's checkpoints'."""
+    if anchor is None:
+        return digest
+    return hashlib.sha256(":".join((digest, *anchor.hashes)).encode()).hexdigest()[:16]
+
+
+def bind(model: FusedModel, anchor_model: FusedModel, anchor_side: str) -> FusedModel:
+    """The three-sided model: this experiment's sides (media, text) and the anchor's media side."""
+    if anchor_side in model.sides:
+        raise ValueError(f"the anchor's media side {anchor_side!r} is already a side of this experiment")
+    adapters = {
+        **{s: model.adapters[s] for s in model.sides},
+        anchor_side: anchor_model.adapters[anchor_side],
+    }
+    encoders = {**model.encoders, anchor_side: anchor_model.encoders[anchor_side]}
+    return FusedModel(adapters, encoders, temperature=float(model.temperature.detach())).eval()
 
 
 def up_to_date(out: Path, digest: str, client) -> dict | None:
@@ -72,6 +132,7 @@ def experiment_params(
         "eval_datasets": ",".join(exp.eval_datasets),
         "group_by": exp.group_by,
         "hubness": exp.hubness,
+        "anchor": exp.anchor,
         **{f"method.{k}": v for k, v in exp.method_params.items()},
         "media_encoder": media_ref.name,
         "media_fingerprint": media_ref.fingerprint,
@@ -153,9 +214,10 @@ def train_experiment(
     media_side: str,
     on_step=None,
     on_validate=None,
+    fixed: dict | None = None,
 ) -> TrainResult:
     """Trains on the curated train split; picks the best step on the val split by the retrieval
-    R-sum (R@1+R@5+R@10 both ways), never looking at test."""
+    R-sum (R@1+R@5+R@10 both ways), never looking at test. `fixed` (side -> Adapter) is used frozen."""
     from evaluation.retrieval import evaluate_model
 
     if data.n < 2:
@@ -180,6 +242,7 @@ def train_experiment(
         on_validate=on_validate,
         progress=True,
         groups=data.groups,
+        fixed=fixed,
     )
 
 
@@ -202,9 +265,10 @@ def fit_method(
     refs: tuple[EncoderRef, EncoderRef],
     media_side: str,
     log,
+    fixed: dict | None = None,
 ) -> tuple[object, dict, dict | None]:
-    """(model, summary, history or None): trained adapters, or a baseline fitted on the same train
-    pairs with its hyperparameters chosen on the val split."""
+    """(model, summary, history or None): trained adapters (`fixed` sides frozen), or a baseline
+    fitted on the same train pairs with its hyperparameters chosen on the val split."""
     media_ref, text_ref = refs
     train_pairs = data.n
     if exp.method == "adapters":
@@ -218,6 +282,7 @@ def fit_method(
                 {"train_loss": r["loss"], "temperature": r["temperature"], "lr": r["lr"]}, r["step"]
             ),
             on_validate=lambda r: log.metrics({"val_rsum": r["score"]}, r["step"]),
+            fixed=fixed,
         )
         summary = {
             "steps": result.steps,
@@ -275,10 +340,12 @@ def train_and_save(
     experiment_id: str,
     dirs: dict[int, Path],
     digest: str,
+    anchor: Anchor | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
     """Trains (or fits) the experiment once per seed, each in its own MLflow run (params, per-step
     loss, temperature and lr, the Lance versions read, the saved files as artifacts), saved to that
-    seed's folder of `dirs`. Returns (one summary per seed, the Lance versions read)."""
+    seed's folder of `dirs`. With an `anchor`, each seed binds to the anchor's model of that seed.
+    Returns (one summary per seed, the Lance versions read)."""
     media_ref, text_ref = refs
     versions = lake.versions(
         [
@@ -299,7 +366,10 @@ def train_and_save(
                     **{f"lance.{t}": str(v) for t, v in versions.items()},
                 }
             )
-            model, summary, history = fit_method(data, exp_seed, refs, media_side, log)
+            fixed = {"text": anchor.models[seed].adapters["text"]} if anchor else None
+            if anchor:
+                log.params({"anchor": anchor.spec.name, "anchor_inputs_hash": anchor.hashes[0]})
+            model, summary, history = fit_method(data, exp_seed, refs, media_side, log, fixed)
             summary = {"mlflow_run_id": log.run_id, "seed": seed, **summary}
             extra = {
                 "experiment": exp.name,
@@ -313,7 +383,16 @@ def train_and_save(
                 "inputs_hash": digest,
                 "lance_versions": versions,
                 "summary": summary,
+                "eval_datasets": list(exp.eval_datasets),
             }
+            if anchor:
+                model = bind(model, anchor.models[seed], anchor.media_side)
+                a = anchor.spec
+                extra |= {
+                    "anchor": a.name,
+                    "sides": {media_side: exp.media_encoder, "text": exp.text_encoder, anchor.media_side: a.media_encoder},
+                    "datasets": {exp.dataset: media_side, a.dataset: anchor.media_side},
+                }  # fmt: skip
             save_model(out, model, exp, extra, history)
             for path in sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith(".")):
                 client.log_artifact(log.run_id, str(path), "adapters")
