@@ -435,7 +435,7 @@ def evaluate_experiment(
             report,
             report.read_text(encoding="utf-8")
             + "\n## Every scored dataset and gallery (mean ± std over seeds)\n\n"
-            + seeds_table_markdown(rows)
+            + seeds_table_markdown([r for r in rows if r["gallery"] != EMERGENT])
             + "\n",
         )
     return metrics, rows, version, report
@@ -488,6 +488,10 @@ def write_family_report(lake: Lake, family: str, experiments: list[str], out_dir
     from evaluation.ablation import ablation_report
 
     rows = family_rows(lake, experiments)
+    if not rows:
+        return None
+    # Emergent rows are in their experiment's report: their metrics are not a family's retrieval.
+    rows = [r for r in rows if r["gallery"] != EMERGENT]
     if not rows:
         return None
     for gallery in sorted({r["gallery"] for r in rows} - {POOLED}):

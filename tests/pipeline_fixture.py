@@ -148,7 +148,8 @@ def add_sounds(project: Project, variants: int = 2, anchored: bool = True) -> Pr
     modalities through one text side."""
     data = project.data / "sounds"
     data.mkdir(parents=True, exist_ok=True)
-    pictures = list(csv.DictReader(open(project.data / "manifest.csv")))
+    with open(project.data / "manifest.csv", newline="") as f:
+        pictures = list(csv.DictReader(f))
     split_of = {r["concept"]: r["split"] for r in pictures if r["concept"] != "lost"}
     sr = 16_000
     t = np.arange(int(0.5 * sr)) / sr

@@ -32,7 +32,7 @@ def test_concept_names_use_words_or_the_shortest_caption_of_a_code():
     assert concept_name("1F3BB", []) == "1f3bb"  # a code without captions keeps its code
 
 
-def test_instruments_match_by_keyword_and_other_names_by_whole_words():
+def test_pictures_match_sounds_by_the_keywords_of_the_table():
     pictures = {
         "1F3B9": "musical keyboard",
         "1FA98": "long drum",
@@ -40,14 +40,18 @@ def test_instruments_match_by_keyword_and_other_names_by_whole_words():
         "260E": "telephone",
         "1F431": "cat",
         "1F3BB": "violin",
+        "1FAA8": "rock",
+        "1F415": "dog",
     }
     sounds = {
         "bright acoustic piano": "bright acoustic piano",
         "taiko drum": "taiko drum",  # both drums match: the first entry of INSTRUMENTS wins
         "drum: acoustic snare": "acoustic snare",
         "telephone ring": "telephone ring",
-        "category tone": "category tone",  # "cat" is not a whole word of it
+        "category tone": "category tone",  # "cat" is not in the table (nor a whole word of it)
+        "rock organ": "rock organ",  # not a rock: only the table's keywords match
         "cello": "cello",
+        "dog": "dog",  # the same name as a picture, not in the table
     }
     pic, snd = match_concepts(pictures, sounds)
     assert snd == {
@@ -55,9 +59,16 @@ def test_instruments_match_by_keyword_and_other_names_by_whole_words():
         "taiko drum": "long drum",
         "drum: acoustic snare": "drum",
         "telephone ring": "telephone",
+        "dog": "dog",
     }
-    # Only pictures with a matching sound keep a label: no cat, no violin (no violin sound here).
-    assert pic == {"1F3B9": "musical keyboard", "1FA98": "long drum", "1F941": "drum", "260E": "telephone"}
+    # Only pictures with a matching sound keep a label: no cat, rock or violin (no violin sound here).
+    assert pic == {
+        "1F3B9": "musical keyboard",
+        "1FA98": "long drum",
+        "1F941": "drum",
+        "260E": "telephone",
+        "1F415": "dog",
+    }
 
 
 def test_label_pairs_and_nearest_rows():
