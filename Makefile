@@ -17,7 +17,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first and pinned: a loose requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline,ray]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,offline,ray,clap]"
+	# laion-clap declares numpy<2 and a training stack its audio model does not use; the `clap` extra
+	# above holds what that model imports (fusion/encoders/laion.py), so it goes in without its pins.
+	$(BIN)/pip install -q --no-deps -c constraints.txt laion-clap
 	touch $@
 
 install: system-deps $(BIN)/.installed

