@@ -45,9 +45,12 @@ def build_jobs(parts: Partitions) -> dict[str, dg.UnresolvedAssetJobDefinition]:
         ),
         "experiment_job": dg.define_asset_job(
             "experiment_job",
-            selection=dg.AssetSelection.groups("curate", "train", "evaluate"),
+            selection=dg.AssetSelection.groups("curate", "train", "evaluate", "serve"),
             partitions_def=parts.experiment,
-            description="Curate, train and evaluate one experiment (the demo and every ablation run this job)",
+            description=(
+                "Curate, train and evaluate one experiment and embed its datasets for search "
+                "(the demo and every ablation run this job)"
+            ),
         ),
         "report_job": dg.define_asset_job(
             "report_job",

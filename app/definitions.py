@@ -28,7 +28,7 @@ from pathlib import Path
 import dagster as dg
 
 from app.automation import build_experiment_sensor, build_jobs, build_schedule, build_sensor
-from assets import checks, curate, evaluate, extract, ingest, report, train
+from assets import checks, curate, embed, evaluate, extract, ingest, report, train
 from fusion.paths import configs_dir
 from pipelines.partitions import Partitions, build_partitions
 from pipelines.resources import DuckDBCatalog, EncoderBank, LanceLake, MlflowTracking, PipelinePaths
@@ -63,7 +63,7 @@ def build_defs(
 ) -> tuple[dg.Definitions, Partitions]:
     """The whole graph for the registries in `configs` (default: configs/ or $FUSEMIX_CONFIGS)."""
     parts = build_partitions(Path(configs) if configs else configs_dir())
-    modules = (ingest, extract, curate, train, evaluate, report, checks)
+    modules = (ingest, extract, curate, train, evaluate, embed, report, checks)
     built = [x for m in modules for x in m.build(parts)]
     assets = [x for x in built if not isinstance(x, dg.AssetChecksDefinition)]
     asset_checks = [x for x in built if isinstance(x, dg.AssetChecksDefinition)]

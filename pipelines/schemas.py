@@ -9,6 +9,10 @@ with, the DuckDB catalog's views are derived from, and the tests check the writt
     curated__{experiment}           the selected pairs of an experiment (val and test whole)
     metrics                         one row per (experiment, scored dataset, gallery, seed, metric);
                                     seed null: the mean and std over the experiment's seeds
+    embeddings__{experiment}__{side}  every item of one side of an experiment's shared space:
+                                    media_id, dataset, vector (list<float32>[d_shared], unit length),
+                                    the source latents' fingerprint, the model and inputs hashes, and
+                                    what a search shows (path, text, captions); pipelines.embed
 """
 
 from __future__ import annotations
@@ -107,7 +111,29 @@ def latents(dim: int) -> pa.Schema:
     )
 
 
-# Kind -> (number of name parts after the kind, schema or None for latents, whose width varies).
+def embeddings(dim: int) -> pa.Schema:
+    """embeddings__{experiment}__{side}: one row per item of that side, in the shared space.
+
+    fingerprint: the encoder fingerprint of the latents the row was made from; model_hash: the
+    checkpoint that mapped it (a search refuses rows of another); inputs_hash: the data version of
+    the whole table (pipelines.embed). path (media items) and text (text items) and captions (the
+    texts paired with a media item) are copied from media/pairs so a search reads one table."""
+    return pa.schema(
+        [
+            ("media_id", pa.string()),
+            ("dataset", pa.string()),
+            ("vector", pa.list_(pa.float32(), dim)),
+            ("fingerprint", pa.string()),
+            ("model_hash", pa.string()),
+            ("inputs_hash", pa.string()),
+            ("path", pa.string()),
+            ("text", pa.string()),
+            ("captions", pa.list_(pa.string())),
+        ]
+    )
+
+
+# Kind -> (number of name parts after the kind, schema or None where the vector width varies).
 KINDS: dict[str, tuple[int, pa.Schema | None]] = {
     "media": (1, MEDIA),
     "pairs": (1, PAIRS),
@@ -118,6 +144,8 @@ KINDS: dict[str, tuple[int, pa.Schema | None]] = {
     # An experiment's train pairs joined with their latents (x, y[, groups]), written when its train
     # split is large enough to stream (pipelines.train, pipelines.stream); rewritten on every training.
     "trainpairs": (1, None),
+    # One side of an experiment's shared space (pipelines.embed), searched by pipelines.search.
+    "embeddings": (2, None),
 }
 
 
@@ -142,7 +170,7 @@ def parse_table_name(name: str) -> tuple[str, tuple[str, ...]] | None:
 
 
 def schema_of(name: str, dim: int | None = None) -> pa.Schema:
-    """The schema a pipeline table must have; latents tables need their vector `dim`."""
+    """The schema a pipeline table must have; latents and embeddings tables need their vector `dim`."""
     parsed = parse_table_name(name)
     if parsed is None:
         raise ValueError(f"{name!r} is not a table the pipeline writes")
@@ -151,7 +179,7 @@ def schema_of(name: str, dim: int | None = None) -> pa.Schema:
         return schema
     if dim is None:
         raise ValueError(f"the schema of {name!r} depends on the vector dimension: pass dim")
-    return latents(dim)
+    return embeddings(dim) if parsed[0] == "embeddings" else latents(dim)
 
 
 def table_of(schema: pa.Schema, rows: Sequence, **columns) -> pa.Table:

@@ -25,6 +25,7 @@ ASSETS = {
     "curated": "curate",
     "adapters": "train",
     "retrieval_metrics": "evaluate",
+    "embeddings": "serve",
     "ablation_report": "report",
 }
 CHECKS = {("curated", "latents_ready"): True, ("quarantine", "quarantine_rate"): False}
@@ -32,7 +33,7 @@ CHECKS[("retrieval_metrics", "recall_above_chance")] = False
 JOBS = {
     "ingest_job": {"media", "pairs", "quarantine"},
     "extract_job": {"latents"},
-    "experiment_job": {"experiment_inputs", "curated", "adapters", "retrieval_metrics"},
+    "experiment_job": {"experiment_inputs", "curated", "adapters", "retrieval_metrics", "embeddings"},
     "report_job": {"ablation_report"},
 }
 
@@ -114,6 +115,7 @@ def test_real_partitions_follow_the_registries(real):
         ("curated", parts.experiment),
         ("adapters", parts.experiment),
         ("retrieval_metrics", parts.experiment),
+        ("embeddings", parts.experiment),
         ("ablation_report", parts.family),
     ):
         assert graph.get(dg.AssetKey(key)).partitions_def == expected, key

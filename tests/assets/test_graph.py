@@ -309,9 +309,46 @@ def test_every_table_the_graph_wrote_has_its_schema(graph):
         assert parsed is not None, f"{name} is not a table of pipelines.schemas"
         kinds.add(parsed[0])
         schema = lk.open(name).schema
-        dim = schema.field("vector").type.list_size if parsed[0] == "latents" else None
+        dim = schema.field("vector").type.list_size if parsed[0] in ("latents", "embeddings") else None
         assert schema.equals(schema_of(name, dim), check_metadata=False), name
-    assert kinds == {"media", "pairs", "quarantine", "latents", "curated", "metrics"}
+    assert kinds == {"media", "pairs", "quarantine", "latents", "curated", "metrics", "embeddings"}
+
+
+def test_embeddings_serve_the_trained_space(graph):
+    """The experiment job embeds every item for search; unchanged inputs are not rewritten, new
+    latents are; the search finds a stored picture by its own bytes and a caption by its text."""
+    from pipelines.registries import load_datasets
+    from pipelines.search import Searcher
+
+    first = metadata(graph.runs["experiment:shapes-fusemix"], "embeddings")
+    assert (first["rows_image"], first["rows_text"]) == (36, 24)
+    assert first["written_image"] and first["written_text"] and not first["indexed_image"]
+    again = metadata(graph.runs["experiment:shapes-fusemix:again"], "embeddings")
+    assert again["skipped"] is True and again["inputs_hash"] == first["inputs_hash"]
+    assert again["lance_version_image"] == first["lance_version_image"]
+    assert materialization(graph.runs["experiment:broken"], "embeddings") is None
+    # One latent deleted and extracted again: the same checkpoint, new Lance versions, new rows.
+    repaired = metadata(graph.runs["experiment:repaired"], "embeddings")
+    assert repaired["written_image"] and repaired["inputs_hash"] != first["inputs_hash"]
+    lk, p = graph.lake(), graph.project
+    assert lk.count("embeddings__shapes-fusemix__image") == 36
+    searcher = Searcher(
+        lk,
+        p.home / "models",
+        load_registry(p.configs / "encoders.yaml"),
+        datasets=load_datasets(p.configs / "datasets.yaml"),
+        data_cache=p.home / "cache" / "data",
+    )
+    assert {e["name"] for e in searcher.experiments()} == {"shapes-fusemix", "shapes-n12"}
+    picture = lk.read("media__shapes", ["media_id", "path"], "modality = 'image'").to_pylist()[0]
+    data, kind = searcher.media_bytes("shapes", picture["media_id"])
+    assert kind == "image/png"
+    top = searcher.query("shapes-fusemix", "image", image=data, k=3)[0]
+    assert top["media_id"] == picture["media_id"] and top["score"] == pytest.approx(1.0, abs=1e-4)
+    top = searcher.query("shapes-fusemix", "text", text="a red square", k=3)[0]
+    assert top["text"] == "a red square" and top["score"] == pytest.approx(1.0, abs=1e-4)
+    found = searcher.query("shapes-fusemix", "image", text="a red square", k=5)
+    assert len(found) == 5 and all(r["captions"] for r in found)
 
 
 def test_duckdb_catalog_over_the_lake(graph):
