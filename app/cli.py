@@ -7,8 +7,10 @@
     fusemix sql "SELECT dataset, count(*) FROM pairs GROUP BY ALL"   [--csv]
     fusemix sql --saved best_runs --param metric=i2t_recall_at_1
     fusemix search "a red apple" --experiment emoji-fusemix -k 5
+    fusemix search --image cat.png --experiment emoji-fusemix [--target text|image] [--dataset D]
     fusemix ui [--port 3000]                       Dagster UI (dagster dev -w workspace.yaml)
     fusemix mlflow-ui [--port 5000]                MLflow UI over <FUSEMIX_HOME>/mlflow/mlflow.db
+    fusemix serve [--port 8000]                    search page and JSON API over the trained experiments (app.web)
     fusemix demo [--family demo]                   ingest, extract, train and evaluate a family
     fusemix materialize STAGE|all [--partition KEY]
 
@@ -211,6 +213,20 @@ def cmd_encoder_add(args) -> int:
         fields["pooling"] = args.pooling
     if args.batch_size is not None:
         fields["batch_size"] = args.batch_size
+    if args.option:
+        import yaml
+
+        options = {}
+        for item in args.option:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"--option takes KEY=VALUE, got {item!r}")
+            # Read as YAML, as in encoders.yaml: enable_fusion=false is a bool, a path stays a string.
+            try:
+                options[key] = yaml.safe_load(value) if value else ""
+            except yaml.YAMLError as err:
+                raise UserError(f"--option {key}: {value!r} is not a YAML value: {err}") from err
+        fields["options"] = options
     path = default_registry_path()
     spec = add_encoder(path, args.name, **fields)
     print(f"added encoder {spec.name!r} ({spec.modality}, {spec.source}: {spec.model}) to {path}")
@@ -263,14 +279,21 @@ def cmd_sql(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from fusion.media import MediaError, read_bytes
     from pipelines.lake import Lake
-    from pipelines.search import SearchError, format_results, search
+    from pipelines.search import Searcher, SearchError, format_results
 
+    queries = {"text": args.query, "image": args.image, "audio": args.audio}
+    given = {side: q for side, q in queries.items() if q is not None}
+    if len(given) != 1:
+        raise UserError("give one query: a text, --image PATH or --audio PATH")
+    ((side, query),) = given.items()
+    searcher = Searcher(Lake(_lake_root(args)), fusemix_home() / "models")
     try:
-        results = search(
-            Lake(_lake_root(args)), fusemix_home() / "models", args.experiment, args.query, k=args.k
-        )
-    except SearchError as err:
+        payload = query if side == "text" else read_bytes(Path(query), "query", searcher.limits)
+        target = args.target or searcher.default_target(args.experiment, side)
+        results = searcher.query(args.experiment, target, k=args.k, dataset=args.dataset, **{side: payload})
+    except (SearchError, MediaError) as err:
         raise UserError(str(err)) from err
     print(visible(format_results(results), keep="\n"))
     return 0
@@ -349,6 +372,60 @@ def cmd_mlflow_ui(args) -> int:
     return serve(argv, dict(os.environ), grace_s=args.grace)
 
 
+# Host names a page may use for a server bound to loopback; any other (a DNS-rebinding page) is refused.
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port, or a UserError that says why not (the port is taken ...)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port"
+        ) from err
+    return sock
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from app.web import create_app
+    from fusion.media import MediaLimits
+    from pipelines.lake import Lake
+    from pipelines.search import Searcher
+
+    root, models = _lake_root(args), fusemix_home() / "models"
+    max_upload = int(args.max_upload_mb * 1024 * 1024)
+    app = create_app(
+        # Uploads are decoded under the project's media limits, with the server's size limit.
+        Searcher(Lake(root), models, limits=MediaLimits(max_bytes=max_upload)),
+        max_upload_bytes=max_upload,
+        allowed_hosts=list(_LOOPBACK_HOSTS) if args.host in _LOOPBACK_HOSTS else None,
+    )
+    sock = _listen(args.host, args.port)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"FuseMix search: http://{shown}:{args.port}  (lake {root}, models {models})", flush=True)
+    config = uvicorn.Config(
+        app, log_level="info", timeout_graceful_shutdown=max(1, round(args.grace)), server_header=False
+    )
+    # uvicorn stops on SIGINT/SIGTERM, then raises the signal again: Ctrl-C ends in main's
+    # KeyboardInterrupt (status 130), SIGTERM in the default action. Where the re-raised signal meets
+    # a handler that does not raise (a library may have installed one), the server has still stopped
+    # because of a signal: that is an interruption too, never a clean exit.
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if server.should_exit:
+        raise KeyboardInterrupt
+    return 0
+
+
 def cmd_demo(args) -> int:
     from app.demo import run_demo
 
@@ -379,6 +456,16 @@ def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"port must be at most 65535, got {value}")
+    return value
+
+
+def _positive_mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from err
+    if not 0 < value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1024 MiB, got {text}")
     return value
 
 
@@ -418,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id, local folder or offline-pack key")
     p.add_argument("--pooling", choices=("mean", "cls", "pooler"))
     p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an entry of options (value read as YAML), e.g. checkpoint=/path/630k-audioset-best.pt",
+    )
     p.set_defaults(func=cmd_encoder_add)
 
     p = sub.add_parser("sql", help="query the lake with DuckDB")
@@ -430,9 +524,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=100, help="print at most this many rows (0: all)")
     p.set_defaults(func=cmd_sql)
 
-    p = sub.add_parser("search", help="text-to-media search with a trained experiment")
-    p.add_argument("query")
+    p = sub.add_parser(
+        "search", help="search a trained experiment's space by text, image or audio (its embeddings asset)"
+    )
+    p.add_argument("query", nargs="?", help="a text query (or give --image or --audio)")
     p.add_argument("--experiment", required=True)
+    p.add_argument("--image", metavar="PATH", help="query by this image file")
+    p.add_argument("--audio", metavar="PATH", help="query by this sound file")
+    p.add_argument(
+        "--target",
+        choices=("image", "audio", "text"),
+        help="the side to search (default: the media side for a text query, text for a file)",
+    )
+    p.add_argument("--dataset", help="search only this dataset's items")
     p.add_argument("-k", type=_positive_int, default=5, help="how many results")
     p.set_defaults(func=cmd_search)
 
@@ -451,6 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=5.0, help="seconds for an orderly stop before the rest is killed"
     )
     p.set_defaults(func=cmd_mlflow_ui)
+
+    p = sub.add_parser("serve", help="the search page and its JSON API (app.web)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--max-upload-mb", type=_positive_mb, default=16.0, help="largest query file accepted")
+    p.add_argument(
+        "--grace", type=float, default=5.0, help="seconds for running requests to finish on Ctrl-C"
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the end-to-end demo: ingest, extract, train and evaluate a family")
     p.add_argument("--family", default="demo", help="experiment family of configs/experiments.yaml to run")

@@ -179,12 +179,27 @@ def test_encoder_list_without_registry_is_a_user_error(home, capsys):
 
 
 def test_search_command(home, capsys, monkeypatch):
+    import pyarrow as pa
+
+    from pipelines.embed import embed_space
+    from pipelines.lake import Lake, vectors_to_arrow
+    from pipelines.space import load_space
     from tests.pipelines.test_search import build_setup, write_text_registry
 
     configs = home.parent / "configs"
     write_text_registry(configs)
     text_encoder = build_encoder(load_registry(configs / "encoders.yaml")["tiny-text"])
     build_setup(home, text_encoder)
+    rc, _, err = run(capsys, "search", "a red car", "--experiment", "toy-exp")
+    assert rc == 2 and "no image embeddings yet" in err and "materialize experiment" in err
+    lake = Lake(home / "lance")
+    captions = lake.read("media__toy", filter="modality = 'text'")
+    vectors = text_encoder.encode(captions["text"].to_pylist())
+    n = len(captions)
+    latents = {"media_id": captions["media_id"], "vector": vectors_to_arrow(vectors)}
+    latents |= {"fingerprint": [text_encoder.fingerprint] * n, "encoder": ["tiny-text"] * n}
+    lake.overwrite("latents__toy__tiny-text", pa.table(latents))
+    embed_space(lake, load_space(home / "models", "toy-exp"))
     rc, out, err = run(capsys, "search", "a red car", "--experiment", "toy-exp", "-k", "3")
     assert rc == 0, err
     lines = [ln for ln in out.splitlines() if not ln.startswith(" " * 6)]
@@ -194,6 +209,46 @@ def test_search_command(home, capsys, monkeypatch):
     assert "a picture of thing" in out
     rc, _, err = run(capsys, "search", "a red car", "--experiment", "missing")
     assert rc == 2 and "no trained model" in err
+    # The captions themselves, by text: the exact caption first, shown with its text.
+    rc, out, err = run(
+        capsys, "search", "a picture of thing 4", "--experiment", "toy-exp", "--target", "text"
+    )
+    assert rc == 0, err
+    first = out.splitlines()[0].split(maxsplit=3)
+    assert first[:3] == ["1.", "+1.0000", "cap04"] and first[3] == "a picture of thing 4"
+
+
+def test_search_by_image_and_audio_files(tmp_path, capsys, monkeypatch):
+    from pipelines.embed import embed_space
+    from pipelines.space import load_space
+    from tests.pipelines.search_world import build_world
+
+    world = build_world(tmp_path, sounds=False, variants=1)
+    monkeypatch.setenv("FUSEMIX_HOME", str(world.project.home))
+    monkeypatch.setenv("FUSEMIX_CONFIGS", str(world.project.configs))
+    embed_space(world.lake, load_space(world.models, "shapes-pair"))
+    media = world.lake.read("media__shapes", ["media_id", "modality", "path"]).to_pylist()
+    picture = next(r for r in media if r["modality"] == "image" and r["path"].endswith(".png"))
+    rc, out, err = run(
+        capsys, "search", "--image", picture["path"], "--experiment", "shapes-pair", "--target", "image"
+    )
+    assert rc == 0, err
+    assert out.splitlines()[0].split()[:3] == ["1.", "+1.0000", picture["media_id"]]
+    # By default an image searches the captions: text items, shown with their text.
+    rc, out, err = run(capsys, "search", "--image", picture["path"], "--experiment", "shapes-pair", "-k", "2")
+    assert rc == 0, err
+    assert len(out.splitlines()) == 2 and all(" a " in ln for ln in out.splitlines())
+    for argv, message in (
+        (["a cat", "--image", picture["path"]], "give one query"),
+        ([], "give one query"),
+        (["--audio", picture["path"]], "cannot be queried by audio"),
+        (["--image", str(tmp_path / "absent.png")], "does not exist"),
+        (["--image", str(world.project.data / "manifest.csv")], "a format this service does not read"),
+        (["a cat", "--target", "audio"], "no side 'audio'"),
+        (["a cat", "--dataset", "elsewhere"], "no image items of dataset 'elsewhere'"),
+    ):
+        rc, _, err = run(capsys, "search", *argv, "--experiment", "shapes-pair")
+        assert rc == 2 and message in err, (argv, err)
 
 
 def test_ui_commands_bind_to_localhost(home, capsys, monkeypatch, tmp_path):
