@@ -208,7 +208,7 @@ def concept_items(
 @dataclass(frozen=True)
 class Emergent:
     """What the emergent scoring of an anchored experiment needs: the anchor's spec, its media side
-    and its media encoder; `own`/`other` are filled by `emergent_sets`."""
+    and its media encoder."""
 
     anchor: ExperimentSpec
     anchor_side: str
@@ -221,9 +221,9 @@ def emergent_rows(
     models: dict[int, tuple],
     refs: tuple[EncoderRef, EncoderRef],
     emergent: Emergent,
-) -> tuple[list[dict], dict[int, dict[str, float]], tuple[str, str]]:
+) -> tuple[list[dict], dict[int, dict[str, float]], list[str]]:
     """Per-seed emergent retrieval between this experiment's media (one side) and its anchor's (the
-    other) over the concepts whose names match; (rows, {seed: metrics}, (audio side, image side)).
+    other) over the concepts whose names match; (rows, {seed: metrics}, the matched concepts).
     Both sides must be image and audio: the match is between pictures and sounds."""
     own_side = next(iter(models.values()))[1]["media_side"]
     if {own_side, emergent.anchor_side} != {"audio", "image"}:

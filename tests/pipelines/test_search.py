@@ -1,4 +1,5 @@
-"""Search on a real tiny setup: a tiny offline text encoder, Lance latents, a saved FusedModel checkpoint."""
+"""Search on a real tiny setup: a tiny offline text encoder, Lance latents, a saved FusedModel checkpoint,
+its embeddings tables (pipelines.embed) and the Searcher, checked against cosine written out by hand."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from fusion.adapters import Adapter, EncoderRef, FusedModel
 from fusion.checkpoint import save_checkpoint
 from fusion.config import AdapterConfig
 from fusion.encoders import build_encoder, load_registry
+from pipelines.embed import embed_space
 from pipelines.lake import Lake, vectors_to_arrow
-from pipelines.search import SearchError, format_results, search
+from pipelines.search import Searcher, SearchError, format_results
+from pipelines.space import load_space
 from tests.tiny_models import make_tiny_bert
 
 MEDIA_DIM = 8
@@ -113,11 +116,23 @@ def brute_force(model, text_encoder, vectors, query):
     return (m @ q[0]).numpy()
 
 
+def embedded(tmp_path, lake, text_encoder) -> None:
+    """The toy experiment's embeddings (the captions' latents written first, by the tiny text encoder)."""
+    captions = lake.read("media__toy", filter="modality = 'text'")
+    vectors = text_encoder.encode(captions["text"].to_pylist())
+    n = len(captions)
+    table = {"media_id": captions["media_id"], "vector": vectors_to_arrow(vectors)}
+    table |= {"fingerprint": [text_encoder.fingerprint] * n, "encoder": ["tiny-text"] * n}
+    lake.overwrite("latents__toy__tiny-text", pa.table(table))
+    embed_space(lake, load_space(tmp_path / "models", "toy-exp"))
+
+
 def test_search_matches_brute_force_cosine_order(tmp_path, tiny_registry, text_encoder):
     lake, model, vectors = build_setup(tmp_path, text_encoder)
-    registry = load_registry(tiny_registry)
+    embedded(tmp_path, lake, text_encoder)
+    searcher = Searcher(lake, tmp_path / "models", load_registry(tiny_registry))
     for query in ("a red car on the street", "two dogs play with a ball"):
-        results = search(lake, tmp_path / "models", "toy-exp", query, k=5, registry=registry)
+        results = searcher.query("toy-exp", "image", text=query, k=5)
         scores = brute_force(model, text_encoder, vectors, query)
         want = [f"img{i:02d}" for i in np.argsort(-scores)[:5]]
         assert [r["media_id"] for r in results] == want
@@ -125,7 +140,7 @@ def test_search_matches_brute_force_cosine_order(tmp_path, tiny_registry, text_e
         for r in results:
             assert r["score"] == pytest.approx(float(scores[int(r["media_id"][3:])]), abs=1e-5)
             assert r["path"] == f"/pics/{r['media_id']}.png" and r["modality"] == "image"
-    everything = search(lake, tmp_path / "models", "toy-exp", "cat", k=100, text_encoder=text_encoder)
+    everything = searcher.query("toy-exp", "image", text="cat", k=100)
     assert len(everything) == N_MEDIA
     by_id = {r["media_id"]: r for r in everything}
     assert by_id["img00"]["captions"] == ["a picture of thing 0", "a picture of thing 1"]
@@ -134,29 +149,32 @@ def test_search_matches_brute_force_cosine_order(tmp_path, tiny_registry, text_e
     assert text.splitlines()[0].startswith(" 1. ") and everything[0]["media_id"] in text
 
 
-def test_fingerprint_mismatch_is_a_clear_error(tmp_path, text_encoder):
+def test_latents_of_another_fingerprint_are_not_embedded(tmp_path, text_encoder):
     lake, _, _ = build_setup(tmp_path, text_encoder, media_fp="fp-media-2")
-    with pytest.raises(SearchError, match=r"fingerprint fp-media-1.*holds fingerprint\(s\) \['fp-media-2'\]"):
-        search(lake, tmp_path / "models", "toy-exp", "a cat", text_encoder=text_encoder)
+    with pytest.raises(SearchError, match=r"fingerprint fp-media-1.*fp-media-2"):
+        embedded(tmp_path, lake, text_encoder)
 
 
 def test_text_encoder_change_is_refused(tmp_path, tiny_registry, text_encoder):
     lake, _, _ = build_setup(tmp_path, text_encoder)
+    embedded(tmp_path, lake, text_encoder)
     registry = load_registry(tiny_registry)
     # Same name, other weights: the checkpoint was trained on tiny-text's latents, not these.
     other = dict(registry)
     other["tiny-text"] = registry["tiny-text-b"]
-    with pytest.raises(SearchError, match="toy-exp"):
-        search(lake, tmp_path / "models", "toy-exp", "a cat", registry=other)
+    with pytest.raises(SearchError, match="fingerprint"):
+        Searcher(lake, tmp_path / "models", other).query("toy-exp", "image", text="a cat")
 
 
-def test_missing_pieces_are_clear_errors(tmp_path, text_encoder):
+def test_missing_pieces_are_clear_errors(tmp_path, tiny_registry, text_encoder):
     lake, _, _ = build_setup(tmp_path, text_encoder)
+    searcher = Searcher(lake, tmp_path / "models", load_registry(tiny_registry))
+    with pytest.raises(SearchError, match="no image embeddings yet"):
+        searcher.query("toy-exp", "image", text="a cat")
+    embedded(tmp_path, lake, text_encoder)
     with pytest.raises(SearchError, match="no trained model"):
-        search(lake, tmp_path / "models", "nope", "a cat", text_encoder=text_encoder)
+        searcher.query("nope", "image", text="a cat")
     with pytest.raises(SearchError, match="empty"):
-        search(lake, tmp_path / "models", "toy-exp", "  ", text_encoder=text_encoder)
+        searcher.query("toy-exp", "image", text="  ")
     with pytest.raises(SearchError, match="not in the encoder registry"):
-        search(lake, tmp_path / "models", "toy-exp", "a cat", registry={})
-    with pytest.raises(SearchError, match="extract"):
-        search(Lake(tmp_path / "empty"), tmp_path / "models", "toy-exp", "a cat", text_encoder=text_encoder)
+        Searcher(lake, tmp_path / "models", {}).query("toy-exp", "image", text="a cat")
