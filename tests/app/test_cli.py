@@ -179,12 +179,8 @@ def test_encoder_list_without_registry_is_a_user_error(home, capsys):
 
 
 def test_search_command(home, capsys, monkeypatch):
-    import pyarrow as pa
-
-    from pipelines.embed import embed_space
-    from pipelines.lake import Lake, vectors_to_arrow
-    from pipelines.space import load_space
-    from tests.pipelines.test_search import build_setup, write_text_registry
+    from pipelines.lake import Lake
+    from tests.pipelines.test_search import build_setup, embedded, write_text_registry
 
     configs = home.parent / "configs"
     write_text_registry(configs)
@@ -192,14 +188,7 @@ def test_search_command(home, capsys, monkeypatch):
     build_setup(home, text_encoder)
     rc, _, err = run(capsys, "search", "a red car", "--experiment", "toy-exp")
     assert rc == 2 and "no image embeddings yet" in err and "materialize experiment" in err
-    lake = Lake(home / "lance")
-    captions = lake.read("media__toy", filter="modality = 'text'")
-    vectors = text_encoder.encode(captions["text"].to_pylist())
-    n = len(captions)
-    latents = {"media_id": captions["media_id"], "vector": vectors_to_arrow(vectors)}
-    latents |= {"fingerprint": [text_encoder.fingerprint] * n, "encoder": ["tiny-text"] * n}
-    lake.overwrite("latents__toy__tiny-text", pa.table(latents))
-    embed_space(lake, load_space(home / "models", "toy-exp"))
+    embedded(home, Lake(home / "lance"), text_encoder)
     rc, out, err = run(capsys, "search", "a red car", "--experiment", "toy-exp", "-k", "3")
     assert rc == 0, err
     lines = [ln for ln in out.splitlines() if not ln.startswith(" " * 6)]
