@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Request
@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from fusion.media import REASONS, MediaError, sniff_modality
-from pipelines.search import SearchError
+from pipelines.search import Searcher, SearchError
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024
@@ -59,26 +59,6 @@ MEDIA_CSP = "default-src 'none'; img-src 'self'; media-src 'self'; style-src 'un
 _SERVABLE = re.compile(r"^(image/(png|jpeg|gif|webp|bmp|tiff)|audio/[a-z0-9.+-]+)$")
 # Dataset names and media ids are short plain names (ids are hex digests); anything else is no item.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class SearcherLike(Protocol):
-    """What the app needs of pipelines.search.Searcher."""
-
-    def experiments(self) -> list[dict]: ...
-
-    def query(
-        self,
-        experiment: str,
-        target: str,
-        *,
-        text: str | None = None,
-        image: bytes | None = None,
-        audio: bytes | None = None,
-        k: int = 10,
-        dataset: str | None = None,
-    ) -> list[dict]: ...
-
-    def media_bytes(self, dataset: str, media_id: str) -> tuple[bytes, str]: ...
 
 
 class ApiError(HTTPException):
@@ -177,7 +157,7 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 def create_app(
-    searcher: SearcherLike,
+    searcher: Searcher,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_k: int = 100,

@@ -12,7 +12,14 @@ stale; `experiment_inputs` itself still shows stale after any new latents, as it
 
 import dagster as dg
 
-from pipelines.curate import curate, inputs_record, latents_contract, read_tables, write_curated
+from pipelines.curate import (
+    contract_verdict,
+    curate,
+    inputs_record,
+    latents_contract,
+    read_tables,
+    write_curated,
+)
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake
 from pipelines.storage import dagster_failure
@@ -81,11 +88,9 @@ def build(parts: Partitions) -> list:
         exp = parts.experiment_spec(context.partition_key)
         media, text = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
         problems, checked = latents_contract(lake.lake(), exp, media, text)
-        quarantined = {name: c["quarantined"] for name, c in checked.items() if c["quarantined"]}
-        note = f" ({quarantined} quarantined by extraction, left out)" if quarantined else ""
         return dg.AssetCheckResult(
             passed=not problems,
-            description=("; ".join(problems) or "all curated items encoded") + note,
+            description=contract_verdict(problems, checked),
             metadata={"checked": dg.MetadataValue.json(checked)},
         )
 

@@ -53,11 +53,8 @@ def build(parts: Partitions) -> list:
         if cached is not None:
             context.log.info(f"{exp.name}: metrics for these checkpoints exist; not recomputing")
             return dg.MaterializeResult(metadata={**cached, "skipped": True, "mlflow_run_id": run_id})
-        emergent = None
-        if exp.anchor:  # three modalities: also score media <-> anchor media, never trained on
-            spec = parts.experiment_spec(exp.anchor)
-            side = parts.dataset_spec(spec.dataset).modality
-            emergent = glue.Emergent(spec, side, encoders.ref(spec.media_encoder))
+        # Three modalities: an anchored experiment is also scored media <-> anchor media.
+        emergent = glue.emergent_of(exp, parts.experiments, parts.datasets, encoders.ref)
         metrics, rows, version, report = glue.evaluate_experiment(
             lk, exp, models, refs, key, paths.reports_dir / exp.name, config.examples, emergent
         )

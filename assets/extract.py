@@ -9,7 +9,7 @@ Each file is checked again (inside the dataset's folder, same content hash) righ
 import dagster as dg
 from pydantic import Field
 
-from pipelines.extract import extract_dataset, resolve_engine
+from pipelines.extract import extract_dataset, latents_metadata, resolve_engine
 from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake, PipelinePaths
 from pipelines.storage import dagster_failure
@@ -60,18 +60,9 @@ def build(parts: Partitions) -> list:
         keys = context.partition_key.keys_by_dimension
         dataset, name = keys["dataset"], keys["encoder"]
         spec = encoders.spec(name)
-        if not parts.applies(dataset, spec):
-            raise dg.Failure(
-                f"encoder {name} ({spec.modality}) does not apply to dataset {dataset} "
-                f"({parts.dataset_spec(dataset).modality} + text); nothing to extract"
-            )
+        if why := parts.not_applicable(dataset, spec):
+            raise dg.Failure(why)
         engine = engine_of(config)
-        ray = {
-            "workers": config.ray_workers,
-            "address": config.ray_address or None,
-            "device": encoders.device_for(spec),
-            "cache_dir": encoders.cache_dir,
-        }
         with dagster_failure():  # a full or read-only disk: one clear line, the committed rows kept
             stats = extract_dataset(
                 lake.lake(),
@@ -80,25 +71,11 @@ def build(parts: Partitions) -> list:
                 lambda: encoders.get(name),
                 paths.data_cache,
                 engine=engine,
-                ray=ray,
+                ray=encoders.ray_options(spec, config.ray_workers, config.ray_address),
                 commit_every=config.commit_every,
                 progress=config.progress,
                 log=context.log.info,
             )
-        return dg.MaterializeResult(
-            metadata={
-                "items_encoded": stats["encoded"],
-                "items_failed": stats["failed"],
-                "items_retried": stats["retried"],
-                "items_total": stats["total"],
-                "items_per_s": stats["items_per_s"],
-                "stale_deleted": stats["stale_deleted"],
-                "duplicates_deleted": stats["duplicates_deleted"],
-                "dimension": stats["dim"],
-                "fingerprint": stats["fingerprint"],
-                "lance_version": stats["lance_version"],
-                "engine": engine,
-            }
-        )
+        return dg.MaterializeResult(metadata=latents_metadata(stats, engine))
 
     return [latents]

@@ -11,9 +11,9 @@ from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, Pipeline
 from pipelines.schemas import table_name
 from pipelines.train import (
     all_up_to_date,
+    anchor_of,
     anchored_hash,
     inputs_hash,
-    load_anchor,
     seed_dirs,
     train_and_save,
 )
@@ -46,16 +46,9 @@ def build(parts: Partitions) -> list:
         curated = lk.read(table_name("curated", exp.name))
         digest = inputs_hash(exp, curated["pair_id"].to_pylist(), refs[0].fingerprint, refs[1].fingerprint)
         media_side = parts.dataset_spec(exp.dataset).modality
-        anchor = None
-        if exp.anchor:  # bind into the anchor's space: its text adapter, frozen
-            spec = parts.experiment_spec(exp.anchor)
-            side = parts.dataset_spec(spec.dataset).modality
-            if side == media_side:
-                raise ValueError(
-                    f"{exp.name} and its anchor {spec.name} both have {side} media; an anchor adds another modality"
-                )
-            anchor = load_anchor(paths.models_dir, spec, side, refs[1], exp.seed_list())
-            digest = anchored_hash(digest, anchor)
+        # Bound into an anchor's space (its text adapter, frozen): the anchor's checkpoints count too.
+        anchor = anchor_of(exp, parts.experiments, parts.datasets, paths.models_dir, refs[1])
+        digest = anchored_hash(digest, anchor)
         dirs = seed_dirs(paths.models_dir, exp)
         client = tracking.client()
         summaries = None if config.force else all_up_to_date(dirs, digest, client)

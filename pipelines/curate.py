@@ -199,6 +199,14 @@ def inputs_record(
     return "missing:" + ",".join(t for t in tables if t not in versions), versions
 
 
+def contract_verdict(problems: list[str], checked: dict) -> str:
+    """The one-line description of a latents_contract result: its problems or that all is encoded,
+    and how many items extraction quarantined (left out, not a problem)."""
+    quarantined = {name: c["quarantined"] for name, c in checked.items() if c["quarantined"]}
+    note = f" ({quarantined} quarantined by extraction, left out)" if quarantined else ""
+    return ("; ".join(problems) or "all curated items encoded") + note
+
+
 def latents_contract(
     lake: Lake, exp: ExperimentSpec, media: EncoderRef, text: EncoderRef
 ) -> tuple[list[str], dict]:

@@ -5,7 +5,7 @@ rows of the Lance `metrics` table, per seed and as mean and std over seeds, logg
 MLflow runs, and written up as a report with plots. No Dagster here.
 
 An anchored experiment (three modalities bound through text) is also scored on the emergent
-retrieval between its media and its anchor's media (`emergent_rows`, evaluation.crossmodal): every
+retrieval between its media and its anchor's media (`emergent_scores`, evaluation.crossmodal): every
 item of the two datasets whose concepts match, direct in the shared space, via the nearest caption,
 and chance, as rows with dataset "<dataset>/<anchor dataset>" and gallery "emergent".
 
@@ -18,6 +18,7 @@ written into.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +51,7 @@ from fusion.checkpoint import atomic_write_text, load_checkpoint, read_config
 from pipelines import schemas
 from pipelines.curate import caption_column, holdout_pairs, latents_for, paired_split, split_rows
 from pipelines.lake import Lake, sql_in, sql_str
-from pipelines.registries import ExperimentSpec
+from pipelines.registries import DatasetSpec, ExperimentSpec
 from pipelines.schemas import table_name
 from pipelines.tracking import RunLogger, mlflow_run, require_finished, run_status
 from pipelines.train import read_history
@@ -215,16 +216,31 @@ class Emergent:
     anchor_media: EncoderRef
 
 
-def emergent_rows(
+def emergent_of(
+    exp: ExperimentSpec,
+    experiments: Mapping[str, ExperimentSpec],
+    datasets: Mapping[str, DatasetSpec],
+    ref_of: Callable[[str], EncoderRef],
+) -> Emergent | None:
+    """What an anchored experiment's emergent scoring needs (`ref_of`: encoder name -> its current
+    EncoderRef), or None for an experiment without an anchor."""
+    if not exp.anchor:
+        return None
+    spec = experiments[exp.anchor]
+    return Emergent(spec, datasets[spec.dataset].modality, ref_of(spec.media_encoder))
+
+
+def emergent_scores(
     lake: Lake,
     exp: ExperimentSpec,
     models: dict[int, tuple],
     refs: tuple[EncoderRef, EncoderRef],
     emergent: Emergent,
-) -> tuple[list[dict], dict[int, dict[str, float]], list[str]]:
+) -> tuple[str, dict[int, dict[str, float]], list[str]]:
     """Per-seed emergent retrieval between this experiment's media (one side) and its anchor's (the
-    other) over the concepts whose names match; (rows, {seed: metrics}, the matched concepts).
-    Both sides must be image and audio: the match is between pictures and sounds."""
+    other) over the concepts whose names match: (the rows' dataset "<dataset>/<anchor dataset>",
+    {seed: metrics}, the matched concepts). Both sides must be image and audio: the match is between
+    pictures and sounds."""
     own_side = next(iter(models.values()))[1]["media_side"]
     if {own_side, emergent.anchor_side} != {"audio", "image"}:
         raise ValueError(
@@ -247,28 +263,15 @@ def emergent_rows(
         "audio": [sound_label[sounds.concepts[i]] for i in keep["audio"]],
     }
     dataset = f"{exp.dataset}/{a.dataset}"  # MLflow metric names allow "/", not "+"
-    rows, per_seed = [], {}
-    for seed, (_, extra, folder) in models.items():
+    per_seed = {}
+    for seed, (_, _, folder) in models.items():
         full = load_checkpoint(folder)  # all three sides (load_trained scores two)
         emb = {s: full.embed(s, sets[s].items[keep[s]]).numpy() for s in ("audio", "image")}
         banks = {s: full.embed("text", sets[s].bank).numpy() for s in ("audio", "image")}
-        values, _ = emergent_metrics(
+        per_seed[seed], _ = emergent_metrics(
             emb["audio"], labels["audio"], emb["image"], labels["image"], banks["audio"], banks["image"]
         )
-        per_seed[seed] = values
-        run_id = extra["summary"]["mlflow_run_id"]
-        rows += [
-            {"dataset": dataset, "gallery": EMERGENT, "seed": seed, "metric": m, "value": float(v),
-             "std": None, "n_seeds": 1, "mlflow_run_id": run_id}
-            for m, v in values.items()
-        ]  # fmt: skip
-    first_run = next(iter(models.values()))[1]["summary"]["mlflow_run_id"]
-    for metric, (mean, std, n) in aggregate_seeds(list(per_seed.values())).items():
-        rows.append(
-            {"dataset": dataset, "gallery": EMERGENT, "seed": None, "metric": metric, "value": mean,
-             "std": std, "n_seeds": n, "mlflow_run_id": first_run}
-        )  # fmt: skip
-    return rows, per_seed, sorted(set(labels["audio"]))
+    return dataset, per_seed, sorted(set(labels["audio"]))
 
 
 def emergent_section(rows: list[dict], report_dir: Path, concepts: list[str]) -> str:
@@ -351,6 +354,15 @@ def upgrade_metrics_table(lake: Lake) -> None:
     lake.overwrite("metrics", pa.table(columns, schema=schemas.METRICS))
 
 
+def seed_rows(dataset: str, gallery: str, seed: int, values: dict[str, float], run_id: str) -> list[dict]:
+    """The `metrics` rows of one seed's scores on one dataset and gallery."""
+    return [
+        {"dataset": dataset, "gallery": gallery, "seed": seed, "metric": m, "value": float(v),
+         "std": None, "n_seeds": 1, "mlflow_run_id": run_id}
+        for m, v in values.items()
+    ]  # fmt: skip
+
+
 def evaluate_experiment(
     lake: Lake,
     exp: ExperimentSpec,
@@ -382,16 +394,14 @@ def evaluate_experiment(
             for gallery, values in scored.items():
                 gallery = POOLED if gallery == POOLED else f"per_{exp.group_by}"
                 per_seed[(name, gallery)].append(values)
-                rows += [
-                    {"dataset": name, "gallery": gallery, "seed": seed, "metric": m, "value": float(v),
-                     "std": None, "n_seeds": 1, "mlflow_run_id": run_id}
-                    for m, v in values.items()
-                ]  # fmt: skip
-    first_run = next(iter(models.values()))[1]["summary"]["mlflow_run_id"]
+                rows += seed_rows(name, gallery, seed, values, run_id)
     concepts: list[str] = []
     if emergent is not None:
-        extra_rows, _, concepts = emergent_rows(lake, exp, models, refs, emergent)
-        rows += extra_rows
+        name, scores, concepts = emergent_scores(lake, exp, models, refs, emergent)
+        for seed, values in scores.items():
+            per_seed[(name, EMERGENT)].append(values)
+            rows += seed_rows(name, EMERGENT, seed, values, models[seed][1]["summary"]["mlflow_run_id"])
+    first_run = next(iter(models.values()))[1]["summary"]["mlflow_run_id"]
     for (name, gallery), values in per_seed.items():
         for metric, (mean, std, n) in aggregate_seeds(values).items():
             rows.append(
@@ -430,7 +440,7 @@ def evaluate_experiment(
         atomic_write_text(
             report, report.read_text(encoding="utf-8") + emergent_section(rows, report_dir, concepts)
         )
-    if len(per_seed) > 1 or len(models) > 1:
+    if len([key for key in per_seed if key[1] != EMERGENT]) > 1 or len(models) > 1:
         atomic_write_text(
             report,
             report.read_text(encoding="utf-8")

@@ -173,6 +173,26 @@ def resolve_engine(engine: str = "") -> str:
     return name
 
 
+# The latents asset's metadata names -> the keys of extract_dataset's summary.
+LATENTS_METADATA = {
+    "items_encoded": "encoded",
+    "items_failed": "failed",
+    "items_retried": "retried",
+    "items_total": "total",
+    "items_per_s": "items_per_s",
+    "stale_deleted": "stale_deleted",
+    "duplicates_deleted": "duplicates_deleted",
+    "dimension": "dim",
+    "fingerprint": "fingerprint",
+    "lance_version": "lance_version",
+}
+
+
+def latents_metadata(stats: dict, engine: str) -> dict:
+    """The latents asset's metadata from extract_dataset's summary, and the engine that ran."""
+    return {name: stats[key] for name, key in LATENTS_METADATA.items()} | {"engine": engine}
+
+
 def extract_dataset(
     lake: Lake,
     dataset: DatasetSpec,

@@ -112,6 +112,15 @@ class Partitions:
         """Text encoders encode every dataset's captions; media encoders only their own modality."""
         return encoder.modality == "text" or encoder.modality == self.dataset_spec(dataset).modality
 
+    def not_applicable(self, dataset: str, encoder: EncoderSpec) -> str | None:
+        """Why `encoder` has nothing to extract from `dataset`, or None when it applies."""
+        if self.applies(dataset, encoder):
+            return None
+        return (
+            f"encoder {encoder.name} ({encoder.modality}) does not apply to dataset {dataset} "
+            f"({self.dataset_spec(dataset).modality} + text); nothing to extract"
+        )
+
     def extract_key(self, dataset: str, encoder: str) -> dg.MultiPartitionKey:
         return dg.MultiPartitionKey({"dataset": dataset, "encoder": encoder})
 

@@ -90,6 +90,15 @@ class EncoderBank(dg.ConfigurableResource):
             raise KeyError(f"encoder {name!r} is not in {self.registry_path}; known: {sorted(specs)}")
         return specs[name]
 
+    def ray_options(self, spec: EncoderSpec, workers: int, address: str | None) -> dict:
+        """The `ray` settings of pipelines.extract.extract_dataset for this encoder."""
+        return {
+            "workers": workers,
+            "address": address or None,
+            "device": self.device_for(spec),
+            "cache_dir": self.cache_dir,
+        }
+
     def device_for(self, spec: EncoderSpec) -> str:
         """The device an encoder runs on: its own `device`, else this bank's, else $FUSEMIX_DEVICE, else cpu."""
         return resolve_device(spec.device or self.device or None)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from fusion.checkpoint import CONFIG, load_checkpoint, read_config, save_checkpo
 from fusion.trainer import TrainResult, train_adapters
 from pipelines.curate import pair_groups, paired_split, split_arrays, split_rows
 from pipelines.lake import Lake
-from pipelines.registries import ExperimentSpec
+from pipelines.registries import DatasetSpec, ExperimentSpec
 from pipelines.schemas import table_name
 from pipelines.stream import lance_chunks, write_pairs
 from pipelines.tracking import mlflow_run, run_status
@@ -85,6 +86,26 @@ def load_anchor(
         models[seed] = model
         hashes.append(read_config(out)["extra"]["inputs_hash"])
     return Anchor(anchor, media_side, models, tuple(hashes))
+
+
+def anchor_of(
+    exp: ExperimentSpec,
+    experiments: Mapping[str, ExperimentSpec],
+    datasets: Mapping[str, DatasetSpec],
+    models_dir: Path,
+    text_ref: EncoderRef,
+) -> Anchor | None:
+    """The trained space `exp` binds to (load_anchor), or None when it has no anchor; an anchor of
+    the same media modality adds nothing and is refused."""
+    if not exp.anchor:
+        return None
+    spec = experiments[exp.anchor]
+    side = datasets[spec.dataset].modality
+    if side == datasets[exp.dataset].modality:
+        raise ValueError(
+            f"{exp.name} and its anchor {spec.name} both have {side} media; an anchor adds another modality"
+        )
+    return load_anchor(models_dir, spec, side, text_ref, exp.seed_list())
 
 
 def anchored_hash(digest: str, anchor: Anchor | None) -> str:

@@ -7,7 +7,6 @@ and Dagster runs.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -25,9 +24,8 @@ from tests.pipeline_fixture import add_sounds, make_project
 @pytest.fixture(scope="module")
 def tri(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tri")
-    old_home = os.environ.get("FUSEMIX_HOME")
-    os.environ["FUSEMIX_HOME"] = str(Path(tmp) / "home")
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSEMIX_HOME", str(Path(tmp) / "home"))
         from app.definitions import build_defs
 
         project = add_sounds(make_project(tmp))
@@ -56,11 +54,6 @@ def tri(tmp_path_factory):
             assert run("anchor", "experiment_job", "shapes-fusemix").success
             run("bound", "experiment_job", "tones-bound")
             yield project, runs
-    finally:
-        if old_home is None:
-            os.environ.pop("FUSEMIX_HOME", None)
-        else:
-            os.environ["FUSEMIX_HOME"] = old_home
 
 
 def test_a_bound_experiment_before_its_anchor_fails_clearly(tri):
