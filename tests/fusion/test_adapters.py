@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusion.adapters import Adapter, EncoderRef, FusedModel
+from fusion.adapters import Adapter, Dropout, EncoderRef, FusedModel, cpu_dropout
 from fusion.config import AdapterConfig
 
 
@@ -48,6 +48,47 @@ def test_forward_equals_the_reference_formula():
     ref = a.proj(a.norm(h))
     ref = ref / ref.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(a(x), ref)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.6, 0.9])
+def test_cpu_dropout_drops_at_rate_p_and_keeps_the_expectation(p):
+    torch.manual_seed(0)
+    x = torch.arange(1, 400_001, dtype=torch.float32).reshape(400, 1000)
+    y = cpu_dropout(x, p)
+    dropped = y == 0
+    rate = dropped.float().mean().item()
+    assert abs(rate - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5 + 2**-16  # 4 standard errors
+    levels = 2**15
+    scale = levels / (levels - round(p * levels))
+    torch.testing.assert_close(y[~dropped], x[~dropped] * scale)  # kept ones scaled, never altered
+    # Each 15-bit lane is uniform: every bit of the mask's random lanes is set half the time.
+    assert abs(cpu_dropout(torch.ones(1000, 1000), 0.5).mean().item() - 1.0) < 0.01
+
+
+def test_cpu_dropout_edges_and_repeatability():
+    x = torch.randn(37, 11)  # not a multiple of 4 elements: the last random word is cut
+    assert cpu_dropout(x, 0.0) is x
+    assert torch.count_nonzero(cpu_dropout(x, 1.0 - 2**-20)) == 0
+    torch.manual_seed(3)
+    a = cpu_dropout(x, 0.5)
+    torch.manual_seed(3)
+    b = cpu_dropout(x, 0.5)
+    c = cpu_dropout(x, 0.5)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_dropout_module_uses_the_cpu_mask_only_when_training():
+    d = Dropout(0.5)
+    x = torch.randn(64, 32, requires_grad=True)
+    torch.manual_seed(5)
+    y = d(x)
+    torch.manual_seed(5)
+    assert torch.equal(y, cpu_dropout(x, 0.5))
+    y.sum().backward()  # the gradient flows through the kept elements, scaled like them
+    torch.testing.assert_close(x.grad, (y != 0).float() * 2.0)
+    assert torch.equal(d.eval()(x), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert d.train()(x.detach().bfloat16()).dtype == torch.bfloat16
 
 
 def test_flops_per_example_counts_matmuls():
