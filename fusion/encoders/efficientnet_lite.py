@@ -100,6 +100,53 @@ def read_config(directory: Path) -> dict:
     return json.loads(config_path.read_text())
 
 
+def _conv_bn_pairs(net: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(owner, conv attribute, batch-norm attribute) for every convolution that a BatchNorm follows."""
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for block in net._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    return pairs
+
+
+def fold_for_inference(model: EfficientNetLiteFeatures) -> EfficientNetLiteFeatures:
+    """The same function with less memory traffic, for a frozen model in eval mode (in place).
+
+    - Each BatchNorm is folded into the convolution before it (weight * gamma / sqrt(var + eps), and
+      the matching bias), and replaced by an identity: eval-mode BatchNorm is that affine map.
+    - A symmetric "same" zero padding moves into the convolution's own padding instead of a padded
+      copy of the input; asymmetric ones (stride 2 on even sizes) stay as they are.
+    - ReLU6 runs in place on the freshly computed convolution output.
+
+    In float32 the features match the unfolded network to rounding (test: cosine >= 0.99999).
+    On 2 cores this takes a third of the forward time off in bf16, which spent it in BatchNorm, pads and
+    ReLU6 (`make bench`, bench_extract).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fold_for_inference needs a model in eval mode")
+    net = model.net
+    for owner, conv_name, bn_name in _conv_bn_pairs(net):
+        conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue  # already folded
+        fused = fuse_conv_bn_eval(conv, bn)
+        pad = getattr(fused, "static_padding", None)
+        if isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom:
+                fused.padding = (top, left)
+                fused.static_padding = nn.Identity()
+        setattr(owner, conv_name, fused)
+        setattr(owner, bn_name, nn.Identity())
+    for module in net.modules():
+        if isinstance(module, nn.ReLU6):
+            module.inplace = True
+    return model
+
+
 def load_efficientnet_lite(directory: Path) -> tuple[nn.Module, dict]:
     """Load a converted directory: (module in eval mode, config with image_size, mean, std, ...).
 
@@ -113,4 +160,4 @@ def load_efficientnet_lite(directory: Path) -> tuple[nn.Module, dict]:
     model = EfficientNetLiteFeatures(config["variant"])
     model.net.load_state_dict(load_file(str(weights_path)), strict=True)
     model.requires_grad_(False)
-    return model.eval(), config
+    return fold_for_inference(model.eval()), config

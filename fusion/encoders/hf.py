@@ -43,6 +43,7 @@ from fusion.encoders.base import (
     EncoderUnavailable,
     FrozenEncoder,
     ResolvedSettings,
+    compute_fingerprint,
     hash_model_dir,
     resolve_precision,
 )
@@ -364,11 +365,20 @@ class ImageSettings(ResolvedSettings):
     size: int | None
     mean: tuple | None
     std: tuple | None
+    # The module's BatchNorms are folded into its convolutions (efficientnet_lite.fold_for_inference).
+    # In float32 that matches the unfolded network to rounding, so the fingerprint stays; in reduced
+    # precision the latents move (cosine about 0.996 to the unfolded bf16 ones), so it enters it.
+    folded: bool = False
 
     def effective(self) -> dict[str, Any]:
         if self.processor is not None:
             return {"processor": self.processor}
         return {"image_size": self.size, "mean": self.mean, "std": self.std}
+
+    def fingerprint(self, weights_sha256: str, spec: EncoderSpec, device: str = "cpu") -> str:
+        precision = self.precision(spec, device)
+        folded = {"folded_batchnorm": True} if self.folded and precision != "float32" else {}
+        return compute_fingerprint(weights_sha256, spec, precision, **self.effective(), **folded)
 
 
 class HFImageEncoder(_ImageEncoder):
@@ -448,14 +458,18 @@ class TorchImageEncoder(_ImageEncoder):
     """Image -> [B, D] through a plain torch module taking normalised [B, 3, size, size]."""
 
     @classmethod
-    def resolve(cls, spec: EncoderSpec, dim: int, image_size: int, mean, std) -> ImageSettings:
-        """The module's own size/mean/std (e.g. from its config file) unless the spec overrides them."""
+    def resolve(
+        cls, spec: EncoderSpec, dim: int, image_size: int, mean, std, folded: bool = False
+    ) -> ImageSettings:
+        """The module's own size/mean/std (e.g. from its config file) unless the spec overrides them;
+        `folded`: the module's BatchNorms are folded into its convolutions."""
         return ImageSettings(
             dim=int(dim),
             processor=None,
             size=int(spec.preprocessing.get("image_size") or image_size),
             mean=tuple(spec.preprocessing.get("mean") or mean),
             std=tuple(spec.preprocessing.get("std") or std),
+            folded=folded,
         )
 
     def __init__(
@@ -468,9 +482,10 @@ class TorchImageEncoder(_ImageEncoder):
         std,
         weights_sha256: str,
         device: str = "cpu",
+        folded: bool = False,
     ) -> None:
         super().__init__(spec, device)
-        self.settings = self.resolve(spec, dim, image_size, mean, std)
+        self.settings = self.resolve(spec, dim, image_size, mean, std, folded)
         self.size, self.mean, self.std = self.settings.size, self.settings.mean, self.settings.std
         self.model = _freeze(module, device).to(memory_format=torch.channels_last)
         self.dim = self.settings.dim

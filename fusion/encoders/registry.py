@@ -155,12 +155,14 @@ def _offline_dir(spec: EncoderSpec, cache_dir: Path | None) -> tuple[Path, str]:
 
 
 def _efficientnet_args(info: Mapping) -> dict[str, Any]:
-    """TorchImageEncoder's dim/image_size/mean/std from a converted EfficientNet-Lite config."""
+    """TorchImageEncoder's dim/image_size/mean/std from a converted EfficientNet-Lite config; the module
+    load_efficientnet_lite returns has its BatchNorms folded (fold_for_inference)."""
     return {
         "dim": int(info.get("dim", info.get("feature_dim", 1280))),
         "image_size": int(info["image_size"]),
         "mean": info["mean"],
         "std": info["std"],
+        "folded": True,
     }
 
 

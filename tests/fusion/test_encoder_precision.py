@@ -17,10 +17,11 @@ from fusion.encoders.base import PRECISION_ENV, EncoderConfigError, EncoderSpec,
 from fusion.paths import PROJECT_ROOT
 from tests.tiny_models import make_tiny_bert
 
-# The cosine to float32 every bf16 latent of the real encoders keeps (measured here: Lite0 min 0.9974
-# on these flat-coloured drawings, 0.9997 on noise images; MiniLM 0.99999; Whisper-tiny 0.9999).
-# What it costs in retrieval is measured by benchmarks/bench_extract.py --real (Recall@1 delta).
-MIN_COSINE = 0.995
+# The cosine to float32 every bf16 latent of the real encoders keeps (measured here: MiniLM 0.99999,
+# Whisper-tiny 0.9999; Lite0, whose BatchNorms are folded into its convolutions, min 0.9945 on these
+# flat-coloured drawings and 0.9964 on 96 real emoji, against 0.9974 and 0.9978 unfolded). What it
+# costs in retrieval is measured by benchmarks/bench_precision.py (Recall@1 of the same adapters).
+MIN_COSINE = {"effnet-lite0": 0.99, "minilm": 0.995, "whisper-tiny": 0.995}
 
 
 @pytest.fixture
@@ -84,6 +85,26 @@ def test_auto_fingerprint_names_the_precision_the_machine_runs(tmp_path, monkeyp
     assert describe_encoder(explicit).fingerprint == fingerprints[None][1]
 
 
+def test_folded_batchnorm_enters_the_fingerprint_only_in_reduced_precision():
+    from fusion.encoders.hf import TorchImageEncoder
+
+    spec = EncoderSpec(name="lite", modality="image", source="offline", model="efficientnet-lite0")
+    args = {"dim": 1280, "image_size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    for dtype, changes in (("float32", False), ("bfloat16", True)):
+        s = dataclasses.replace(spec, dtype=dtype)
+        plain = TorchImageEncoder.resolve(s, **args).fingerprint("w" * 64, s)
+        folded = TorchImageEncoder.resolve(s, **args, folded=True).fingerprint("w" * 64, s)
+        assert (plain != folded) is changes, dtype
+    real = load_registry(PROJECT_ROOT / "configs" / "encoders.yaml")["effnet-lite0"]
+    if encoder_status(real)[0]:  # the registry's Lite0 is the folded one
+        from fusion.encoders import offline_pack
+
+        bf16 = dataclasses.replace(real, dtype="bfloat16")
+        assert describe_encoder(bf16).fingerprint == TorchImageEncoder.resolve(
+            bf16, dim=1280, image_size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, folded=True
+        ).fingerprint(offline_pack.weights_sha256(real.model), bf16)
+
+
 # ------------------------------------------------------------------- the real offline encoders
 
 
@@ -133,5 +154,5 @@ def test_bf16_latents_of_the_real_encoders_stay_close_to_float32(name, inputs):
     got = enc.encode(items)
     assert enc.precision == "bfloat16" and got.dtype == np.float32
     cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
-    assert cos.min() >= MIN_COSINE, (name, cos)
+    assert cos.min() >= MIN_COSINE[name], (name, cos)
     assert not np.array_equal(got, want)

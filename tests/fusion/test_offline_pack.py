@@ -7,6 +7,7 @@ Slow: every real PyPI entry materialises and loads through transformers / safete
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -282,6 +283,40 @@ def test_efficientnet_conversion_reads_only_safetensors_afterwards(tmp_path, mon
         assert model.logits(images).shape == (2, 1000)
     with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
         model(torch.zeros(3, 224, 224))
+
+
+def test_folding_batchnorm_and_padding_keeps_the_features():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    from fusion.encoders.efficientnet_lite import EfficientNetLiteFeatures, fold_for_inference
+
+    torch.manual_seed(0)
+    reference = EfficientNetLiteFeatures("efficientnet-lite0")
+    for bn in [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+        # trained-looking statistics, so the fold has something to fold
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.2, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    reference.eval()
+    folded = copy.deepcopy(reference)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_for_inference(copy.deepcopy(reference).train())
+    assert fold_for_inference(folded) is folded
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    convs = [m for m in folded.modules() if isinstance(m, Conv2dStaticSamePadding)]
+    moved = [c for c in convs if isinstance(c.static_padding, torch.nn.Identity) and c.padding != (0, 0)]
+    kept = [c for c in convs if isinstance(c.static_padding, torch.nn.ZeroPad2d)]
+    assert moved and kept  # stride-1 pads move into the convolution; stride-2 (asymmetric) ones stay
+    assert all(len(set(c.static_padding.padding)) > 1 for c in kept)
+    images = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        want, got = reference(images), folded(images)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert torch.nn.functional.cosine_similarity(got, want).min() > 0.99999
+        fold_for_inference(folded)  # a second fold changes nothing
+        torch.testing.assert_close(folded(images), got)
 
 
 # ---------------------------------------------------------------- slow: the real PyPI packages
