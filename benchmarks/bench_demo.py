@@ -47,16 +47,30 @@ _STEP = re.compile(r"^-> (\S+) \[(.*)\] \.\.\.$")
 _DONE = re.compile(r"^\s+(\w+) in ([0-9.]+)s$")
 
 
+_COMMITTED = re.compile(r"committed (\d+)/\d+ latents")
+
+
+def step_times(output: str) -> dict[str, tuple[float, int]]:
+    """ "job [partition]" -> (seconds, latents committed in it) for every step the demo printed."""
+    out: dict[str, tuple[float, int]] = {}
+    step, items = None, 0
+    for line in output.splitlines():
+        if m := _STEP.match(line):
+            step, items = f"{m.group(1)} [{m.group(2)}]", 0
+        elif (m := _COMMITTED.search(line)) and step is not None:
+            items = max(items, int(m.group(1)))
+        elif (m := _DONE.match(line)) and step is not None:
+            seconds, n = out.get(step, (0.0, 0))
+            out[step] = (seconds + float(m.group(2)), n + items)
+            step = None
+    return out
+
+
 def stage_times(output: str) -> dict[str, float]:
     """Seconds per job (ingest_job, extract_job, experiment_job ...) summed over its partitions."""
     out: dict[str, float] = defaultdict(float)
-    job = None
-    for line in output.splitlines():
-        if m := _STEP.match(line):
-            job = m.group(1)
-        elif (m := _DONE.match(line)) and job is not None:
-            out[job] += float(m.group(2))
-            job = None
+    for step, (seconds, _) in step_times(output).items():
+        out[step.split(" ", 1)[0]] += seconds
     return dict(out)
 
 
@@ -171,15 +185,19 @@ def run_demo(name: str, home: Path, cache: Path, family: str, root: Path = PROJE
         [sys.executable, "-m", "app.cli", "demo", "--family", family],
         env=_env(home, CONFIGS[name], root),
         cwd=root,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one stream: the log lines (latents committed) inside their step
         text=True,
     )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"the {name} demo failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return {"seconds": seconds, "stages": stage_times(proc.stdout), "recall": recalls(home)}
+        raise RuntimeError(f"the {name} demo failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
+    return {
+        "seconds": seconds,
+        "stages": stage_times(proc.stdout),
+        "steps": step_times(proc.stdout),
+        "recall": recalls(home),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -213,6 +231,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{'whole demo (wall)':<24}{before['seconds']:>10.1f}{now['seconds']:>10.1f}{before['seconds'] / now['seconds']:>12.2f}"
     )
+    print()
+    print(f"{'step':<44}{'before s':>10}{'now s':>10}{'before/now':>12}{'items':>7}{'now items/s':>13}")
+    for step in sorted(set(before["steps"]) | set(now["steps"])):
+        (b, _), (n, items) = before["steps"].get(step, (0.0, 0)), now["steps"].get(step, (0.0, 0))
+        rate = f"{items / n:>13.1f}" if items and n else f"{'':>13}"
+        print(f"{step:<44}{b:>10.1f}{n:>10.1f}{(b / n if n else float('nan')):>12.2f}{items or '':>7}{rate}")
     print()
     print("Recall@1, test split: the same adapters (trained in `before`) on before's and now's latents")
     print(f"{'experiment':<18}{'metric':<18}{'before':>8}{'now':>8}{'now-before':>12}")

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--real", action="store_true", help="also run the offline-pack encoders")
     parser.add_argument(
         "--encoders",
-        default="effnet-lite0,effnet-lite2,minilm,mpnet,whisper-tiny,whisper-base",
+        default="effnet-lite0,effnet-lite2,minilm,mpnet,whisper-tiny,whisper-tiny-30s,whisper-base",
         help="offline encoders for --real",
     )
     parser.add_argument("--repeats", type=int, default=3)
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(bench_encoder(enc, items, spec.batch_size, args.repeats))
             if real:
                 engine_rows.append(bench_engine(spec, items, args.repeats))
-            if spec.modality == "audio" and getattr(enc, "short_clip", None) is not None:
+            if spec.modality == "audio" and getattr(enc, "short_clip", False):  # short clip vs 30-s window
                 whisper_rows.append(
                     bench_whisper_window(spec, items[: max(spec.batch_size, n // 2)], args.repeats)
                 )
