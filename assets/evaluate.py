@@ -12,7 +12,7 @@ from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, PipelinePaths
 from pipelines.train import seed_dirs
 
-EVAL_CODE_VERSION = "3"  # 3: seeds, other datasets, per-group galleries
+EVAL_CODE_VERSION = "4"  # 3: seeds, other datasets, per-group galleries; 4: val rows
 
 
 class EvaluateConfig(dg.Config):

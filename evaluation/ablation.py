@@ -20,8 +20,10 @@ per (experiment, metric), and, where the rows carry them, per scored dataset, ga
 - ``dataset``: the dataset scored. While every experiment is scored on one dataset (possibly each its
   own) it is ignored; when some experiment is scored on several, the family is shown per dataset.
 
-Further columns (split, created_at, ...) are ignored, and so are rows of other families. Each
-(experiment, dataset, gallery, seed, metric) must appear once.
+Rows with ``split`` "val" are the validation scores model selection reads: they are left out of
+the tables and plots (which show the test split) and ranked by `val_selection`, whose choice the report
+names. Further columns (created_at, ...) are ignored, and so are rows of other families. Each
+(experiment, dataset, gallery, seed, metric) must appear once per split.
 
 A family whose variables are all numbers (quantity: "250", "500", ...) is ordered by value and plotted
 as a line against a log x axis; one whose variables all start with a number ("500 FuseMix", "1,000 no
@@ -65,6 +67,8 @@ _DIRECTION_RE = re.compile(r"^(?P<a>[A-Za-z]+)2(?P<b>[A-Za-z]+)$")
 _COLOURS = ("tab:blue", "tab:orange")
 DEFAULT_METRIC = "t2i_recall_at_1"
 POOLED = "pooled"
+VAL = "val"
+SELECTION_METRIC = "rsum"  # Recall@1+5+10 both ways on the val split (fractions; at most 6)
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ def _checked(rows: object, family: str) -> list[tuple[int, Mapping]]:
         missing = [k for k in _KEYS if k not in r]
         if missing:
             raise ValueError(f"rows[{i}] lacks {missing} (rows of the metrics table have {list(_KEYS)})")
-    picked = [(i, r) for i, r in enumerate(rows) if r["family"] == family]
+    picked = [(i, r) for i, r in enumerate(rows) if r["family"] == family and r.get("split") != VAL]
     if not picked:
         present = sorted({str(r["family"]) for r in rows})
         raise ValueError(f"no rows of ablation family {family!r}; families present: {present}")
@@ -539,6 +543,101 @@ def _stem(name: object) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip(".") or "family"
 
 
+def _mean_std(rows: Sequence[Mapping]) -> MeanStd | None:
+    """(mean, sample std, n) of one metric's rows of one experiment: over its seeds' rows when it has
+    any, else its row without a seed (with its std and n_seeds); None without rows."""
+    seeded = [float(r["value"]) for r in rows if r.get("seed") is not None]
+    if seeded:
+        mean, std, n = aggregate_seeds([{"v": v} for v in seeded])["v"]
+        return mean, (0.0 if n < 2 else std), n
+    for r in rows:
+        n = int(r.get("n_seeds") or 1)
+        return float(r["value"]), float(r.get("std") or 0.0) if n > 1 else 0.0, n
+    return None
+
+
+def val_selection(rows: list[dict], family: str) -> list[dict]:
+    """The family's experiments ranked by their validation R-sum, best first: one dict each with
+    experiment, variable, method, ``val`` ((mean, sample std, n seeds) of the R-sum), ``val_t2i`` /
+    ``val_i2t`` (Recall@1 on val) and ``test_t2i`` / ``test_i2t`` (Recall@1 on the test split of
+    the same dataset, pooled; None where absent). Only experiments with val rows of ``rsum`` (pooled)
+    are ranked; none: an empty list. Ties keep the order in which the experiments first appear. The
+    test values are carried for the report and never used to rank."""
+    mine = [r for r in rows if isinstance(r, Mapping) and r.get("family") == family]
+    val = [r for r in mine if r.get("split") == VAL and _gallery_of(r) == POOLED]
+    out = []
+    for name in dict.fromkeys(str(r["experiment"]) for r in val):
+        own = [r for r in val if str(r["experiment"]) == name]
+        score = _mean_std([r for r in own if r["metric"] == SELECTION_METRIC])
+        if score is None:
+            continue
+        dataset = own[0].get("dataset")
+        test = [
+            r for r in mine
+            if str(r["experiment"]) == name and r.get("split") != VAL and _gallery_of(r) == POOLED
+            and r.get("dataset") == dataset
+        ]  # fmt: skip
+
+        def mean_of(rs: list[Mapping], metric: str) -> float | None:
+            found = _mean_std([r for r in rs if r["metric"] == metric])
+            return None if found is None else found[0]
+
+        out.append({
+            "experiment": name, "variable": own[0]["variable"], "method": own[0].get("method"),
+            "dataset": dataset, "val": score,
+            "val_t2i": mean_of(own, "t2i_recall_at_1"), "val_i2t": mean_of(own, "i2t_recall_at_1"),
+            "test_t2i": mean_of(test, "t2i_recall_at_1"), "test_i2t": mean_of(test, "i2t_recall_at_1"),
+        })  # fmt: skip
+    return sorted(out, key=lambda e: -e["val"][0])
+
+
+def selection_markdown(ranked: list[dict]) -> str:
+    """The report's section on a family's choice on validation (`val_selection`'s ranking): a table
+    and a sentence naming the choice and the variables whose R-sum lies within one std of it."""
+    if not ranked:
+        return ""
+    best = ranked[0]
+    mean, std, n = best["val"]
+
+    def pm(v: MeanStd) -> str:
+        return f"{100 * v[0]:.1f}" + (f" ± {100 * v[1]:.1f}" if v[2] > 1 else "")
+
+    table = markdown_table(
+        ["rank", "experiment", "variable", "seeds", "val R-sum", "val t2i R@1", "val i2t R@1",
+         "test t2i R@1", "test i2t R@1"],
+        [
+            [str(i + 1), e["experiment"], str(e["variable"]), str(e["val"][2]), pm(e["val"]),
+             format_percent(e["val_t2i"]), format_percent(e["val_i2t"]),
+             format_percent(e["test_t2i"]), format_percent(e["test_i2t"])]
+            for i, e in enumerate(ranked)
+        ],
+        [True, False, False, True, True, True, True, True, True],
+    )  # fmt: skip
+    # The spread a difference must exceed: the chosen one's std over seeds, else the largest std seen.
+    spread = std if n > 1 else max((e["val"][1] for e in ranked if e["val"][2] > 1), default=0.0)
+    close = [e for e in ranked[1:] if mean - e["val"][0] <= spread]
+    text = (
+        f"Chosen on validation: **{best['variable']}** ({best['experiment']}), val R-sum {pm(best['val'])}"
+        f" (Recall@1+5+10 both ways, in points; at most 600)."
+    )
+    if spread == 0.0:
+        text += " No experiment has several seeds, so the spread of the choice is unknown."
+    elif close:
+        text += (
+            f" Within one std ({100 * spread:.1f}) of it, so not distinguishable on validation: "
+            + ", ".join(str(e["variable"]) for e in close)
+            + "."
+        )
+    else:
+        text += f" Every other variable is more than one std ({100 * spread:.1f}) behind."
+    return "\n".join([
+        "## Chosen on validation", "",
+        "Ranked by the R-sum on the val split only (concepts held out of training and of the test "
+        "split); the test columns are shown, never used to choose.", "",
+        table, "", text, "",
+    ])  # fmt: skip
+
+
 def ablation_report(rows: list[dict], family: str, out_dir: Path, *, gallery: str = POOLED) -> Path:
     """Write ``out_dir/{family}.md``: the family's table and its Recall@1 plot (``{family}.png``) beside it.
 
@@ -590,6 +689,8 @@ def ablation_report(rows: list[dict], family: str, out_dir: Path, *, gallery: st
             md += [note, ""]
         _draw(fam, family, metrics, out_dir / png, where)
         md += [f"![{_header(DEFAULT_METRIC)} by {family}{where}]({png})", ""]
+    if gallery == POOLED:
+        md += [selection_markdown(val_selection(rows, family))]
     path = out_dir / f"{stem}.md"
     tmp = out_dir / f".{stem}.md.tmp"
     tmp.write_text("\n".join(md), encoding="utf-8")

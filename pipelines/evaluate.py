@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from evaluation.aggregate import aggregate_seeds
+from evaluation.baselines import rsum
 from evaluation.crossmodal import (
     concept_name,
     emergent_metrics,
@@ -58,6 +59,7 @@ from pipelines.train import read_history
 
 POOLED = "pooled"
 EMERGENT = "emergent"  # the gallery of emergent media<->media rows
+TEST, VAL = "test", "val"  # the metrics rows' split: test scores; val scores are what selection reads
 
 
 def load_trained(out: Path, media: EncoderRef, text: EncoderRef) -> tuple[object, dict]:
@@ -104,7 +106,10 @@ def headline(rows: list[dict], dataset: str) -> dict[str, float]:
     return {
         r["metric"]: r["value"]
         for r in rows
-        if r["dataset"] == dataset and r.get("gallery", POOLED) == POOLED and r.get("seed") is None
+        if r["dataset"] == dataset
+        and r.get("gallery", POOLED) == POOLED
+        and r.get("seed") is None
+        and r.get("split", TEST) == TEST
     }
 
 
@@ -169,6 +174,23 @@ def scoring_targets(
                 f"run extract_job for ({other}, {exp.media_encoder}) and ({other}, {exp.text_encoder})"
             ) from err
     return targets
+
+
+def validation_target(
+    lake: Lake, exp: ExperimentSpec, refs: tuple[EncoderRef, EncoderRef]
+) -> PairedSplit | None:
+    """The experiment's own val split (the one model selection reads), or None when it has none."""
+    val = split_rows(lake.read(table_name("curated", exp.name)), VAL)
+    if len(val) == 0:
+        return None
+    return paired_split(lake, exp, val, fingerprints=(refs[0].fingerprint, refs[1].fingerprint))
+
+
+def validation_scores(model, split: PairedSplit, hubness: str | None = None) -> dict[str, float]:
+    """Recall@K, ranks and ``rsum`` (Recall@1+5+10 both ways, fractions: what selection compares) of one
+    model on the val split, ranked as its test split is (`hubness`)."""
+    result, _, _ = evaluate_model(model, split, hubness=hubness)
+    return {**result.as_dict(), "rsum": rsum(result)}
 
 
 @dataclass(frozen=True)
@@ -332,7 +354,6 @@ def metric_table(exp: ExperimentSpec, rows: list[dict], key: str, fingerprints: 
         family=exp.family,
         variable=exp.variable,
         method=exp.method,
-        split="test",
         inputs_hash=key,
         created_at=datetime.now(UTC),
         fingerprint_media=fingerprints[0],
@@ -354,11 +375,13 @@ def upgrade_metrics_table(lake: Lake) -> None:
     lake.overwrite("metrics", pa.table(columns, schema=schemas.METRICS))
 
 
-def seed_rows(dataset: str, gallery: str, seed: int, values: dict[str, float], run_id: str) -> list[dict]:
-    """The `metrics` rows of one seed's scores on one dataset and gallery."""
+def seed_rows(
+    dataset: str, gallery: str, seed: int, values: dict[str, float], run_id: str, split: str = TEST
+) -> list[dict]:
+    """The `metrics` rows of one seed's scores on one dataset, gallery and split."""
     return [
-        {"dataset": dataset, "gallery": gallery, "seed": seed, "metric": m, "value": float(v),
-         "std": None, "n_seeds": 1, "mlflow_run_id": run_id}
+        {"dataset": dataset, "gallery": gallery, "split": split, "seed": seed, "metric": m,
+         "value": float(v), "std": None, "n_seeds": 1, "mlflow_run_id": run_id}
         for m, v in values.items()
     ]  # fmt: skip
 
@@ -373,17 +396,19 @@ def evaluate_experiment(
     examples: int = 3,
     emergent: Emergent | None = None,
 ) -> tuple[dict[str, float], list[dict], int, Path]:
-    """Scores every seed's model (`models`: seed -> (model, record, folder)) on every target,
-    replaces the experiment's rows of the `metrics` table, writes the report of the first seed on the
-    experiment's own test split. Returns (headline metrics, every row, the table's Lance version,
-    report.md)."""
+    """Scores every seed's model (`models`: seed -> (model, record, folder)) on every target, and on
+    the experiment's own val split (rows with split "val", pooled, with ``rsum``: what a family's
+    selection compares), replaces the experiment's rows of the `metrics` table, writes the report of
+    the first seed on the experiment's own test split. Returns (headline metrics, every row, the
+    table's Lance version, report.md)."""
     targets = scoring_targets(lake, exp, refs)
+    val = validation_target(lake, exp, refs)
     groups = {
         name: item_groups(lake, name, exp.group_by, split.item_ids) if exp.group_by else None
         for name, split in targets.items()
     }
     rows: list[dict] = []
-    per_seed: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
+    per_seed: dict[tuple[str, str, str], list[dict[str, float]]] = defaultdict(list)
     first = None
     for seed, (model, extra, _) in models.items():
         run_id = extra["summary"]["mlflow_run_id"]
@@ -393,20 +418,24 @@ def evaluate_experiment(
                 first = (split, detail)
             for gallery, values in scored.items():
                 gallery = POOLED if gallery == POOLED else f"per_{exp.group_by}"
-                per_seed[(name, gallery)].append(values)
+                per_seed[(name, gallery, TEST)].append(values)
                 rows += seed_rows(name, gallery, seed, values, run_id)
+        if val is not None:
+            values = validation_scores(model, val, exp.hubness)
+            per_seed[(exp.dataset, POOLED, VAL)].append(values)
+            rows += seed_rows(exp.dataset, POOLED, seed, values, run_id, VAL)
     concepts: list[str] = []
     if emergent is not None:
         name, scores, concepts = emergent_scores(lake, exp, models, refs, emergent)
         for seed, values in scores.items():
-            per_seed[(name, EMERGENT)].append(values)
+            per_seed[(name, EMERGENT, TEST)].append(values)
             rows += seed_rows(name, EMERGENT, seed, values, models[seed][1]["summary"]["mlflow_run_id"])
     first_run = next(iter(models.values()))[1]["summary"]["mlflow_run_id"]
-    for (name, gallery), values in per_seed.items():
+    for (name, gallery, split), values in per_seed.items():
         for metric, (mean, std, n) in aggregate_seeds(values).items():
             rows.append(
-                {"dataset": name, "gallery": gallery, "seed": None, "metric": metric, "value": mean,
-                 "std": std, "n_seeds": n, "mlflow_run_id": first_run}
+                {"dataset": name, "gallery": gallery, "split": split, "seed": None, "metric": metric,
+                 "value": mean, "std": std, "n_seeds": n, "mlflow_run_id": first_run}
             )  # fmt: skip
     upgrade_metrics_table(lake)
     lake.delete("metrics", f"experiment = {sql_str(exp.name)}")
@@ -440,12 +469,13 @@ def evaluate_experiment(
         atomic_write_text(
             report, report.read_text(encoding="utf-8") + emergent_section(rows, report_dir, concepts)
         )
-    if len([key for key in per_seed if key[1] != EMERGENT]) > 1 or len(models) > 1:
+    tested = [r for r in rows if r["gallery"] != EMERGENT and r["split"] == TEST]
+    if len({(r["dataset"], r["gallery"]) for r in tested}) > 1 or len(models) > 1:
         atomic_write_text(
             report,
             report.read_text(encoding="utf-8")
             + "\n## Every scored dataset and gallery (mean ± std over seeds)\n\n"
-            + seeds_table_markdown([r for r in rows if r["gallery"] != EMERGENT])
+            + seeds_table_markdown(tested)
             + "\n",
         )
     return metrics, rows, version, report
@@ -458,7 +488,12 @@ def log_evaluation(client, rows: list[dict], report: Path, own: str) -> None:
     require_finished(client, [r["mlflow_run_id"] for r in rows], "evaluation")
     by_run: dict[str, dict[str, float]] = defaultdict(dict)
     for r in rows:
-        prefix = "" if (r["dataset"], r["gallery"]) == (own, POOLED) else f"{r['dataset']}.{r['gallery']}."
+        if r.get("split", TEST) == VAL:
+            prefix = "val."
+        elif (r["dataset"], r["gallery"]) == (own, POOLED):
+            prefix = ""
+        else:
+            prefix = f"{r['dataset']}.{r['gallery']}."
         if r["seed"] is not None:
             by_run[r["mlflow_run_id"]][prefix + r["metric"]] = r["value"]
         elif r["n_seeds"] > 1:

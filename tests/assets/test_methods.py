@@ -76,9 +76,11 @@ def methods(tmp_path_factory):
             os.environ["FUSEMIX_HOME"] = old_home
 
 
-def _rows(project, experiment: str) -> list[dict]:
+def _rows(project, experiment: str, split: str = "test") -> list[dict]:
     lake = project.resources()["lake"].lake()
-    return [r for r in lake.read("metrics").to_pylist() if r["experiment"] == experiment]
+    return [
+        r for r in lake.read("metrics").to_pylist() if r["experiment"] == experiment and r["split"] == split
+    ]
 
 
 def test_every_run_succeeds(methods):
@@ -122,6 +124,37 @@ def test_aggregate_rows_are_the_mean_and_std_of_the_seed_rows(methods):
         assert len(values) == 2 and a["n_seeds"] == 2
         assert a["value"] == pytest.approx(np.mean(values))
         assert a["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+@pytest.mark.parametrize("experiment", ["shapes-seeds", "shapes-asif"])
+def test_each_seed_is_scored_on_its_val_split_with_the_r_sum_selection_reads(methods, experiment):
+    rows = _rows(methods[0], experiment, "val")
+    assert {(r["dataset"], r["gallery"]) for r in rows} == {("shapes", "pooled")}  # own dataset only
+    by_seed: dict = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], {})[r["metric"]] = r["value"]
+    assert set(by_seed) == {0, 1, None}
+    for seed in (0, 1):
+        recalls = [by_seed[seed][f"{d}_recall_at_{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)]
+        assert by_seed[seed]["rsum"] == pytest.approx(sum(recalls))
+    assert by_seed[None]["rsum"] == pytest.approx((by_seed[0]["rsum"] + by_seed[1]["rsum"]) / 2)
+    # The test rows (the headline) hold no val metric.
+    assert all(r["metric"] != "rsum" for r in _rows(methods[0], experiment))
+
+
+def test_the_family_report_names_the_variable_with_the_best_validation_r_sum(methods):
+    project = methods[0]
+    val = {e: _rows(project, e, "val") for e in ("shapes-seeds", "shapes-asif")}
+    mean = {
+        e: next(r["value"] for r in rows if r["seed"] is None and r["metric"] == "rsum")
+        for e, rows in val.items()
+    }
+    text = (project.home / "reports" / "families" / "methods.md").read_text()
+    section = text.split("## Chosen on validation", 1)[1]
+    variable = {"shapes-seeds": "fusemix", "shapes-asif": "asif"}
+    chosen = [e for e in mean if f"Chosen on validation: **{variable[e]}** ({e})" in section]
+    assert len(chosen) == 1 and mean[chosen[0]] == max(mean.values())
+    assert f"{100 * mean[chosen[0]]:.1f}" in section
 
 
 def test_the_copy_scores_like_the_original_and_groups_are_smaller_galleries(methods):

@@ -16,6 +16,8 @@ from evaluation.ablation import (
     ablation_table,
     plot_ablation,
     scored_datasets,
+    selection_markdown,
+    val_selection,
 )
 from evaluation.report import DPI, FIGSIZE
 
@@ -380,3 +382,71 @@ def test_variables_that_start_with_a_number_are_ordered_by_it():
     assert [r[1] for r in body] == [
         "500 FuseMix", "500 no mixup", "1,000 FuseMix", "1,000 no mixup", "2,000 no mixup",
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ selection on validation
+
+
+def _sweep_rows() -> list[dict]:
+    """A sweep where the test split and the val split disagree: `b` is best on test, `c` on val, and
+    `a` lies within one std of `c` on val. Per-seed val rows (3 seeds) plus aggregated rows holding
+    values that must not be used."""
+    rows = []
+    val = {"a": [3.05, 3.15, 3.25], "b": [2.5, 2.6, 2.7], "c": [3.1, 3.3, 3.2]}
+    test = {"a": 0.40, "b": 0.55, "c": 0.45}
+    for name in ("a", "b", "c"):
+        rows += [
+            r | {"seed": None, "std": 0.0, "n_seeds": 3}
+            for r in _metric_rows(
+                name, "sweep", f"knob {name}", {"t2i_recall_at_1": test[name], "i2t_recall_at_1": 0.3}
+            )
+        ]
+        for seed, v in enumerate(val[name]):
+            rows += [
+                r | {"split": "val", "seed": seed, "std": None, "n_seeds": 1}
+                for r in _metric_rows(
+                    name,
+                    "sweep",
+                    f"knob {name}",
+                    {"rsum": v, "t2i_recall_at_1": v / 6, "i2t_recall_at_1": 0.1},
+                )
+            ]
+        rows += [
+            r | {"split": "val", "seed": None, "std": 9.0, "n_seeds": 3}
+            for r in _metric_rows(name, "sweep", f"knob {name}", {"rsum": 0.0})
+        ]
+    return rows
+
+
+def test_selection_ranks_by_validation_r_sum_never_by_the_test_split():
+    ranked = val_selection(_sweep_rows(), "sweep")
+    assert [e["experiment"] for e in ranked] == ["c", "a", "b"]
+    mean, std, n = ranked[0]["val"]
+    assert (mean, n) == (pytest.approx(3.2), 3) and std == pytest.approx(np.std([3.1, 3.3, 3.2], ddof=1))
+    assert ranked[0]["test_t2i"] == pytest.approx(0.45) and ranked[2]["test_t2i"] == pytest.approx(0.55)
+    assert ranked[0]["val_t2i"] == pytest.approx(3.2 / 6)
+    assert val_selection(_sweep_rows(), "quantity") == []  # no val rows for that family
+
+
+def test_val_rows_stay_out_of_the_tables_and_the_report_names_the_choice(tmp_path):
+    rows = _sweep_rows()
+    header, body = _parse(ablation_table(rows, "sweep"))
+    assert header == ["experiment", "sweep", "seeds", "t2i R@1 (%)", "i2t R@1 (%)"]  # no val metric
+    assert [r[3] for r in body] == ["40.0 ± 0.0", "**55.0 ± 0.0**", "45.0 ± 0.0"]  # test values only
+    text = ablation_report(rows, "sweep", tmp_path).read_text()
+    section = text.split("## Chosen on validation", 1)[1]
+    assert "Chosen on validation: **knob c** (c), val R-sum 320.0 ± 10.0" in section
+    # a (315.0) is within one std (10.0) of c; b (260.0) is not.
+    assert "not distinguishable on validation: knob a." in section
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    assert [line.split("|")[2].strip() for line in lines[2:]] == ["c", "a", "b"]
+
+
+def test_selection_without_seeds_says_its_spread_is_unknown():
+    rows = [
+        r for r in _sweep_rows() if r["seed"] in (0, None) and not (r["split"] == "val" and r["seed"] is None)
+    ]
+    ranked = val_selection(rows, "sweep")
+    assert [e["val"][2] for e in ranked] == [1, 1, 1] and ranked[0]["experiment"] == "c"
+    assert "spread of the choice is unknown" in selection_markdown(ranked)
+    assert selection_markdown([]) == ""
