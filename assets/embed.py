@@ -1,16 +1,18 @@
 """Embeddings: partition (experiment) -> one Lance table per side of its shared space
 (`embeddings__{experiment}__{side}`), every item of its datasets mapped once by the trained model and
 indexed when large, for `fusemix search` and the search service. An unchanged rerun (same checkpoint,
-same latents, media and pairs versions) writes nothing."""
+same latents, media and pairs versions) writes nothing. A checkpoint whose MLflow training run did not
+finish (a training killed after saving files) is refused, as evaluation refuses it."""
 
 import dagster as dg
 from pydantic import Field
 
 from pipelines.embed import EMBED_CODE_VERSION, INDEX_MIN_ROWS, embed_space
 from pipelines.partitions import Partitions
-from pipelines.resources import LanceLake, PipelinePaths
+from pipelines.resources import LanceLake, MlflowTracking, PipelinePaths
 from pipelines.space import load_space
 from pipelines.storage import dagster_failure
+from pipelines.tracking import require_finished
 
 
 class EmbedConfig(dg.Config):
@@ -31,9 +33,16 @@ def build(parts: Partitions) -> list:
         description="Every item of the experiment's datasets in its shared space, per side, for search",
     )
     def embeddings(
-        context: dg.AssetExecutionContext, config: EmbedConfig, lake: LanceLake, paths: PipelinePaths
+        context: dg.AssetExecutionContext,
+        config: EmbedConfig,
+        lake: LanceLake,
+        paths: PipelinePaths,
+        tracking: MlflowTracking,
     ):
         space = load_space(paths.models_dir, context.partition_key)
+        run_id = (space.record.get("summary") or {}).get("mlflow_run_id")
+        if run_id:
+            require_finished(tracking.client(), [run_id], f"experiment {space.experiment}")
         with dagster_failure():
             result = embed_space(
                 lake.lake(),

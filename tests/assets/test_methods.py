@@ -157,6 +157,26 @@ def test_the_family_report_names_the_variable_with_the_best_validation_r_sum(met
     assert f"{100 * mean[chosen[0]]:.1f}" in section
 
 
+def test_embeddings_refuse_a_checkpoint_whose_training_run_did_not_finish(methods):
+    project, _, _, _, _, run = methods
+    client = mlflow_client(project)
+    config = json.loads((project.home / "models" / "shapes-seeds" / "config.json").read_text())
+    run_id = config["extra"]["summary"]["mlflow_run_id"]
+    embed = {"asset_selection": [dg.AssetKey("embeddings")]}
+    force = {"ops": {"embeddings": {"config": {"force": True}}}}
+    client.set_terminated(run_id, "KILLED")  # as a training killed after it saved its files
+    try:
+        result = run("embed:killed", "experiment_job", "shapes-seeds", run_config=force, **embed)
+    finally:
+        client.set_terminated(run_id, "FINISHED")
+    assert not result.success
+    errors = [e.event_specific_data.error.to_string() for e in result.all_events if e.is_step_failure]
+    assert any(
+        f"experiment shapes-seeds: MLflow run {run_id} (KILLED) did not finish" in m for m in errors
+    ), errors
+    assert run("embed:finished", "experiment_job", "shapes-seeds", run_config=force, **embed).success
+
+
 def test_the_copy_scores_like_the_original_and_groups_are_smaller_galleries(methods):
     # shapes-copy holds the very same pictures and captions: zero-shot on it must give the same numbers.
     rows = _rows(methods[0], "shapes-seeds")
