@@ -3,12 +3,15 @@ diversity ablations), plus the blocking data contract checked before any trainin
 
 `experiment_inputs` (one partition per experiment, the first step of experiment_job) records what the
 experiment reads as its data version: `pipelines.curate.experiment_state`, a digest of its
-configuration, its encoders' fingerprints and the Lance versions of its pairs and latents. The
+configuration, its encoders' fingerprints and the Lance versions of its pairs and latents (and, for an
+experiment bound to an anchor, the anchor's checkpoints, so a retrained anchor makes it stale). The
 experiment sensor records a new one (a runless materialisation) when that state changes, so Dagster
 marks exactly the experiments whose inputs changed as stale, and `curated` downstream of it. (With
 `curated` depending on every latents partition directly, any new latents would mark every experiment
 stale; `experiment_inputs` itself still shows stale after any new latents, as its lineage says.)
 """
+
+from pathlib import Path
 
 import dagster as dg
 
@@ -21,8 +24,10 @@ from pipelines.curate import (
     write_curated,
 )
 from pipelines.partitions import Partitions
-from pipelines.resources import EncoderBank, LanceLake
+from pipelines.registries import ExperimentSpec
+from pipelines.resources import EncoderBank, LanceLake, PipelinePaths
 from pipelines.storage import dagster_failure
+from pipelines.train import anchor_state
 
 INPUTS = "experiment_inputs"
 DATA_VERSION_TAG = "dagster/data_version"  # how a reported materialisation carries its data version
@@ -34,6 +39,12 @@ def inputs_event(name: str, state: str) -> dg.AssetMaterialization:
     return dg.AssetMaterialization(
         INPUTS, partition=name, tags={DATA_VERSION_TAG: state}, metadata={"state": state}
     )
+
+
+def anchor_of(parts: Partitions, exp: ExperimentSpec, models_dir: Path) -> str | None:
+    """The state of a bound experiment's anchor checkpoints (pipelines.train.anchor_state), or None
+    for an experiment without an anchor."""
+    return anchor_state(models_dir, parts.experiments[exp.anchor]) if exp.anchor else None
 
 
 def build(parts: Partitions) -> list:
@@ -50,11 +61,16 @@ def build(parts: Partitions) -> list:
             "fingerprints and the Lance versions of its pairs and latents"
         ),
     )
-    def experiment_inputs(context: dg.AssetExecutionContext, lake: LanceLake, encoders: EncoderBank):
+    def experiment_inputs(
+        context: dg.AssetExecutionContext, lake: LanceLake, encoders: EncoderBank, paths: PipelinePaths
+    ):
         exp = parts.experiment_spec(context.partition_key)
         media, text = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
-        state, versions = inputs_record(lake.lake(), exp, (media.fingerprint, text.fingerprint))
+        anchor = anchor_of(parts, exp, paths.models_dir)
+        state, versions = inputs_record(lake.lake(), exp, (media.fingerprint, text.fingerprint), anchor)
         metadata = {"state": state, "read_versions": dg.MetadataValue.json(versions)}
+        if anchor is not None:
+            metadata["anchor"] = anchor
         return dg.MaterializeResult(data_version=dg.DataVersion(state), metadata=metadata)
 
     @dg.asset(

@@ -173,29 +173,37 @@ def input_tables(exp: ExperimentSpec) -> list[str]:
     ]
 
 
-def _state(exp: ExperimentSpec, fingerprints: tuple[str, str], versions: dict[str, int]) -> str:
-    text = repr(exp) + json.dumps({"fingerprints": list(fingerprints), "versions": versions}, sort_keys=True)
+def _state(
+    exp: ExperimentSpec, fingerprints: tuple[str, str], versions: dict[str, int], anchor: str | None
+) -> str:
+    inputs: dict = {"fingerprints": list(fingerprints), "versions": versions}
+    if anchor is not None:  # a bound experiment also reads its anchor's checkpoints
+        inputs["anchor"] = anchor
+    text = repr(exp) + json.dumps(inputs, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def experiment_state(lake: Lake, exp: ExperimentSpec, fingerprints: tuple[str, str]) -> str | None:
+def experiment_state(
+    lake: Lake, exp: ExperimentSpec, fingerprints: tuple[str, str], anchor: str | None = None
+) -> str | None:
     """A digest of what the experiment's run depends on: its configuration, its encoders' current
-    fingerprints (media, text) and the Lance versions of `input_tables`; None while one of those
-    tables does not exist yet. Two states are equal exactly when a rerun would read the same inputs."""
+    fingerprints (media, text), the Lance versions of `input_tables` and, for a bound experiment, its
+    anchor's checkpoints (`anchor`: pipelines.train.anchor_state); None while one of those tables does
+    not exist yet. Two states are equal exactly when a rerun would read the same inputs."""
     tables = input_tables(exp)
     versions = lake.versions(tables)
-    return _state(exp, fingerprints, versions) if len(versions) == len(tables) else None
+    return _state(exp, fingerprints, versions, anchor) if len(versions) == len(tables) else None
 
 
 def inputs_record(
-    lake: Lake, exp: ExperimentSpec, fingerprints: tuple[str, str]
+    lake: Lake, exp: ExperimentSpec, fingerprints: tuple[str, str], anchor: str | None = None
 ) -> tuple[str, dict[str, int]]:
     """(data version, Lance versions read) of the experiment_inputs asset: experiment_state, or
     "missing:<tables>" while some input tables are absent (so that their arrival is a change)."""
     tables = input_tables(exp)
     versions = lake.versions(tables)
     if len(versions) == len(tables):
-        return _state(exp, fingerprints, versions), versions
+        return _state(exp, fingerprints, versions, anchor), versions
     return "missing:" + ",".join(t for t in tables if t not in versions), versions
 
 

@@ -108,6 +108,18 @@ def anchor_of(
     return load_anchor(models_dir, spec, side, text_ref, exp.seed_list())
 
 
+def anchor_state(models_dir: Path, anchor: ExperimentSpec) -> str:
+    """What a bound experiment reads of its anchor, as one digest: the inputs hash of each of the
+    anchor's seed checkpoints ("untrained" while it has none), so that a retrained anchor makes the
+    bound experiment's inputs change."""
+    hashes = []
+    for out in seed_dirs(models_dir, anchor).values():
+        hashes.append(read_config(out)["extra"].get("inputs_hash", "") if (out / CONFIG).exists() else "-")
+    if all(h == "-" for h in hashes):
+        return "untrained"
+    return hashlib.sha256(":".join(hashes).encode()).hexdigest()[:16]
+
+
 def anchored_hash(digest: str, anchor: Anchor | None) -> str:
     """The inputs hash of an anchored experiment: its own, and its anchor's checkpoints'."""
     if anchor is None:

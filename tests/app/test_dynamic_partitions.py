@@ -162,7 +162,9 @@ def test_editing_an_encoder_marks_exactly_the_experiments_that_use_it_stale(tmp_
         """One tick of the experiment sensor, its observations recorded as the daemon records them."""
         nonlocal cursor
         ctx = dg.build_sensor_context(
-            instance=instance, cursor=cursor, resources={"lake": res["lake"], "encoders": res["encoders"]}
+            instance=instance,
+            cursor=cursor,
+            resources={"lake": res["lake"], "encoders": res["encoders"], "paths": res["paths"]},
         )
         result = sensor(ctx)
         for event in result.asset_events:

@@ -284,7 +284,7 @@ def test_experiment_sensor_reruns_only_opted_in_experiments_when_their_inputs_ch
 
     def keys_now() -> list[tuple[str, str]]:
         ctx = dg.build_sensor_context(
-            instance=instance, resources={"lake": lake, "encoders": res["encoders"]}
+            instance=instance, resources={"lake": lake, "encoders": res["encoders"], "paths": res["paths"]}
         )
         return sorted((r.partition_key, r.run_key) for r in sensor(ctx).run_requests)
 

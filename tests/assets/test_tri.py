@@ -85,6 +85,16 @@ def test_the_bound_checkpoint_holds_three_sides_with_the_anchors_adapters_frozen
     assert extra["inputs_hash"] != read_config(models / "shapes-fusemix")["extra"]["inputs_hash"]
 
 
+def test_a_bound_experiments_inputs_change_when_its_anchor_is_trained(tri):
+    project, runs = tri
+    early, late = (metadata(runs[k], "experiment_inputs") for k in ("bound:early", "bound"))
+    # Nothing of its own changed between the two runs: only its anchor was trained in between.
+    assert early["read_versions"] == late["read_versions"]
+    assert early["anchor"] == "untrained" and late["anchor"] not in ("untrained", early["anchor"])
+    assert early["state"] != late["state"]  # so Dagster marks it stale when its anchor changes
+    assert "anchor" not in metadata(runs["anchor"], "experiment_inputs")  # unbound: as before
+
+
 def test_emergent_rows_and_report(tri):
     project, runs = tri
     lake = project.resources()["lake"].lake()
