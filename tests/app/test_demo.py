@@ -84,7 +84,7 @@ def test_run_plan_runs_an_experiment_and_the_table_shows_it(project, capsys):
     metrics = {
         r["metric"]: r["value"]
         for r in Lake(project.home / "lance").read("metrics").to_pylist()
-        if r["experiment"] == EXPERIMENT
+        if r["experiment"] == EXPERIMENT and r["split"] == "test"
     }
     assert "t2i_recall_at_1" in metrics
 

@@ -237,7 +237,9 @@ def test_train_writes_checkpoint_and_mlflow_run(graph):
 def test_evaluate_writes_metrics_rows_mlflow_metrics_and_report(graph):
     lk = graph.lake()
     meta = metadata(graph.runs["experiment:shapes-fusemix"], "retrieval_metrics")
-    rows = lk.read("metrics", filter="experiment = 'shapes-fusemix'")
+    every = lk.read("metrics", filter="experiment = 'shapes-fusemix'")
+    assert set(every["split"].to_pylist()) == {"test", "val"}  # val rows: what selection reads
+    rows = lk.read("metrics", filter="experiment = 'shapes-fusemix' AND split = 'test'")
     values = dict(zip(rows["metric"].to_pylist(), rows["value"].to_pylist(), strict=True))
     assert set(RECALLS) <= set(values)
     for m in RECALLS:
@@ -246,8 +248,7 @@ def test_evaluate_writes_metrics_rows_mlflow_metrics_and_report(graph):
     # Recall@10 over 6 test items finds everything.
     assert values["test_items"] == 6
     assert values["t2i_recall_at_10"] == values["i2t_recall_at_10"] == 1.0
-    assert set(rows["mlflow_run_id"].to_pylist()) == {meta["mlflow_run_id"]}
-    assert set(rows["split"].to_pylist()) == {"test"}
+    assert set(every["mlflow_run_id"].to_pylist()) == {meta["mlflow_run_id"]}
 
     train_meta = metadata(graph.runs["experiment:shapes-fusemix"], "adapters")
     assert meta["mlflow_run_id"] == train_meta["mlflow_run_id"]
@@ -274,7 +275,7 @@ def test_non_blocking_checks_report(graph):
     assert rate.metadata["quarantined"].value == 1
     assert rate.metadata["pairs"].value == graph.project.n_pairs
     (chance,) = check_evaluations(graph.runs["experiment:shapes-fusemix"], "recall_above_chance")
-    rows = graph.lake().read("metrics", filter="experiment = 'shapes-fusemix'")
+    rows = graph.lake().read("metrics", filter="experiment = 'shapes-fusemix' AND split = 'test'")
     values = dict(zip(rows["metric"].to_pylist(), rows["value"].to_pylist(), strict=True))
     # Test split: 2 concepts x 3 pictures, 2 captions per concept. A caption is correct for 3 of the
     # 6 pictures and a picture for 2 of the 4 captions: a random ranking's Recall@1 is 1/2 both ways.
@@ -354,12 +355,19 @@ def test_embeddings_serve_the_trained_space(graph):
 def test_duckdb_catalog_over_the_lake(graph):
     lk = graph.lake()
     cat = Catalog(graph.project.home / "lance")
-    best = cat.saved("best_runs").to_pylist()
-    assert sorted(r["experiment"] for r in best) == ["shapes-fusemix", "shapes-n12"]
+    best = cat.saved("best_runs").to_pylist()  # a row per experiment and split
+    assert sorted((r["experiment"], r["split"]) for r in best) == [
+        (e, s) for e in ("shapes-fusemix", "shapes-n12") for s in ("test", "val")
+    ]
     for r in best:
         assert r["metric"] == "t2i_recall_at_1"
-        stored = lk.read("metrics", filter=f"experiment = '{r['experiment']}' AND metric = 't2i_recall_at_1'")
-        assert r["value"] == pytest.approx(max(stored["value"].to_pylist()))
+        where = f"experiment = '{r['experiment']}' AND split = '{r['split']}' AND metric = 't2i_recall_at_1'"
+        assert r["value"] == pytest.approx(max(lk.read("metrics", filter=where)["value"].to_pylist()))
+    test = cat.saved("best_runs", split="test").to_pylist()
+    assert sorted((r["experiment"], r["split"]) for r in test) == [
+        ("shapes-fusemix", "test"),
+        ("shapes-n12", "test"),
+    ]
 
     per = {(r["dataset"], r["encoder"]): r for r in cat.saved("latents_per_encoder").to_pylist()}
     registry = load_registry(graph.project.configs / "encoders.yaml")

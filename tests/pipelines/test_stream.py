@@ -108,7 +108,9 @@ def _experiment_metrics(tmp_path, monkeypatch, stream: bool) -> tuple[dict, obje
     lake = project.resources()["lake"].lake()
     rows = lake.read("metrics").to_pylist()
     return {
-        (r["gallery"], r["metric"]): r["value"] for r in rows if r["experiment"] == "shapes-fusemix"
+        (r["gallery"], r["metric"]): r["value"]
+        for r in rows
+        if r["experiment"] == "shapes-fusemix" and r["split"] == "test"
     }, lake
 
 
