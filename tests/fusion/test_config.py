@@ -132,3 +132,19 @@ def test_preset_overrides_touch_only_train_and_do_not_leak():
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(KeyError, match="cpu-small"):
         preset("huge")
+
+
+def test_cpu_full_is_cpu_small_with_batches_of_512():
+    from dataclasses import replace
+
+    small, full = preset("cpu-small"), preset("cpu-full")
+    assert full.adapter == small.adapter and full.fusemix == small.fusemix
+    assert full.train == replace(small.train, batch_size=512)
+
+
+def test_the_projects_experiments_resolve_their_preset_batch():
+    from pipelines.registries import load_experiments
+
+    specs = load_experiments()  # configs/experiments.yaml: the default is cpu-small
+    assert specs["emoji-fusemix"].train.batch_size == specs["sel-default"].train.batch_size == 128
+    assert specs["sel-batch512"].train == preset("cpu-full").train
