@@ -24,13 +24,14 @@ import json
 
 import dagster as dg
 
-from assets.curate import DATA_VERSION_TAG, INPUTS, anchor_of, inputs_event
+from assets.curate import DATA_VERSION_TAG, INPUTS, inputs_event
 from fusion.encoders import EncoderSpec
 from pipelines.curate import experiment_state
 from pipelines.lake import Lake, sql_str
 from pipelines.partitions import ENCODER_PARTITIONS, EXPERIMENT_PARTITIONS, Partitions
 from pipelines.resources import EncoderBank, LanceLake, PipelinePaths
 from pipelines.schemas import table_name
+from pipelines.train import anchor_state
 
 ABLATION_FAMILIES = ("quantity", "quality", "diversity", "augmentation")
 
@@ -168,8 +169,8 @@ def build_experiment_sensor(parts: Partitions) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             "Records each experiment's inputs (configuration, encoder fingerprints, Lance versions of "
-            "its pairs and latents, a bound experiment's anchor checkpoints) as the data version of experiment_inputs, so that exactly the "
-            "experiments whose inputs changed show as stale; re-runs those with `auto_run: true` (an "
+            "its pairs and latents, a bound experiment's anchor checkpoints) as the data version of "
+            "experiment_inputs, so that exactly the experiments whose inputs changed show as stale; re-runs those with `auto_run: true` (an "
             "unchanged checkpoint is not retrained)"
         ),
     )
@@ -185,7 +186,7 @@ def build_experiment_sensor(parts: Partitions) -> dg.SensorDefinition:
         for name, exp in sorted(exps.items()):
             if name not in known or exp.media_encoder not in fps or exp.text_encoder not in fps:
                 continue  # the registry sensor adds the partition on its next tick
-            anchor = anchor_of(parts, exp, paths.models_dir)
+            anchor = anchor_state(paths.models_dir, exp, parts.experiments)
             state = experiment_state(lk, exp, (fps[exp.media_encoder], fps[exp.text_encoder]), anchor)
             if state is None:
                 context.log.info(f"{name}: its pairs or latents are not in the lake yet")

@@ -11,8 +11,6 @@ marks exactly the experiments whose inputs changed as stale, and `curated` downs
 stale; `experiment_inputs` itself still shows stale after any new latents, as its lineage says.)
 """
 
-from pathlib import Path
-
 import dagster as dg
 
 from pipelines.curate import (
@@ -24,7 +22,6 @@ from pipelines.curate import (
     write_curated,
 )
 from pipelines.partitions import Partitions
-from pipelines.registries import ExperimentSpec
 from pipelines.resources import EncoderBank, LanceLake, PipelinePaths
 from pipelines.storage import dagster_failure
 from pipelines.train import anchor_state
@@ -39,12 +36,6 @@ def inputs_event(name: str, state: str) -> dg.AssetMaterialization:
     return dg.AssetMaterialization(
         INPUTS, partition=name, tags={DATA_VERSION_TAG: state}, metadata={"state": state}
     )
-
-
-def anchor_of(parts: Partitions, exp: ExperimentSpec, models_dir: Path) -> str | None:
-    """The state of a bound experiment's anchor checkpoints (pipelines.train.anchor_state), or None
-    for an experiment without an anchor."""
-    return anchor_state(models_dir, parts.experiments[exp.anchor]) if exp.anchor else None
 
 
 def build(parts: Partitions) -> list:
@@ -66,7 +57,7 @@ def build(parts: Partitions) -> list:
     ):
         exp = parts.experiment_spec(context.partition_key)
         media, text = encoders.ref(exp.media_encoder), encoders.ref(exp.text_encoder)
-        anchor = anchor_of(parts, exp, paths.models_dir)
+        anchor = anchor_state(paths.models_dir, exp, parts.experiments)
         state, versions = inputs_record(lake.lake(), exp, (media.fingerprint, text.fingerprint), anchor)
         metadata = {"state": state, "read_versions": dg.MetadataValue.json(versions)}
         if anchor is not None:

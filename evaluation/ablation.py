@@ -556,6 +556,11 @@ def _mean_std(rows: Sequence[Mapping]) -> MeanStd | None:
     return None
 
 
+def _mean_of(rows: Sequence[Mapping], metric: str) -> float | None:
+    found = _mean_std([r for r in rows if r["metric"] == metric])
+    return None if found is None else found[0]
+
+
 def val_selection(rows: list[dict], family: str) -> list[dict]:
     """The family's experiments ranked by their validation R-sum, best first: one dict each with
     experiment, variable, method, ``val`` ((mean, sample std, n seeds) of the R-sum), ``val_t2i`` /
@@ -577,16 +582,11 @@ def val_selection(rows: list[dict], family: str) -> list[dict]:
             if str(r["experiment"]) == name and r.get("split") != VAL and _gallery_of(r) == POOLED
             and r.get("dataset") == dataset
         ]  # fmt: skip
-
-        def mean_of(rs: list[Mapping], metric: str) -> float | None:
-            found = _mean_std([r for r in rs if r["metric"] == metric])
-            return None if found is None else found[0]
-
         out.append({
             "experiment": name, "variable": own[0]["variable"], "method": own[0].get("method"),
             "dataset": dataset, "val": score,
-            "val_t2i": mean_of(own, "t2i_recall_at_1"), "val_i2t": mean_of(own, "i2t_recall_at_1"),
-            "test_t2i": mean_of(test, "t2i_recall_at_1"), "test_i2t": mean_of(test, "i2t_recall_at_1"),
+            "val_t2i": _mean_of(own, "t2i_recall_at_1"), "val_i2t": _mean_of(own, "i2t_recall_at_1"),
+            "test_t2i": _mean_of(test, "t2i_recall_at_1"), "test_i2t": _mean_of(test, "i2t_recall_at_1"),
         })  # fmt: skip
     return sorted(out, key=lambda e: -e["val"][0])
 

@@ -146,12 +146,13 @@ def item_groups(lake: Lake, dataset: str, column: str, item_ids: list[str]) -> l
 
 
 def scoring_targets(
-    lake: Lake, exp: ExperimentSpec, refs: tuple[EncoderRef, EncoderRef]
+    lake: Lake, exp: ExperimentSpec, refs: tuple[EncoderRef, EncoderRef], curated: pa.Table
 ) -> dict[str, PairedSplit]:
-    """The test split of every dataset the experiment is scored on, its own first, with latents of
-    exactly the experiment's encoders (a clear error when another dataset lacks them)."""
+    """The test split of every dataset the experiment is scored on, its own first (from its `curated`
+    table), with latents of exactly the experiment's encoders (a clear error when another dataset
+    lacks them)."""
     fps = (refs[0].fingerprint, refs[1].fingerprint)
-    test = split_rows(lake.read(table_name("curated", exp.name)), "test")
+    test = split_rows(curated, TEST)
     if len(test) == 0:
         raise ValueError(f"experiment {exp.name}: the test split is empty; nothing to evaluate")
     targets = {exp.dataset: paired_split(lake, exp, test, fingerprints=fps)}
@@ -177,10 +178,11 @@ def scoring_targets(
 
 
 def validation_target(
-    lake: Lake, exp: ExperimentSpec, refs: tuple[EncoderRef, EncoderRef]
+    lake: Lake, exp: ExperimentSpec, refs: tuple[EncoderRef, EncoderRef], curated: pa.Table
 ) -> PairedSplit | None:
-    """The experiment's own val split (the one model selection reads), or None when it has none."""
-    val = split_rows(lake.read(table_name("curated", exp.name)), VAL)
+    """The experiment's own val split (the one model selection reads) from its `curated` table, or
+    None when it has none."""
+    val = split_rows(curated, VAL)
     if len(val) == 0:
         return None
     return paired_split(lake, exp, val, fingerprints=(refs[0].fingerprint, refs[1].fingerprint))
@@ -401,8 +403,9 @@ def evaluate_experiment(
     selection compares), replaces the experiment's rows of the `metrics` table, writes the report of
     the first seed on the experiment's own test split. Returns (headline metrics, every row, the
     table's Lance version, report.md)."""
-    targets = scoring_targets(lake, exp, refs)
-    val = validation_target(lake, exp, refs)
+    curated = lake.read(table_name("curated", exp.name))
+    targets = scoring_targets(lake, exp, refs, curated)
+    val = validation_target(lake, exp, refs, curated)
     groups = {
         name: item_groups(lake, name, exp.group_by, split.item_ids) if exp.group_by else None
         for name, split in targets.items()

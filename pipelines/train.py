@@ -108,12 +108,16 @@ def anchor_of(
     return load_anchor(models_dir, spec, side, text_ref, exp.seed_list())
 
 
-def anchor_state(models_dir: Path, anchor: ExperimentSpec) -> str:
+def anchor_state(
+    models_dir: Path, exp: ExperimentSpec, experiments: Mapping[str, ExperimentSpec]
+) -> str | None:
     """What a bound experiment reads of its anchor, as one digest: the inputs hash of each of the
     anchor's seed checkpoints ("untrained" while it has none), so that a retrained anchor makes the
-    bound experiment's inputs change."""
+    bound experiment's inputs change; None for an experiment without an anchor."""
+    if not exp.anchor:
+        return None
     hashes = []
-    for out in seed_dirs(models_dir, anchor).values():
+    for out in seed_dirs(models_dir, experiments[exp.anchor]).values():
         hashes.append(read_config(out)["extra"].get("inputs_hash", "") if (out / CONFIG).exists() else "-")
     if all(h == "-" for h in hashes):
         return "untrained"
