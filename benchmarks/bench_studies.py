@@ -48,23 +48,24 @@ def train_pairs(lake: Lake, exp: ExperimentSpec) -> int | None:
 
 def steps_of(exp: ExperimentSpec, n: int) -> int:
     halves = exp.fusemix.mode in ("fusemix", "independent")
-    batch = min(exp.train.batch_size * (2 if halves else 1), n)
+    batch = min(exp.train.batch_for(n) * (2 if halves else 1), n)
     return exp.train.steps or math.ceil(n / batch) * (exp.train.epochs or 1)
 
 
-def shape_key(exp: ExperimentSpec, dims: tuple[int, int]) -> tuple:
-    return (dims, exp.adapter, exp.fusemix.mode, exp.train.batch_size, exp.train.loss, exp.train.precision)
+def shape_key(exp: ExperimentSpec, dims: tuple[int, int], batch: int) -> tuple:
+    return (dims, exp.adapter, exp.fusemix.mode, batch, exp.train.loss, exp.train.precision)
 
 
-def time_step(exp: ExperimentSpec, dims: tuple[int, int], steps: int = 20) -> float:
-    """Seconds per training step of this shape: the median gap between steps after 3 warm-up ones."""
+def time_step(exp: ExperimentSpec, dims: tuple[int, int], batch: int, steps: int = 20) -> float:
+    """Seconds per training step of this shape at this contrastive batch: the median gap between
+    steps after 3 warm-up ones."""
     rng = np.random.default_rng(0)
-    n = exp.train.batch_size * 2 * (steps + 3)
+    n = batch * 2 * (steps + 3)
     x = rng.standard_normal((n, dims[0]), dtype=np.float32)
     y = rng.standard_normal((n, dims[1]), dtype=np.float32)
     groups = np.stack([np.arange(n), np.arange(n) // 2, np.arange(n) // 12], 1)
     stamps: list[float] = []
-    cfg = replace(exp.train, steps=steps + 3, epochs=None, warmup_steps=0)
+    cfg = replace(exp.train, batch_size=batch, steps=steps + 3, epochs=None, warmup_steps=0)
     train_adapters(
         x, y, exp.adapter, exp.fusemix, cfg,
         groups=groups if cfg.loss != "infonce" else None,
@@ -135,9 +136,10 @@ def main(argv: list[str] | None = None) -> None:
             runs += exp.seeds
             if exp.method == "adapters":
                 steps = steps_of(exp, n)
-                key = shape_key(exp, dims)
+                batch = exp.train.batch_for(n)
+                key = shape_key(exp, dims, batch)
                 if key not in step_s:
-                    step_s[key] = time_step(exp, dims, args.steps)
+                    step_s[key] = time_step(exp, dims, batch, args.steps)
                 steps_total += steps * exp.seeds
                 seconds += step_s[key] * steps * exp.seeds
             elif exp.method != "random":

@@ -16,6 +16,22 @@ Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Schedule = Literal["cosine", "constant"]
 LossKind = Literal["infonce", "masked", "multi"]
 
+# TrainConfig.batch_size "auto": the contrastive batch follows the number of training pairs n, the
+# largest power of two at most n / AUTO_BATCH_PAIRS_PER, kept within [AUTO_BATCH_MIN, AUTO_BATCH_MAX].
+# With FuseMix's two halves a step draws 2 x batch raw pairs, so n / 32 leaves at least 16 steps an
+# epoch. Chosen on validation (configs/experiments.yaml, families select, select-demo and batch):
+# 1,800 training pairs -> 128, the full emoji set's 17,374 -> 512.
+AUTO_BATCH_MIN, AUTO_BATCH_MAX, AUTO_BATCH_PAIRS_PER = 128, 1024, 32
+
+
+def auto_batch_size(n_pairs: int) -> int:
+    """The contrastive batch TrainConfig(batch_size="auto") trains `n_pairs` training pairs with."""
+    if n_pairs < 1:
+        raise ValueError(f"need at least one training pair, got {n_pairs}")
+    target = n_pairs // AUTO_BATCH_PAIRS_PER
+    size = 1 << max(target, 1).bit_length() - 1  # the largest power of two <= target
+    return max(AUTO_BATCH_MIN, min(AUTO_BATCH_MAX, size))
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
@@ -70,6 +86,10 @@ class FuseMixConfig:
 class TrainConfig:
     """Optimisation. Give `steps`, or `epochs` (steps are then derived from the data size).
 
+    batch_size: the contrastive batch the loss sees, or "auto": a batch that follows the number of
+    training pairs (`auto_batch_size`: 128 for a few thousand pairs, 512 for the full emoji set's
+    17,374, at most 1,024); `batch_for(n)` resolves it.
+
     loss: the contrastive objective (see fusion.loss).
       infonce  plain symmetric InfoNCE: every other pair in the batch is a negative.
       masked   pairs that share a positive (a caption, a media item, a concept: the `groups` given to
@@ -93,7 +113,7 @@ class TrainConfig:
     out of repr, and so out of the inputs hash: it changes how a run executes, not what it means.
     """
 
-    batch_size: int = 1024
+    batch_size: int | Literal["auto"] = 1024
     epochs: int | None = 20
     steps: int | None = None
     lr: float = 1e-3
@@ -114,7 +134,15 @@ class TrainConfig:
     compile: bool | Literal["auto"] = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
+        _check(
+            self.batch_size == "auto"
+            or (
+                isinstance(self.batch_size, int)
+                and not isinstance(self.batch_size, bool)
+                and self.batch_size >= 2
+            ),
+            f"batch_size must be a whole number >= 2 or 'auto', got {self.batch_size!r}",
+        )
         _check(self.epochs is not None or self.steps is not None, "give epochs or steps")
         _check(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -156,6 +184,10 @@ class TrainConfig:
             "need 0 < temperature_min <= temperature_init <= temperature_max",
         )
 
+    def batch_for(self, n_pairs: int) -> int:
+        """The contrastive batch for `n_pairs` training pairs: batch_size, or auto_batch_size(n_pairs)."""
+        return auto_batch_size(n_pairs) if self.batch_size == "auto" else self.batch_size
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return asdict(cfg)
@@ -193,11 +225,18 @@ PRESETS: dict[str, Preset] = {
     ),
     # The same for ten thousand pairs and more, chosen on validation only (configs/experiments.yaml,
     # families sweep and select): on the full emoji set (17,374 training pairs) batches of 512 lead
-    # the val R-sum by 12 points over 128 (3 seeds); at 1,800 pairs 128 stays ahead, hence two presets.
+    # the val R-sum by 12 points over 128 (3 seeds); at 1,800 pairs 128 stays ahead.
     "cpu-full": Preset(
         AdapterConfig(depth=2, expansion=1, dropout=0.5, output_dim=256),
         FuseMixConfig("fusemix", 1.0),
         TrainConfig(batch_size=512, epochs=40, lr=1e-3, weight_decay=0.1, warmup_steps=20),
+    ),
+    # The default: the two above in one, the batch following the data (auto_batch_size): cpu-small's
+    # 128 up to 8,191 training pairs, cpu-full's 512 from 16,384, 1,024 from 32,768.
+    "cpu": Preset(
+        AdapterConfig(depth=2, expansion=1, dropout=0.5, output_dim=256),
+        FuseMixConfig("fusemix", 1.0),
+        TrainConfig(batch_size="auto", epochs=40, lr=1e-3, weight_decay=0.1, warmup_steps=20),
     ),
 }
 

@@ -64,6 +64,7 @@ class TrainResult:
     pairs_seen: int = 0
     seconds: float = 0.0
     precision: str = "fp32"  # what the steps ran in (TrainConfig.precision "auto" resolved)
+    batch_size: int = 0  # the contrastive batch the loss saw (TrainConfig.batch_size "auto" resolved)
     compiled: bool = False  # whether the full batches' steps ran through torch.compile to the end
 
 
@@ -378,7 +379,8 @@ def train_adapters(
     # batch_size is the contrastive batch the loss sees. The halves schemes mix two raw pairs into
     # one, so they draw twice as many raw pairs; otherwise they would train on half the negatives.
     halves = fusemix_cfg.mode in ("fusemix", "independent")
-    batch = min(train_cfg.batch_size * (2 if halves else 1), n)
+    contrastive = train_cfg.batch_for(n)
+    batch = min(contrastive * (2 if halves else 1), n)
     steps_per_epoch = max(1, math.ceil(n / batch))
     total = train_cfg.steps or steps_per_epoch * (train_cfg.epochs or 1)
     opt = make_optimizer(
@@ -423,7 +425,7 @@ def train_adapters(
         scaler.scale(loss).backward()
         return loss
 
-    result = TrainResult(model=model, precision=precision)
+    result = TrainResult(model=model, precision=precision, batch_size=batch // 2 if halves else batch)
     best_state = None
     t0 = time.perf_counter()
     step, epoch = 0, 0

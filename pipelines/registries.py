@@ -138,7 +138,7 @@ def load_experiments(path: str | Path | None = None) -> dict[str, ExperimentSpec
         for part in ("adapter", "fusemix", "train"):  # an entry's overrides add to the defaults' ones
             entry[part] = {**(defaults.get(part) or {}), **(entry.get(part) or {})}
         try:
-            base = preset(entry.pop("preset", "cpu-small"))
+            base = preset(entry.pop("preset", "cpu"))
             adapter = replace(base.adapter, **entry.pop("adapter", {}) or {})
             fusemix = from_dict(FuseMixConfig, {**vars(base.fusemix), **(entry.pop("fusemix", {}) or {})})
             train = from_dict(TrainConfig, {**vars(base.train), **(entry.pop("train", {}) or {})})

@@ -323,6 +323,7 @@ def fit_method(
         )
         summary = {
             "steps": result.steps,
+            "batch_size": result.batch_size,
             "best_step": result.best_step,
             "best_val_rsum": result.best_score,
             "final_loss": result.history[-1]["loss"],
@@ -332,7 +333,13 @@ def fit_method(
             "seconds": round(result.seconds, 2),
             "pairs_per_s": round(result.pairs_seen / max(result.seconds, 1e-9), 1),
         }
-        log.metrics({"train_seconds": result.seconds, "best_step": result.best_step or 0})
+        log.metrics(
+            {
+                "train_seconds": result.seconds,
+                "best_step": result.best_step or 0,
+                "batch_size": result.batch_size,
+            }
+        )
         return result.model, summary, {"history": result.history, "val_history": result.val_history}
     from evaluation.baselines import fit_baseline
 

@@ -229,6 +229,7 @@ def test_train_writes_checkpoint_and_mlflow_run(graph):
         assert all(math.isfinite(m.value) for m in history)
     temps = [m.value for m in client.get_metric_history(run.info.run_id, "temperature")]
     assert all(0.001 <= t <= 0.5 for t in temps)
+    assert run.data.metrics["batch_size"] == exp.train.batch_size == 16  # the batch the loss saw
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapters")}
     assert {"adapters/adapters.safetensors", "adapters/config.json"} <= artifacts

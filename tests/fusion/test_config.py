@@ -145,6 +145,40 @@ def test_cpu_full_is_cpu_small_with_batches_of_512():
 def test_the_projects_experiments_resolve_their_preset_batch():
     from pipelines.registries import load_experiments
 
-    specs = load_experiments()  # configs/experiments.yaml: the default is cpu-small
-    assert specs["emoji-fusemix"].train.batch_size == specs["sel-default"].train.batch_size == 128
+    specs = load_experiments()  # configs/experiments.yaml: the default is cpu, the batch by data size
+    assert specs["emoji-fusemix"].train == preset("cpu").train
+    assert specs["sel-default"].train == specs["base-fusemix"].train == preset("cpu-small").train
     assert specs["sel-batch512"].train == preset("cpu-full").train
+
+
+@pytest.mark.parametrize(
+    ("n", "batch"),
+    [(1, 128), (1_800, 128), (8_191, 128), (8_192, 256), (16_383, 256), (16_384, 512), (17_374, 512),
+     (32_767, 512), (32_768, 1024), (10**7, 1024)],
+)  # fmt: skip
+def test_auto_batch_is_the_largest_power_of_two_at_most_n_over_32_within_128_and_1024(n, batch):
+    from fusion.config import auto_batch_size
+
+    assert auto_batch_size(n) == batch
+    assert TrainConfig(batch_size="auto").batch_for(n) == batch
+    assert TrainConfig(batch_size=300).batch_for(n) == 300  # a number is kept whatever the data
+
+
+def test_auto_batch_needs_pairs_and_batch_size_takes_only_numbers_or_auto():
+    from fusion.config import auto_batch_size
+
+    with pytest.raises(ValueError, match="at least one"):
+        auto_batch_size(0)
+    for bad in ("big", True, 1, 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            TrainConfig(batch_size=bad)
+
+
+def test_cpu_preset_is_cpu_small_at_demo_size_and_cpu_full_on_the_full_emoji_set():
+    from dataclasses import replace
+
+    cpu, small, full = preset("cpu"), preset("cpu-small"), preset("cpu-full")
+    assert cpu.adapter == small.adapter == full.adapter and cpu.fusemix == small.fusemix
+    assert cpu.train == replace(small.train, batch_size="auto")
+    assert cpu.train.batch_for(1_800) == small.train.batch_size
+    assert cpu.train.batch_for(17_374) == full.train.batch_size

@@ -72,6 +72,19 @@ def test_history_and_step_accounting():
     assert set(seen[0]) >= {"step", "epoch", "loss", "temperature", "lr"}
 
 
+def test_auto_batch_trains_exactly_as_the_batch_it_resolves_to():
+    x, y = _data(n=300)  # 300 pairs: auto resolves to its floor, 128, so FuseMix draws 256 a step
+    auto = _train(x, y, steps=None, epochs=2, batch_size="auto")
+    fixed = _train(x, y, steps=None, epochs=2, batch_size=128)
+    assert auto.batch_size == fixed.batch_size == 128
+    assert auto.steps == 2 * math.ceil(300 / 256)
+    assert _states_equal(auto.model, fixed.model)
+    assert not _states_equal(auto.model, _train(x, y, steps=None, epochs=2, batch_size=64).model)
+    # the batch the loss saw: half the raw draw with FuseMix's halves, and never more than the data
+    assert _train(x, y, mode="none", batch_size=32).batch_size == 32
+    assert _train(x[:40], y[:40], batch_size=32).batch_size == 20
+
+
 def test_steps_override_epochs():
     x, y = _data()
     r = _train(x, y, steps=5, epochs=50)
