@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from evaluation.aggregate import MeanStd, aggregate_seeds
 from evaluation.report import (
@@ -500,7 +501,7 @@ def _draw(fam: _Family, family: str, metrics: list[str], path: Path, where: str)
                 label=_direction(name),
             )
         if all(e.x > 0 for e in exps):
-            ax.set_xscale("log")
+            _log_x(ax, [float(e.x) for e in exps])
         ax.set_xlabel(f"{family} (log scale)" if ax.get_xscale() == "log" else family)
     else:
         width = 0.8 / len(metrics)
@@ -533,6 +534,16 @@ def _draw(fam: _Family, family: str, metrics: list[str], path: Path, where: str)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _log_x(ax, values: Sequence[float]) -> None:
+    """A log x axis whose ticks are the measured values written plainly (128, 1,000, 0.5; not
+    1.28x10^2), where there are few enough of them to label each."""
+    ax.set_xscale("log")
+    xs = sorted(set(values))
+    if len(xs) <= 12:
+        ax.set_xticks(xs, [f"{v:,.0f}" if v.is_integer() else f"{v:g}" for v in xs])
+        ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _has_spread(fam: _Family) -> bool:

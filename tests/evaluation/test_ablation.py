@@ -170,6 +170,21 @@ def test_plot_is_deterministic_and_depends_on_the_data(tmp_path):
     assert a != c
 
 
+def test_numeric_families_label_the_log_axis_with_their_values():
+    from matplotlib.figure import Figure
+
+    from evaluation.ablation import _log_x
+
+    ax = Figure().subplots()
+    _log_x(ax, [512.0, 64.0, 128.0, 2000.0, 0.5, 128.0])
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "64", "128", "512", "2,000"]
+    assert list(ax.get_xticks()) == [0.5, 64.0, 128.0, 512.0, 2000.0]
+    many = Figure().subplots()
+    _log_x(many, [2.0**i for i in range(20)])  # too many to label each: matplotlib's own ticks
+    assert len(many.get_xticks()) < 20
+
+
 def test_report_writes_the_table_and_the_plot(tmp_path):
     out = tmp_path / "ablations"
     md_path = ablation_report(_rows(), "quantity", out)
