@@ -36,8 +36,18 @@ from pipelines.storage import writing
 
 
 def caption_column(exp: ExperimentSpec) -> str:
-    """The pairs column of the experiment's text side: cleaned or raw captions (quality ablation)."""
+    """The pairs column of the experiment's training captions: cleaned or raw (quality ablation)."""
     return "caption_id" if exp.caption == "clean" else "raw_caption_id"
+
+
+def captions_used(pairs: pa.Table, exp: ExperimentSpec) -> pa.ChunkedArray:
+    """The caption of each pair as the experiment sees it: the training split reads `caption_column`,
+    val and test always the cleaned captions, so that raw and clean runs are chosen and scored on the
+    very same queries."""
+    train_col = caption_column(exp)
+    if train_col == "caption_id":
+        return pairs["caption_id"]
+    return pc.if_else(pc.equal(pairs["split"], "train"), pairs[train_col], pairs["caption_id"])
 
 
 def latents_for(
@@ -75,7 +85,8 @@ def curate(lake: Lake, exp: ExperimentSpec, media_fp: str, text_fp: str) -> tupl
     """Selects the experiment's training pairs (val and test stay whole). Pairs whose media or caption
     has no current latent are left out and counted."""
     pairs = lake.read(table_name("pairs", exp.dataset))
-    cap_col = caption_column(exp)
+    cap_col = "caption_used"
+    pairs = pairs.append_column(cap_col, captions_used(pairs, exp))
     pairs = pairs.filter(pc.is_valid(pairs[cap_col]))
     media_ok = lake.ids(
         table_name("latents", exp.dataset, exp.media_encoder), filter=f"fingerprint = {sql_str(media_fp)}"
@@ -231,7 +242,8 @@ def latents_contract(
     problems, checked = [], {}
     cur = lake.read(table_name("curated", exp.name))
     pairs = lake.read(table_name("pairs", exp.dataset))
-    for col, pair_col, ref in (("media_id", "media_id", media), ("caption_id", caption_column(exp), text)):
+    pairs = pairs.append_column("caption_used", captions_used(pairs, exp))
+    for col, pair_col, ref in (("media_id", "media_id", media), ("caption_id", "caption_used", text)):
         paired = {i for i in pairs[pair_col].to_pylist() if i is not None}
         failed = failed_items(lake, exp.dataset, ref.name, ref.fingerprint) & paired
         paired -= failed
@@ -314,11 +326,13 @@ def paired_split(
 
 
 def holdout_pairs(lake: Lake, exp: ExperimentSpec, dataset: str) -> pa.Table:
-    """The test split of another dataset's pairs, with the experiment's caption side as caption_id
-    (cleaned or raw), for zero-shot scoring."""
+    """The test split of another dataset's pairs with their captions as the experiment scores them
+    (`captions_used`: the cleaned ones), for zero-shot scoring."""
     pairs = lake.read(table_name("pairs", dataset))
-    pairs = pairs.filter(pc.and_(pc.equal(pairs["split"], "test"), pc.is_valid(pairs[caption_column(exp)])))
-    return pa.table({"media_id": pairs["media_id"], "caption_id": pairs[caption_column(exp)]})
+    pairs = pairs.filter(pc.equal(pairs["split"], "test"))
+    captions = captions_used(pairs, exp)
+    keep = pc.is_valid(captions)
+    return pa.table({"media_id": pairs["media_id"].filter(keep), "caption_id": captions.filter(keep)})
 
 
 def pair_groups(rows: pa.Table) -> np.ndarray:

@@ -50,7 +50,7 @@ from evaluation.retrieval import (
 from fusion.adapters import EncoderRef
 from fusion.checkpoint import atomic_write_text, load_checkpoint, read_config
 from pipelines import schemas
-from pipelines.curate import caption_column, holdout_pairs, latents_for, paired_split, split_rows
+from pipelines.curate import captions_used, holdout_pairs, latents_for, paired_split, split_rows
 from pipelines.lake import Lake, sql_in, sql_str
 from pipelines.registries import DatasetSpec, ExperimentSpec
 from pipelines.schemas import table_name
@@ -211,8 +211,11 @@ def concept_items(
     lake: Lake, dataset: str, exp: ExperimentSpec, fingerprints: tuple[str, str]
 ) -> ConceptItems:
     """The items of `dataset` with the latents of `exp`'s encoders (exactly these fingerprints)."""
-    column = caption_column(exp)
-    pairs = lake.read(table_name("pairs", dataset), ["media_id", column, "concept"]).to_pylist()
+    column = "caption_used"
+    table = lake.read(
+        table_name("pairs", dataset), ["media_id", "caption_id", "raw_caption_id", "split", "concept"]
+    )
+    pairs = table.append_column(column, captions_used(table, exp)).to_pylist()
     concept_of = {p["media_id"]: p["concept"] for p in pairs if p["concept"]}
     captions = sorted({p[column] for p in pairs if p[column]})
     texts = texts_of(lake, dataset, captions)
