@@ -9,7 +9,7 @@ once on random latents of the real size, its hyperparameter grid included; the s
 predicted minutes of training. The measured minutes are the durations of the family's MLflow runs
 (training and evaluation, one run per seed), when the lake has them.
 
-Run: python -m benchmarks.bench_studies       baselines, quantity, sweep, quality, diversity, recipe
+Run: python -m benchmarks.bench_studies       the study families (FAMILIES below)
      python -m benchmarks.bench_studies --families quantity     (FUSEMIX_HOME selects the lake)
 """
 
@@ -31,6 +31,12 @@ from pipelines.lake import Lake, default_lake_root
 from pipelines.registries import ExperimentSpec, load_experiments
 from pipelines.resources import EncoderBank
 from pipelines.schemas import table_name
+
+# The paper's studies and the baselines, each one command (`fusemix demo --family NAME`).
+FAMILIES = [
+    "baselines", "quantity", "quality", "diversity", "batch", "batch-2k", "depth", "alpha", "audio",
+    "sweep", "recipe",
+]  # fmt: skip
 
 
 def train_pairs(lake: Lake, exp: ExperimentSpec) -> int | None:
@@ -110,9 +116,7 @@ def measured_minutes(family: str) -> tuple[float, int] | None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--families", nargs="+", default=["baselines", "quantity", "sweep", "quality", "diversity", "recipe"]
-    )
+    ap.add_argument("--families", nargs="+", default=FAMILIES)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per shape")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
