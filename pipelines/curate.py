@@ -40,6 +40,10 @@ def caption_column(exp: ExperimentSpec) -> str:
     return "caption_id" if exp.caption == "clean" else "raw_caption_id"
 
 
+# The column with_captions_used adds to a pairs table.
+CAPTION_USED = "caption_used"
+
+
 def captions_used(pairs: pa.Table, exp: ExperimentSpec) -> pa.ChunkedArray:
     """The caption of each pair as the experiment sees it: the training split reads `caption_column`,
     val and test always the cleaned captions, so that raw and clean runs are chosen and scored on the
@@ -48,6 +52,11 @@ def captions_used(pairs: pa.Table, exp: ExperimentSpec) -> pa.ChunkedArray:
     if train_col == "caption_id":
         return pairs["caption_id"]
     return pc.if_else(pc.equal(pairs["split"], "train"), pairs[train_col], pairs["caption_id"])
+
+
+def with_captions_used(pairs: pa.Table, exp: ExperimentSpec) -> pa.Table:
+    """`pairs` with the CAPTION_USED column (`captions_used`)."""
+    return pairs.append_column(CAPTION_USED, captions_used(pairs, exp))
 
 
 def latents_for(
@@ -84,9 +93,8 @@ def diversity_labels(
 def curate(lake: Lake, exp: ExperimentSpec, media_fp: str, text_fp: str) -> tuple[pa.Table, dict]:
     """Selects the experiment's training pairs (val and test stay whole). Pairs whose media or caption
     has no current latent are left out and counted."""
-    pairs = lake.read(table_name("pairs", exp.dataset))
-    cap_col = "caption_used"
-    pairs = pairs.append_column(cap_col, captions_used(pairs, exp))
+    pairs = with_captions_used(lake.read(table_name("pairs", exp.dataset)), exp)
+    cap_col = CAPTION_USED
     pairs = pairs.filter(pc.is_valid(pairs[cap_col]))
     media_ok = lake.ids(
         table_name("latents", exp.dataset, exp.media_encoder), filter=f"fingerprint = {sql_str(media_fp)}"
@@ -241,9 +249,8 @@ def latents_contract(
     """
     problems, checked = [], {}
     cur = lake.read(table_name("curated", exp.name))
-    pairs = lake.read(table_name("pairs", exp.dataset))
-    pairs = pairs.append_column("caption_used", captions_used(pairs, exp))
-    for col, pair_col, ref in (("media_id", "media_id", media), ("caption_id", "caption_used", text)):
+    pairs = with_captions_used(lake.read(table_name("pairs", exp.dataset)), exp)
+    for col, pair_col, ref in (("media_id", "media_id", media), ("caption_id", CAPTION_USED, text)):
         paired = {i for i in pairs[pair_col].to_pylist() if i is not None}
         failed = failed_items(lake, exp.dataset, ref.name, ref.fingerprint) & paired
         paired -= failed
@@ -329,10 +336,9 @@ def holdout_pairs(lake: Lake, exp: ExperimentSpec, dataset: str) -> pa.Table:
     """The test split of another dataset's pairs with their captions as the experiment scores them
     (`captions_used`: the cleaned ones), for zero-shot scoring."""
     pairs = lake.read(table_name("pairs", dataset))
-    pairs = pairs.filter(pc.equal(pairs["split"], "test"))
-    captions = captions_used(pairs, exp)
-    keep = pc.is_valid(captions)
-    return pa.table({"media_id": pairs["media_id"].filter(keep), "caption_id": captions.filter(keep)})
+    pairs = with_captions_used(pairs.filter(pc.equal(pairs["split"], "test")), exp)
+    pairs = pairs.filter(pc.is_valid(pairs[CAPTION_USED]))
+    return pa.table({"media_id": pairs["media_id"], "caption_id": pairs[CAPTION_USED]})
 
 
 def pair_groups(rows: pa.Table) -> np.ndarray:

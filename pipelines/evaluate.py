@@ -50,7 +50,14 @@ from evaluation.retrieval import (
 from fusion.adapters import EncoderRef
 from fusion.checkpoint import atomic_write_text, load_checkpoint, read_config
 from pipelines import schemas
-from pipelines.curate import captions_used, holdout_pairs, latents_for, paired_split, split_rows
+from pipelines.curate import (
+    CAPTION_USED,
+    holdout_pairs,
+    latents_for,
+    paired_split,
+    split_rows,
+    with_captions_used,
+)
 from pipelines.lake import Lake, sql_in, sql_str
 from pipelines.registries import DatasetSpec, ExperimentSpec
 from pipelines.schemas import table_name
@@ -211,11 +218,9 @@ def concept_items(
     lake: Lake, dataset: str, exp: ExperimentSpec, fingerprints: tuple[str, str]
 ) -> ConceptItems:
     """The items of `dataset` with the latents of `exp`'s encoders (exactly these fingerprints)."""
-    column = "caption_used"
-    table = lake.read(
-        table_name("pairs", dataset), ["media_id", "caption_id", "raw_caption_id", "split", "concept"]
-    )
-    pairs = table.append_column(column, captions_used(table, exp)).to_pylist()
+    column = CAPTION_USED
+    columns = ["media_id", "caption_id", "raw_caption_id", "split", "concept"]
+    pairs = with_captions_used(lake.read(table_name("pairs", dataset), columns), exp).to_pylist()
     concept_of = {p["media_id"]: p["concept"] for p in pairs if p["concept"]}
     captions = sorted({p[column] for p in pairs if p[column]})
     texts = texts_of(lake, dataset, captions)

@@ -1,6 +1,6 @@
 """Raw-caption experiments (the quality ablation) train on the raw captions but are chosen and scored
-on the cleaned ones, so that raw and clean runs answer the very same val and test queries: curate(),
-the zero-shot holdout pairs and the curated-latents check, on a real Lance lake."""
+on the cleaned ones, so that raw and clean runs answer the very same val and test queries: curate()
+and the zero-shot holdout pairs, on a real Lance lake."""
 
 from __future__ import annotations
 
