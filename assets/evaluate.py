@@ -12,8 +12,8 @@ from pipelines.partitions import Partitions
 from pipelines.resources import EncoderBank, LanceLake, MlflowTracking, PipelinePaths
 from pipelines.train import seed_dirs
 
-EVAL_CODE_VERSION = "5"  # 3: seeds, other datasets, per-group galleries; 4: val rows; 5: raw-caption
-# experiments scored on the cleaned test captions
+EVAL_CODE_VERSION = "6"  # 3: seeds, other datasets, per-group galleries; 4: val rows; 5: raw-caption
+# experiments scored on the cleaned test captions; 6: each test query's rank in the `ranks` table
 
 
 class EvaluateConfig(dg.Config):

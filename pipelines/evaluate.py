@@ -40,6 +40,7 @@ from evaluation.examples import query_examples
 from evaluation.report import seeds_table_markdown, write_report
 from evaluation.retrieval import (
     PairedSplit,
+    RetrievalResult,
     chance_levels,
     chance_levels_by_group,
     evaluate_model,
@@ -47,6 +48,7 @@ from evaluation.retrieval import (
     mean_over_groups,
     retrieval_by_group,
 )
+from evaluation.significance import compare_experiments, differences_markdown
 from fusion.adapters import EncoderRef
 from fusion.checkpoint import atomic_write_text, load_checkpoint, read_config
 from pipelines import schemas
@@ -328,8 +330,9 @@ def score(
     model, split: PairedSplit, groups: list[str] | None, hubness: str | None = None
 ) -> tuple[dict[str, dict[str, float]], tuple]:
     """{gallery: metrics} of one model on one split (pooled, and per group when `groups` is given),
-    plus (result, item embeddings, text embeddings, chance) of the pooled scoring; `hubness` ranks
-    with a hubness correction (evaluation.retrieval)."""
+    plus (result, item embeddings, text embeddings, chance, {gallery: {group: result}}) of the
+    scoring (the pooled gallery's one group is ""); `hubness` ranks with a hubness correction
+    (evaluation.retrieval)."""
     result, item_emb, text_emb = evaluate_model(model, split, hubness=hubness)
     chance = chance_levels(
         split.pair_items, split.pair_texts, len(split.item_ids), len(split.text_ids), result.ks
@@ -339,6 +342,7 @@ def score(
     pooled["chance_i2t_recall_at_1"] = chance["i2t"][1]
     pooled["test_items"], pooled["test_captions"] = float(len(item_emb)), float(len(text_emb))
     out = {POOLED: pooled}
+    results: dict[str, dict[str, RetrievalResult]] = {POOLED: {"": result}}
     if groups is not None:
         by_group = retrieval_by_group(
             item_emb, text_emb, split.pair_items, split.pair_texts, groups, hubness=hubness
@@ -351,7 +355,40 @@ def score(
         per_group["chance_i2t_recall_at_1"] = group_chance["i2t"][1]
         per_group["groups"] = float(len(by_group))
         out["groups"] = per_group
-    return out, (result, item_emb, text_emb, chance)
+        results["groups"] = by_group
+    return out, (result, item_emb, text_emb, chance, results)
+
+
+def rank_columns(
+    dataset: str, gallery: str, seed: int, results: Mapping[str, RetrievalResult], split: PairedSplit
+) -> dict[str, list]:
+    """The `ranks` table's columns (less experiment, key and time) for one seed's scoring of one
+    gallery: every query of each group's result, both directions, with the query's id."""
+    cols: dict[str, list] = defaultdict(list)
+    for group, result in results.items():
+        for direction, ranks, rows, ids in (
+            ("t2i", result.t2i_ranks, result.t2i_query_texts, split.text_ids),
+            ("i2t", result.i2t_ranks, result.i2t_query_items, split.item_ids),
+        ):
+            n = len(ranks)
+            cols["query"] += [ids[i] for i in rows.tolist()]
+            cols["rank"] += np.asarray(ranks, dtype=np.int64).tolist()
+            for name, value in (("dataset", dataset), ("split", TEST), ("gallery", gallery),
+                                ("group_name", group), ("seed", seed), ("direction", direction)):  # fmt: skip
+                cols[name] += [value] * n
+    return cols
+
+
+def rank_table(exp: ExperimentSpec, columns: Mapping[str, list], key: str) -> pa.Table:
+    """The `ranks` rows of an evaluation from `rank_columns`' (merged) columns."""
+    n = len(columns.get("rank", []))
+    data = {
+        **{name: columns.get(name, []) for name in schemas.RANKS.names if name in columns},
+        "experiment": [exp.name] * n,
+        "inputs_hash": [key] * n,
+        "created_at": [datetime.now(UTC)] * n,
+    }
+    return pa.table({f.name: pa.array(data[f.name], f.type) for f in schemas.RANKS}, schema=schemas.RANKS)
 
 
 def metric_table(exp: ExperimentSpec, rows: list[dict], key: str, fingerprints: tuple[str, str]) -> pa.Table:
@@ -419,6 +456,7 @@ def evaluate_experiment(
         for name, split in targets.items()
     }
     rows: list[dict] = []
+    ranks: dict[str, list] = defaultdict(list)
     per_seed: dict[tuple[str, str, str], list[dict[str, float]]] = defaultdict(list)
     first = None
     for seed, (model, extra, _) in models.items():
@@ -428,9 +466,12 @@ def evaluate_experiment(
             if first is None:
                 first = (split, detail)
             for gallery, values in scored.items():
+                results = detail[4][gallery]
                 gallery = POOLED if gallery == POOLED else f"per_{exp.group_by}"
                 per_seed[(name, gallery, TEST)].append(values)
                 rows += seed_rows(name, gallery, seed, values, run_id)
+                for column, values_ in rank_columns(name, gallery, seed, results, split).items():
+                    ranks[column] += values_
         if val is not None:
             values = validation_scores(model, val, exp.hubness)
             per_seed[(exp.dataset, POOLED, VAL)].append(values)
@@ -448,11 +489,15 @@ def evaluate_experiment(
                 {"dataset": name, "gallery": gallery, "split": split, "seed": None, "metric": metric,
                  "value": mean, "std": std, "n_seeds": n, "mlflow_run_id": first_run}
             )  # fmt: skip
+    # The ranks first: the metrics rows are what marks these checkpoints as scored (cached_metrics),
+    # so a run killed in between scores them again rather than leaving metrics without their ranks.
+    lake.delete("ranks", f"experiment = {sql_str(exp.name)}")
+    lake.append("ranks", rank_table(exp, ranks, key))
     upgrade_metrics_table(lake)
     lake.delete("metrics", f"experiment = {sql_str(exp.name)}")
     version = lake.append("metrics", metric_table(exp, rows, key, (refs[0].fingerprint, refs[1].fingerprint)))
 
-    split, (result, item_emb, text_emb, chance) = first
+    split, (result, item_emb, text_emb, chance, _) = first
     metrics = headline(rows, exp.dataset)
     hist = read_history(next(iter(models.values()))[2])
     report = write_report(
@@ -552,7 +597,28 @@ def write_family_report(lake: Lake, family: str, experiments: list[str], out_dir
         return None
     for gallery in sorted({r["gallery"] for r in rows} - {POOLED}):
         ablation_report(rows, family, out_dir, gallery=gallery)  # <family>_<gallery>.md beside it
-    return ablation_report(rows, family, out_dir)
+    report = ablation_report(rows, family, out_dir)
+    section = paired_differences(lake, family, experiments, rows)
+    if section:
+        atomic_write_text(report, report.read_text(encoding="utf-8") + "\n" + section)
+    return report
+
+
+def paired_differences(lake: Lake, family: str, experiments: list[str], rows: list[dict]) -> str:
+    """The family report's section on paired differences (evaluation.significance): the experiment
+    chosen on validation (else the first) against every other, on the test queries both ranked;
+    empty where fewer than two experiments have stored ranks."""
+    from evaluation.ablation import val_selection
+
+    if not lake.exists("ranks"):
+        return ""
+    ranks = lake.read("ranks", filter=sql_in("experiment", experiments)).to_pylist()
+    ranked = {r["experiment"] for r in ranks}
+    if len(ranked) < 2:
+        return ""
+    chosen = [e["experiment"] for e in val_selection(rows, family) if e["experiment"] in ranked]
+    reference = chosen[0] if chosen else next(e for e in experiments if e in ranked)
+    return differences_markdown(reference, compare_experiments(ranks, reference))
 
 
 def log_family_report(client, experiment_id: str, family: str, report: Path, run_ids: list[str]) -> str:

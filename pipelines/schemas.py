@@ -99,6 +99,26 @@ METRICS = pa.schema(
 )
 
 
+# ranks: the rank of each test query's first correct answer, per experiment, scored dataset, gallery,
+# group_name (the gallery's group for per-group scoring, "" for the pooled gallery), seed and direction;
+# what a paired comparison of two experiments on the same queries reads (evaluation.significance).
+RANKS = pa.schema(
+    [
+        ("experiment", pa.string()),
+        ("dataset", pa.string()),
+        ("split", pa.string()),
+        ("gallery", pa.string()),
+        ("group_name", pa.string()),
+        ("seed", pa.int64()),
+        ("direction", pa.string()),  # t2i (a text query) or i2t (an item query)
+        ("query", pa.string()),  # the query's caption_id (t2i) or media_id (i2t)
+        ("rank", pa.int64()),  # 1-based
+        ("inputs_hash", pa.string()),  # the evaluation key of the metrics rows written with it
+        ("created_at", _UTC),
+    ]
+)
+
+
 def latents(dim: int) -> pa.Schema:
     """latents__{dataset}__{encoder}: one row per encoded item."""
     return pa.schema(
@@ -141,6 +161,7 @@ KINDS: dict[str, tuple[int, pa.Schema | None]] = {
     "latents": (2, None),
     "curated": (1, CURATED),
     "metrics": (0, METRICS),
+    "ranks": (0, RANKS),
     # An experiment's train pairs joined with their latents (x, y[, groups]), written when its train
     # split is large enough to stream (pipelines.train, pipelines.stream); rewritten on every training.
     "trainpairs": (1, None),

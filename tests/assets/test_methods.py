@@ -260,3 +260,55 @@ def test_scoring_a_dataset_that_was_never_ingested_says_which_jobs_to_run(method
     assert any(
         "shapes-copy, which is not ingested yet: run ingest_job for shapes-copy" in m for m in errors
     ), errors
+
+
+@pytest.mark.parametrize("experiment", ["shapes-seeds", "shapes-asif"])
+def test_stored_ranks_give_back_every_recall_and_mean_rank_of_the_metrics_table(methods, experiment):
+    project = methods[0]
+    lake = project.resources()["lake"].lake()
+    ranks = [r for r in lake.read("ranks").to_pylist() if r["experiment"] == experiment]
+    metrics = {
+        (r["dataset"], r["gallery"], r["seed"], r["metric"]): r["value"]
+        for r in _rows(project, experiment)
+        if r["seed"] is not None
+    }
+    scored = {(d, g, s) for d, g, s, _ in metrics}
+    assert {(r["dataset"], r["gallery"], r["seed"]) for r in ranks} == scored
+    assert {r["split"] for r in ranks} == {"test"}
+    key = next(r["inputs_hash"] for r in _rows(project, experiment))
+    assert {r["inputs_hash"] for r in ranks} == {key}
+    for dataset, gallery, seed in scored:
+        for direction in ("t2i", "i2t"):
+            mine = [
+                r for r in ranks
+                if (r["dataset"], r["gallery"], r["seed"], r["direction"]) == (dataset, gallery, seed, direction)
+            ]  # fmt: skip
+            groups: dict[str, list[int]] = {}
+            for r in mine:
+                groups.setdefault(r["group_name"], []).append(r["rank"])
+            assert len({(r["group_name"], r["query"]) for r in mine}) == len(mine)  # one rank a query
+            if gallery == "pooled":
+                assert list(groups) == [""]
+            else:
+                assert len(groups) == metrics[(dataset, gallery, seed, "groups")]
+            for k in (1, 5, 10):
+                recall = np.mean([np.mean(np.array(v) <= k) for v in groups.values()])
+                assert recall == pytest.approx(
+                    metrics[(dataset, gallery, seed, f"{direction}_recall_at_{k}")]
+                )
+            mean_rank = np.mean([np.mean(v) for v in groups.values()])
+            assert mean_rank == pytest.approx(metrics[(dataset, gallery, seed, f"{direction}_mean_rank")])
+
+
+def test_the_family_report_pairs_the_choice_on_validation_with_the_other_method(methods):
+    project = methods[0]
+    text = (project.home / "reports" / "families" / "methods.md").read_text()
+    chosen = text.split("Chosen on validation: **", 1)[1].split("(", 1)[1].split(")", 1)[0]
+    other = ({"shapes-seeds", "shapes-asif"} - {chosen}).pop()
+    section = text.split("## Paired differences on the test queries", 1)[1]
+    assert f"Recall@1 of **{chosen}** minus" in section
+    lines = [line for line in section.splitlines() if line.startswith(f"| {other} |")]
+    # Both datasets, both directions; the grouped gallery only where both scored it (the adapters).
+    assert {tuple(c.strip() for c in line.split("|")[2:5]) for line in lines} == {
+        (d, "pooled", direction) for d in ("shapes", "shapes-copy") for direction in ("t2i", "i2t")
+    }
