@@ -12,6 +12,8 @@
     fusemix mlflow-ui [--port 5000]                MLflow UI over <FUSEMIX_HOME>/mlflow/mlflow.db
     fusemix serve [--port 8000]                    search page and JSON API over the trained experiments (app.web)
     fusemix demo [--family demo]                   ingest, extract, train and evaluate a family
+    fusemix compare REF OTHER... [-k 1]            REF's Recall@k minus each OTHER's on the same test queries,
+                                                   with a paired-bootstrap interval (evaluation.significance)
     fusemix materialize STAGE|all [--partition KEY]
 
 Files live under FUSEMIX_HOME (fusion.paths): Lance tables in <home>/lance (or $FUSEMIX_LAKE, a folder or
@@ -278,6 +280,28 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from evaluation.significance import compare_experiments, differences_markdown
+    from pipelines.lake import Lake, sql_in
+
+    lake = Lake(_lake_root(args))
+    names = list(dict.fromkeys([args.reference, *args.others]))
+    if len(names) < 2:
+        raise UserError("give the reference and at least one other experiment")
+    rows = lake.read("ranks", filter=sql_in("experiment", names)).to_pylist() if lake.exists("ranks") else []
+    missing = [n for n in names if n not in {r["experiment"] for r in rows}]
+    if missing:
+        raise UserError(
+            f"no test ranks stored for {', '.join(missing)}: evaluate it first (`fusemix demo --family F` "
+            "or `fusemix materialize experiment --partition EXPERIMENT`)"
+        )
+    found = compare_experiments(rows, args.reference, k=args.k, resamples=args.resamples)
+    if not found:
+        raise UserError(f"{', '.join(names)} share no scored test queries (different datasets or splits)")
+    print(differences_markdown(args.reference, found, args.k))
+    return 0
+
+
 def cmd_search(args) -> int:
     from fusion.media import MediaError, read_bytes
     from pipelines.lake import Lake
@@ -523,6 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-width", type=int, default=40, help="cut cells longer than this (0: never)")
     p.add_argument("--max-rows", type=int, default=100, help="print at most this many rows (0: all)")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser(
+        "compare", help="paired bootstrap: one experiment's Recall@k against others' on the same test queries"
+    )
+    p.add_argument("reference", help="the experiment whose lead is measured")
+    p.add_argument("others", nargs="+", metavar="OTHER", help="experiments to compare it with")
+    p.add_argument("-k", type=_positive_int, default=1, help="Recall@k (default 1)")
+    p.add_argument("--resamples", type=_positive_int, default=10_000, help="bootstrap resamples")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "search", help="search a trained experiment's space by text, image or audio (its embeddings asset)"

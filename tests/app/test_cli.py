@@ -368,3 +368,43 @@ def test_dagster_home_gets_the_project_instance_config_but_keeps_an_edited_one(h
     config.write_text("telemetry:\n  enabled: true\n")
     cli.dagster_home()
     assert yaml.safe_load(config.read_text()) == {"telemetry": {"enabled": True}}
+
+
+def _ranks(experiment: str, ranks_by_seed: dict[int, list[int]], prefix: str = "q"):
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from pipelines import schemas
+
+    rows = [
+        {"experiment": experiment, "dataset": "emoji", "split": "test", "gallery": "pooled",
+         "group_name": "", "seed": seed, "direction": "t2i", "query": f"{prefix}{i}", "rank": rank,
+         "inputs_hash": "h", "created_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC)}
+        for seed, ranks in ranks_by_seed.items()
+        for i, rank in enumerate(ranks)
+    ]  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=schemas.RANKS)
+
+
+def test_compare_prints_the_paired_difference_and_refuses_what_it_cannot_pair(home, capsys):
+    from pipelines.lake import Lake, default_lake_root
+
+    lake = Lake(default_lake_root())
+    rc, _, err = run(capsys, "compare", "fusemix", "asif")
+    assert rc == 2 and "no test ranks stored for fusemix, asif" in err
+    # FuseMix: 30 of 40 queries at rank 1 on both seeds; ASIF: 10 of them. A 50-point lead.
+    lake.append("ranks", _ranks("fusemix", {0: [1] * 30 + [3] * 10, 1: [1] * 30 + [2] * 10}))
+    lake.append("ranks", _ranks("asif", {0: [1] * 10 + [4] * 30}))
+    lake.append("ranks", _ranks("other-split", {0: [1] * 40}, prefix="x"))
+    rc, out, _ = run(capsys, "compare", "fusemix", "asif", "--resamples", "500")
+    assert rc == 0 and "Recall@1 of **fusemix** minus" in out
+    line = next(row for row in out.splitlines() if row.startswith("| asif |"))
+    assert "| emoji | pooled | t2i | 40 | **+50.0** |" in line
+    rc, out, _ = run(capsys, "compare", "fusemix", "asif", "-k", "3", "--resamples", "500")
+    # At 3 every FuseMix query hits; ASIF's stay at rank 4: +75 points.
+    assert "**+75.0**" in out and "Recall@3" in out
+    rc, _, err = run(capsys, "compare", "fusemix", "other-split")
+    assert rc == 2 and "share no scored test queries" in err
+    rc, _, err = run(capsys, "compare", "fusemix", "missing")
+    assert rc == 2 and "no test ranks stored for missing" in err
