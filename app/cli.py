@@ -12,7 +12,7 @@
     fusemix mlflow-ui [--port 5000]                MLflow UI over <FUSEMIX_HOME>/mlflow/mlflow.db
     fusemix serve [--port 8000]                    search page and JSON API over the trained experiments (app.web)
     fusemix demo [--family demo]                   ingest, extract, train and evaluate a family
-    fusemix compare REF OTHER... [-k 1]            REF's Recall@k minus each OTHER's on the same test queries,
+    fusemix compare REF OTHER... [-k 1] [--plot F] REF's Recall@k minus each OTHER's on the same test queries,
                                                    with a paired-bootstrap interval (evaluation.significance)
     fusemix materialize STAGE|all [--partition KEY]
 
@@ -299,6 +299,10 @@ def cmd_compare(args) -> int:
     if not found:
         raise UserError(f"{', '.join(names)} share no scored test queries (different datasets or splits)")
     print(differences_markdown(args.reference, found, args.k))
+    if args.plot:
+        from evaluation.significance import plot_differences
+
+        print(f"plot: {plot_differences(args.reference, found, Path(args.plot), args.k)}")
     return 0
 
 
@@ -555,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("others", nargs="+", metavar="OTHER", help="experiments to compare it with")
     p.add_argument("-k", type=_positive_int, default=1, help="Recall@k (default 1)")
     p.add_argument("--resamples", type=_positive_int, default=10_000, help="bootstrap resamples")
+    p.add_argument("--plot", metavar="PNG", help="also draw the differences and intervals into this file")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(

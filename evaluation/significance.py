@@ -21,8 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+
+from evaluation.report import save_figure
 
 DEFAULT_RESAMPLES = 10_000
 
@@ -163,6 +167,42 @@ def compare_experiments(
 def _hit_matrix(seeds: dict[int, dict[tuple[str, str], int]], keys: list, k: int) -> np.ndarray:
     """Hits at k [seeds, queries] of one experiment, its queries in the order of `keys`."""
     return hits(np.array([[ranks[q] for q in keys] for ranks in seeds.values()]), k)
+
+
+def plot_differences(reference: str, comparisons: Sequence[dict], path: Path, k: int = 1) -> Path:
+    """A forest plot of `compare_experiments`' rows: each difference (points of Recall@k) as a dot
+    with its interval as a bar, one row per experiment, dataset, gallery and direction, against a line
+    at 0; a row whose interval excludes 0 is filled, one across it hollow."""
+    if not comparisons:
+        raise ValueError("nothing to plot: no comparisons")
+    colours = {"t2i": "tab:blue", "i2t": "tab:orange"}
+    fig = Figure(figsize=(7.5, 1.2 + 0.28 * len(comparisons)))
+    ax = fig.subplots()
+    labels = []
+    for y, c in enumerate(comparisons):
+        r: PairedDifference = c["result"]
+        colour = colours.get(c["direction"], "tab:green")
+        ax.plot([100 * r.low, 100 * r.high], [y, y], color=colour, linewidth=2)
+        ax.plot(
+            [100 * r.difference],
+            [y],
+            "o",
+            color=colour,
+            markerfacecolor=colour if r.excludes_zero else "white",
+        )
+        gallery = "" if c["gallery"] == "pooled" else f", {c['gallery']}"
+        labels.append(f"{c['experiment']} ({c['dataset']}{gallery}, {c['direction']})")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # first row on top, no empty margin
+    ax.set_xlabel(f"Recall@{k} of {reference} minus the other's (points)")
+    ax.set_title(
+        f"{reference} against each, {100 * comparisons[0]['result'].level:.0f}% paired-bootstrap intervals",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
 
 
 def differences_markdown(reference: str, comparisons: Sequence[dict], k: int = 1) -> str:

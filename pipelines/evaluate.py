@@ -48,7 +48,7 @@ from evaluation.retrieval import (
     mean_over_groups,
     retrieval_by_group,
 )
-from evaluation.significance import compare_experiments, differences_markdown
+from evaluation.significance import compare_experiments, differences_markdown, plot_differences
 from fusion.adapters import EncoderRef
 from fusion.checkpoint import atomic_write_text, load_checkpoint, read_config
 from pipelines import schemas
@@ -598,16 +598,19 @@ def write_family_report(lake: Lake, family: str, experiments: list[str], out_dir
     for gallery in sorted({r["gallery"] for r in rows} - {POOLED}):
         ablation_report(rows, family, out_dir, gallery=gallery)  # <family>_<gallery>.md beside it
     report = ablation_report(rows, family, out_dir)
-    section = paired_differences(lake, family, experiments, rows)
+    section = paired_differences(lake, family, experiments, rows, report)
     if section:
         atomic_write_text(report, report.read_text(encoding="utf-8") + "\n" + section)
     return report
 
 
-def paired_differences(lake: Lake, family: str, experiments: list[str], rows: list[dict]) -> str:
+def paired_differences(
+    lake: Lake, family: str, experiments: list[str], rows: list[dict], report: Path
+) -> str:
     """The family report's section on paired differences (evaluation.significance): the experiment
-    chosen on validation (else the first) against every other, on the test queries both ranked;
-    empty where fewer than two experiments have stored ranks."""
+    chosen on validation (else the first) against every other, on the test queries both ranked, as a
+    table and a forest plot beside `report` (<stem>_differences.png); empty where fewer than two
+    experiments have stored ranks or they share no queries."""
     from evaluation.ablation import val_selection
 
     if not lake.exists("ranks"):
@@ -618,7 +621,14 @@ def paired_differences(lake: Lake, family: str, experiments: list[str], rows: li
         return ""
     chosen = [e["experiment"] for e in val_selection(rows, family) if e["experiment"] in ranked]
     reference = chosen[0] if chosen else next(e for e in experiments if e in ranked)
-    return differences_markdown(reference, compare_experiments(ranks, reference))
+    found = compare_experiments(ranks, reference)
+    if not found:
+        return ""
+    png = report.with_name(f"{report.stem}_differences.png")
+    plot_differences(reference, found, png)
+    return (
+        differences_markdown(reference, found) + f"\n![Paired differences against {reference}]({png.name})\n"
+    )
 
 
 def log_family_report(client, experiment_id: str, family: str, report: Path, run_ids: list[str]) -> str:

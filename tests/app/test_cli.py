@@ -401,9 +401,13 @@ def test_compare_prints_the_paired_difference_and_refuses_what_it_cannot_pair(ho
     assert rc == 0 and "Recall@1 of **fusemix** minus" in out
     line = next(row for row in out.splitlines() if row.startswith("| asif |"))
     assert "| emoji | pooled | t2i | 40 | **+50.0** |" in line
-    rc, out, _ = run(capsys, "compare", "fusemix", "asif", "-k", "3", "--resamples", "500")
+    png = home / "diff.png"
+    rc, out, _ = run(
+        capsys, "compare", "fusemix", "asif", "-k", "3", "--resamples", "500", "--plot", str(png)
+    )
     # At 3 every FuseMix query hits; ASIF's stay at rank 4: +75 points.
     assert "**+75.0**" in out and "Recall@3" in out
+    assert f"plot: {png}" in out and png.read_bytes()[:4] == b"\x89PNG"
     rc, _, err = run(capsys, "compare", "fusemix", "other-split")
     assert rc == 2 and "share no scored test queries" in err
     rc, _, err = run(capsys, "compare", "fusemix", "missing")

@@ -312,3 +312,5 @@ def test_the_family_report_pairs_the_choice_on_validation_with_the_other_method(
     assert {tuple(c.strip() for c in line.split("|")[2:5]) for line in lines} == {
         (d, "pooled", direction) for d in ("shapes", "shapes-copy") for direction in ("t2i", "i2t")
     }
+    assert "![Paired differences against" in section
+    assert (project.home / "reports" / "families" / "methods_differences.png").stat().st_size > 0

@@ -130,3 +130,20 @@ def test_differences_markdown_bolds_only_the_differences_beyond_the_noise():
     assert "**+100.0**" in rows["far"] and "[+100.0, +100.0]" in rows["far"]
     assert "+2.5" in rows["near"] and "**+2.5**" not in rows["near"]
     assert differences_markdown("ref", []) == ""
+
+
+def test_the_forest_plot_is_a_png_with_a_row_per_comparison(tmp_path):
+    from evaluation.significance import plot_differences
+
+    queries = [("", f"q{i}") for i in range(20)]
+    rows = _rank_rows("ref", {0: [1] * 20}, queries) + _rank_rows("a", {0: [2] * 20}, queries)
+    rows += _rank_rows("a", {0: [1] * 10 + [2] * 10}, queries, direction="i2t")
+    found = compare_experiments(rows, "ref", resamples=200)
+    path = plot_differences("ref", found, tmp_path / "d.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bigger = plot_differences("ref", found * 3, tmp_path / "e.png")
+    from PIL import Image
+
+    assert Image.open(bigger).height > Image.open(path).height  # one row each
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_differences("ref", [], tmp_path / "f.png")
