@@ -313,7 +313,7 @@ def test_every_table_the_graph_wrote_has_its_schema(graph):
         schema = lk.open(name).schema
         dim = schema.field("vector").type.list_size if parsed[0] in ("latents", "embeddings") else None
         assert schema.equals(schema_of(name, dim), check_metadata=False), name
-    assert kinds == {"media", "pairs", "quarantine", "latents", "curated", "metrics", "embeddings"}
+    assert kinds == {"media", "pairs", "quarantine", "latents", "curated", "metrics", "ranks", "embeddings"}
 
 
 def test_embeddings_serve_the_trained_space(graph):
