@@ -123,11 +123,14 @@ def headline(rows: list[dict], dataset: str) -> dict[str, float]:
 
 
 def cached_metrics(lake: Lake, exp: ExperimentSpec, key: str) -> dict[str, float] | None:
-    """The stored headline metrics of `exp` evaluated under `key`, or None."""
+    """The stored headline metrics of `exp` evaluated under `key`, or None; None too where its test
+    ranks under `key` are missing (an evaluation killed between replacing the ranks and the metrics)."""
     if not lake.exists("metrics") or lake.open("metrics").schema != schemas.METRICS:
         return None
-    old = lake.read("metrics", filter=f"experiment = {sql_str(exp.name)} AND inputs_hash = {sql_str(key)}")
-    return headline(old.to_pylist(), exp.dataset) or None
+    where = f"experiment = {sql_str(exp.name)} AND inputs_hash = {sql_str(key)}"
+    if lake.count("ranks", where) == 0:
+        return None
+    return headline(lake.read("metrics", filter=where).to_pylist(), exp.dataset) or None
 
 
 def evaluation_logged(client, run_ids: list[str]) -> bool:

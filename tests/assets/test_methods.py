@@ -314,3 +314,20 @@ def test_the_family_report_pairs_the_choice_on_validation_with_the_other_method(
     }
     assert "![Paired differences against" in section
     assert (project.home / "reports" / "families" / "methods_differences.png").stat().st_size > 0
+
+
+def test_metrics_whose_ranks_were_lost_are_scored_again(methods):
+    project, _, _, _, _, run = methods
+    lake = project.resources()["lake"].lake()
+    key = next(r["inputs_hash"] for r in _rows(project, "shapes-asif"))
+    again = {"asset_selection": [dg.AssetKey("retrieval_metrics")]}
+    kept = run("asif:cached", "experiment_job", "shapes-asif", **again)
+    meta = kept.asset_materializations_for_node("retrieval_metrics")[0].metadata
+    assert meta["skipped"].value is True  # metrics and ranks stored under this key: nothing to do
+    # As an evaluation killed after it deleted the old ranks and before it wrote the new ones.
+    lake.delete("ranks", "experiment = 'shapes-asif'")
+    result = run("asif:no-ranks", "experiment_job", "shapes-asif", **again)
+    meta = result.asset_materializations_for_node("retrieval_metrics")[0].metadata
+    assert result.success and "skipped" not in meta
+    ranks = lake.read("ranks", filter="experiment = 'shapes-asif'").to_pylist()
+    assert ranks and {r["inputs_hash"] for r in ranks} == {key}
