@@ -15,6 +15,13 @@ recall of the per-query means), so the bootstrap resamples queries, not seeds. `
 query's gallery for the per-group scoring (one gallery per emoji style): the statistic is then the
 mean over groups of each group's recall, as `evaluation.retrieval.mean_over_groups` reports it, and
 the resampling is stratified, within each group.
+
+`clusters` [Q] names each query's concept. Queries of one concept are not independent draws: the six
+pictures of one emoji in six styles, or the two captions of one picture, mostly succeed or fail
+together, and the test set is a draw of concepts (the splits hold out whole concepts). So where
+clusters are given the bootstrap resamples concepts, each with all of its queries (a cluster
+bootstrap; the statistic is the recall over the queries drawn), which gives wider and more honest
+intervals than resampling queries one by one. Without clusters every query is its own.
 """
 
 from __future__ import annotations
@@ -68,13 +75,15 @@ def paired_bootstrap(
     a: np.ndarray,
     b: np.ndarray,
     groups: Sequence[str] | None = None,
+    clusters: Sequence[str] | None = None,
     *,
     resamples: int = DEFAULT_RESAMPLES,
     level: float = 0.95,
     seed: int = 0,
 ) -> PairedDifference:
     """The difference mean(a) - mean(b) over the queries (per group, then over groups) and its
-    paired bootstrap interval. a: [S_a, Q] or [Q]; b: [S_b, Q] or [Q]; values in [0, 1]."""
+    paired bootstrap interval, resampling `clusters` (one name per query) where given, else queries.
+    a: [S_a, Q] or [Q]; b: [S_b, Q] or [Q]; values in [0, 1]."""
     da, db = _per_query(a, "a"), _per_query(b, "b")
     if da.shape != db.shape:
         raise ValueError(f"a and b must score the same queries: {da.shape[0]} against {db.shape[0]} queries")
@@ -88,16 +97,24 @@ def paired_bootstrap(
     names = ["" for _ in range(d.size)] if groups is None else list(groups)
     if len(names) != d.size:
         raise ValueError(f"groups has {len(names)} entries for {d.size} queries (one per query)")
-    members: dict[str, list[int]] = {}
-    for i, g in enumerate(names):
-        members.setdefault(g, []).append(i)
+    units = list(range(d.size)) if clusters is None else list(clusters)
+    if len(units) != d.size:
+        raise ValueError(f"clusters has {len(units)} entries for {d.size} queries (one per query)")
+    # group -> cluster -> the sum of its queries' differences and their number
+    members: dict[str, dict[object, list[float]]] = {}
+    for i, (g, c) in enumerate(zip(names, units, strict=True)):
+        total = members.setdefault(g, {}).setdefault(c, [0.0, 0.0])
+        total[0] += d[i]
+        total[1] += 1.0
     rng = np.random.default_rng(seed)
-    point = float(np.mean([d[idx].mean() for idx in members.values()]))
     boot = np.zeros(resamples)
-    for idx in members.values():
-        sub = d[np.asarray(idx)]
-        draw = rng.integers(0, sub.size, size=(resamples, sub.size))
-        boot += sub[draw].mean(axis=1)
+    means = []
+    for by_cluster in members.values():
+        sums, counts = np.array(list(by_cluster.values())).T
+        means.append(sums.sum() / counts.sum())
+        draw = rng.integers(0, sums.size, size=(resamples, sums.size))
+        boot += sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
+    point = float(np.mean(means))
     boot /= len(members)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(boot, [tail, 1.0 - tail])
@@ -133,15 +150,19 @@ def compare_experiments(
     seed: int = 0,
 ) -> list[dict]:
     """`reference` against every other experiment in `ranks` (rows of the `ranks` table: experiment,
-    dataset, gallery, group_name, seed, direction, query, rank), on each dataset, gallery and direction
-    that both scored on the very same queries: one dict each with experiment, dataset, gallery,
-    direction and ``result`` (a PairedDifference of Recall@k, reference minus the other). Where the
-    two scored different query sets (another test split) there is nothing to pair: no row."""
+    dataset, gallery, group_name, seed, direction, query, rank and, where known, concept), on each
+    dataset, gallery and direction that both scored on the very same queries: one dict each with
+    experiment, dataset, gallery, direction and ``result`` (a PairedDifference of Recall@k, reference
+    minus the other), resampling concepts. Where the two scored different query sets (another test
+    split) there is nothing to pair: no row."""
     table: dict[str, dict[tuple[str, str, str], dict[int, dict[tuple[str, str], int]]]] = {}
+    concept_of: dict[tuple[str, str], str] = {}  # (dataset, query) -> concept
     for r in ranks:
         where = (str(r["dataset"]), str(r["gallery"]), str(r["direction"]))
         by_seed = table.setdefault(str(r["experiment"]), {}).setdefault(where, {})
         by_seed.setdefault(int(r["seed"]), {})[(str(r["group_name"]), str(r["query"]))] = int(r["rank"])
+        if r.get("concept") is not None:
+            concept_of[(where[0], str(r["query"]))] = str(r["concept"])
     if reference not in table:
         raise ValueError(f"no ranks stored for the reference experiment {reference!r}")
     out = []
@@ -152,9 +173,11 @@ def compare_experiments(
             if any(sorted(s) != keys for s in (*ref_seeds.values(), *other_seeds.values())):
                 continue
 
+            # A query without a concept is a cluster of its own.
+            clusters = [concept_of.get((where[0], q), f"query:{q}") for _, q in keys]
             result = paired_bootstrap(
                 _hit_matrix(ref_seeds, keys, k), _hit_matrix(other_seeds, keys, k), [g for g, _ in keys],
-                resamples=resamples, level=level, seed=seed,
+                clusters, resamples=resamples, level=level, seed=seed,
             )  # fmt: skip
             dataset, gallery, direction = where
             out.append(

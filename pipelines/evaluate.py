@@ -150,6 +150,15 @@ def texts_of(lake: Lake, dataset: str, ids: list[str]) -> dict[str, str]:
     return dict(zip(rows["media_id"].to_pylist(), rows["text"].to_pylist(), strict=True))
 
 
+def query_concepts(lake: Lake, dataset: str) -> dict[str, str]:
+    """The concept of every media item and caption of the dataset (cleaned and raw caption ids), from
+    its pairs; items without a concept are left out."""
+    names = set(lake.open(table_name("pairs", dataset)).schema.names)
+    columns = [c for c in ("media_id", "caption_id", "raw_caption_id") if c in names]
+    pairs = lake.read(table_name("pairs", dataset), [*columns, "concept"]).to_pylist()
+    return {p[c]: p["concept"] for p in pairs if p["concept"] for c in columns if p[c]}
+
+
 def item_groups(lake: Lake, dataset: str, column: str, item_ids: list[str]) -> list[str]:
     """The `column` value (source, group_id, concept) of each item, from the dataset's pairs."""
     pairs = lake.read(table_name("pairs", dataset), ["media_id", column])
@@ -363,10 +372,16 @@ def score(
 
 
 def rank_columns(
-    dataset: str, gallery: str, seed: int, results: Mapping[str, RetrievalResult], split: PairedSplit
+    dataset: str,
+    gallery: str,
+    seed: int,
+    results: Mapping[str, RetrievalResult],
+    split: PairedSplit,
+    concepts: Mapping[str, str],
 ) -> dict[str, list]:
     """The `ranks` table's columns (less experiment, key and time) for one seed's scoring of one
-    gallery: every query of each group's result, both directions, with the query's id."""
+    gallery: every query of each group's result, both directions, with the query's id and concept
+    (`concepts`: id -> concept, `query_concepts`)."""
     cols: dict[str, list] = defaultdict(list)
     for group, result in results.items():
         for direction, ranks, rows, ids in (
@@ -374,7 +389,9 @@ def rank_columns(
             ("i2t", result.i2t_ranks, result.i2t_query_items, split.item_ids),
         ):
             n = len(ranks)
-            cols["query"] += [ids[i] for i in rows.tolist()]
+            queries = [ids[i] for i in rows.tolist()]
+            cols["query"] += queries
+            cols["concept"] += [concepts.get(q) for q in queries]
             cols["rank"] += np.asarray(ranks, dtype=np.int64).tolist()
             for name, value in (("dataset", dataset), ("split", TEST), ("gallery", gallery),
                                 ("group_name", group), ("seed", seed), ("direction", direction)):  # fmt: skip
@@ -458,6 +475,7 @@ def evaluate_experiment(
         name: item_groups(lake, name, exp.group_by, split.item_ids) if exp.group_by else None
         for name, split in targets.items()
     }
+    concepts = {name: query_concepts(lake, name) for name in targets}
     rows: list[dict] = []
     ranks: dict[str, list] = defaultdict(list)
     per_seed: dict[tuple[str, str, str], list[dict[str, float]]] = defaultdict(list)
@@ -473,7 +491,9 @@ def evaluate_experiment(
                 gallery = POOLED if gallery == POOLED else f"per_{exp.group_by}"
                 per_seed[(name, gallery, TEST)].append(values)
                 rows += seed_rows(name, gallery, seed, values, run_id)
-                for column, values_ in rank_columns(name, gallery, seed, results, split).items():
+                for column, values_ in rank_columns(
+                    name, gallery, seed, results, split, concepts[name]
+                ).items():
                     ranks[column] += values_
         if val is not None:
             values = validation_scores(model, val, exp.hubness)

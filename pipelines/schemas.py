@@ -112,6 +112,7 @@ RANKS = pa.schema(
         ("seed", pa.int64()),
         ("direction", pa.string()),  # t2i (a text query) or i2t (an item query)
         ("query", pa.string()),  # the query's caption_id (t2i) or media_id (i2t)
+        ("concept", pa.string()),  # the query's concept (null where the dataset has none): what is resampled
         ("rank", pa.int64()),  # 1-based
         ("inputs_hash", pa.string()),  # the evaluation key of the metrics rows written with it
         ("created_at", _UTC),

@@ -277,6 +277,13 @@ def test_stored_ranks_give_back_every_recall_and_mean_rank_of_the_metrics_table(
     assert {r["split"] for r in ranks} == {"test"}
     key = next(r["inputs_hash"] for r in _rows(project, experiment))
     assert {r["inputs_hash"] for r in ranks} == {key}
+    # Each query carries its concept (what the paired bootstrap resamples), as the pairs name it.
+    for dataset in {r["dataset"] for r in ranks}:
+        pairs = lake.read(f"pairs__{dataset}").to_pylist()
+        concept = {p[c]: p["concept"] for p in pairs for c in ("media_id", "caption_id") if p[c]}
+        mine = [r for r in ranks if r["dataset"] == dataset]
+        assert all(r["concept"] is not None for r in mine)
+        assert all(r["concept"] == concept[r["query"]] for r in mine)
     for dataset, gallery, seed in scored:
         for direction in ("t2i", "i2t"):
             mine = [

@@ -147,3 +147,37 @@ def test_the_forest_plot_is_a_png_with_a_row_per_comparison(tmp_path):
     assert Image.open(bigger).height > Image.open(path).height  # one row each
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_differences("ref", [], tmp_path / "f.png")
+
+
+def test_resampling_concepts_equals_resampling_queries_when_each_concept_is_one_query_repeated():
+    rng = np.random.default_rng(4)
+    a, b = (rng.random(60) < 0.5).astype(float), (rng.random(60) < 0.4).astype(float)
+    once = paired_bootstrap(a, b, resamples=3000, seed=2)
+    # Every query three times over, the three copies one concept: the same draws of 60 concepts, so
+    # the very same interval; resampled as 180 independent queries it would be narrower by about sqrt(3).
+    tripled = np.repeat(a, 3), np.repeat(b, 3)
+    concepts = np.repeat([f"c{i}" for i in range(60)], 3)
+    by_concept = paired_bootstrap(*tripled, clusters=list(concepts), resamples=3000, seed=2)
+    assert (by_concept.difference, by_concept.low, by_concept.high) == pytest.approx(
+        (once.difference, once.low, once.high)
+    )
+    by_query = paired_bootstrap(*tripled, resamples=3000, seed=2)
+    ratio = (once.high - once.low) / (by_query.high - by_query.low)
+    assert ratio == pytest.approx(np.sqrt(3), rel=0.15)
+    with pytest.raises(ValueError, match="clusters has 3 entries"):
+        paired_bootstrap(a, b, clusters=["c"] * 3)
+
+
+def test_compare_experiments_resamples_the_queries_concepts():
+    queries = [("", f"q{i}") for i in range(30)]
+    ref = _rank_rows("ref", {0: [1, 1, 2] * 10}, queries)
+    other = _rank_rows("other", {0: [1, 2, 2] * 10}, queries)
+    for r in ref + other:  # three captions per concept
+        r["concept"] = f"c{int(r['query'][1:]) // 3}"
+    found = compare_experiments(ref + other, "ref", resamples=1000)[0]["result"]
+    a, b = np.array([1, 1, 0] * 10), np.array([1, 0, 0] * 10)
+    concepts = [f"c{i // 3}" for i in range(30)]
+    expected = paired_bootstrap(a, b, [""] * 30, concepts, resamples=1000)
+    assert found == expected
+    # Every concept holds exactly one more hit for ref: the difference is 1/3 in every resample.
+    assert (found.low, found.high) == pytest.approx((1 / 3, 1 / 3))
