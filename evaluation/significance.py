@@ -1,4 +1,4 @@
-"""Is one method's Recall@K really above another's? A paired bootstrap over the test queries.
+"""Is one method's Recall@K really above another's? A paired bootstrap over the test concepts.
 
 The seeds' standard deviation says how much a method moves with its random draws; it says nothing
 about how much the number would move with another sample of test queries. With 382 caption queries,
@@ -44,7 +44,7 @@ class PairedDifference:
 
     low, high: the central `level` percentile interval of the resampled differences;
     share_not_above: the share of resamples where A does not lead (difference <= 0), a one-sided
-    bootstrap p-value for "A is better"; n_queries: Q.
+    bootstrap p-value for "A is better"; n_queries: Q; n_clusters: the concepts (or queries) resampled.
     """
 
     difference: float
@@ -53,6 +53,7 @@ class PairedDifference:
     level: float
     share_not_above: float
     n_queries: int
+    n_clusters: int
 
     @property
     def excludes_zero(self) -> bool:
@@ -125,6 +126,7 @@ def paired_bootstrap(
         level=level,
         share_not_above=float(np.mean(boot <= 0.0)),
         n_queries=int(d.size),
+        n_clusters=sum(len(by_cluster) for by_cluster in members.values()),
     )
 
 
@@ -235,22 +237,24 @@ def differences_markdown(reference: str, comparisons: Sequence[dict], k: int = 1
         return ""
     level = comparisons[0]["result"].level
     lines = [
-        "## Paired differences on the test queries",
+        "## Paired differences on the test concepts",
         "",
         f"Recall@{k} of **{reference}** minus each other experiment's, in points, on the same test "
         f"queries (seeds averaged per query), with the {100 * level:.0f}% interval of a paired "
-        "bootstrap over the queries: how far the difference would move with another test set of this "
-        "size. Where the interval excludes 0 the lead is larger than that noise; the last column is the "
-        "share of resamples where the reference does not lead.",
+        "bootstrap over the test concepts, each drawn with all its queries: how far the difference "
+        "would move with another draw of as many test concepts. Where the interval excludes 0 the lead "
+        "is larger than that noise; the last column is the share of resamples where the reference does "
+        "not lead.",
         "",
-        "| experiment | dataset | gallery | direction | queries | difference | interval | share <= 0 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| experiment | dataset | gallery | direction | queries | concepts | difference | interval | share <= 0 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
         r: PairedDifference = c["result"]
         diff = f"{100 * r.difference:+.1f}"
         lines.append(
             f"| {c['experiment']} | {c['dataset']} | {c['gallery']} | {c['direction']} | {r.n_queries} "
+            f"| {r.n_clusters} "
             f"| {'**' + diff + '**' if r.excludes_zero else diff} "
             f"| [{100 * r.low:+.1f}, {100 * r.high:+.1f}] | {r.share_not_above:.3f} |"
         )

@@ -400,7 +400,7 @@ def test_compare_prints_the_paired_difference_and_refuses_what_it_cannot_pair(ho
     rc, out, _ = run(capsys, "compare", "fusemix", "asif", "--resamples", "500")
     assert rc == 0 and "Recall@1 of **fusemix** minus" in out
     line = next(row for row in out.splitlines() if row.startswith("| asif |"))
-    assert "| emoji | pooled | t2i | 40 | **+50.0** |" in line
+    assert "| emoji | pooled | t2i | 40 | 40 | **+50.0** |" in line  # no concepts: each query its own
     png = home / "diff.png"
     rc, out, _ = run(
         capsys, "compare", "fusemix", "asif", "-k", "3", "--resamples", "500", "--plot", str(png)

@@ -312,7 +312,7 @@ def test_the_family_report_pairs_the_choice_on_validation_with_the_other_method(
     text = (project.home / "reports" / "families" / "methods.md").read_text()
     chosen = text.split("Chosen on validation: **", 1)[1].split("(", 1)[1].split(")", 1)[0]
     other = ({"shapes-seeds", "shapes-asif"} - {chosen}).pop()
-    section = text.split("## Paired differences on the test queries", 1)[1]
+    section = text.split("## Paired differences on the test concepts", 1)[1]
     assert f"Recall@1 of **{chosen}** minus" in section
     lines = [line for line in section.splitlines() if line.startswith(f"| {other} |")]
     # Both datasets, both directions; the grouped gallery only where both scored it (the adapters).

@@ -125,7 +125,7 @@ def test_differences_markdown_bolds_only_the_differences_beyond_the_noise():
     far = _rank_rows("far", {0: [2] * 40}, queries)  # never at rank 1: a lead of 100 points
     near = _rank_rows("near", {0: [1] * 39 + [2]}, queries)  # one query behind: 2.5 points
     text = differences_markdown("ref", compare_experiments(ref + far + near, "ref", resamples=500))
-    assert "## Paired differences on the test queries" in text and "**ref**" in text
+    assert "## Paired differences on the test concepts" in text and "**ref**" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "**+100.0**" in rows["far"] and "[+100.0, +100.0]" in rows["far"]
     assert "+2.5" in rows["near"] and "**+2.5**" not in rows["near"]
@@ -178,6 +178,6 @@ def test_compare_experiments_resamples_the_queries_concepts():
     a, b = np.array([1, 1, 0] * 10), np.array([1, 0, 0] * 10)
     concepts = [f"c{i // 3}" for i in range(30)]
     expected = paired_bootstrap(a, b, [""] * 30, concepts, resamples=1000)
-    assert found == expected
+    assert found == expected and (found.n_queries, found.n_clusters) == (30, 10)
     # Every concept holds exactly one more hit for ref: the difference is 1/3 in every resample.
     assert (found.low, found.high) == pytest.approx((1 / 3, 1 / 3))
