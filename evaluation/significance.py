@@ -98,25 +98,36 @@ def paired_bootstrap(
     names = ["" for _ in range(d.size)] if groups is None else list(groups)
     if len(names) != d.size:
         raise ValueError(f"groups has {len(names)} entries for {d.size} queries (one per query)")
-    units = list(range(d.size)) if clusters is None else list(clusters)
-    if len(units) != d.size:
-        raise ValueError(f"clusters has {len(units)} entries for {d.size} queries (one per query)")
-    # group -> cluster -> the sum of its queries' differences and their number
-    members: dict[str, dict[object, list[float]]] = {}
-    for i, (g, c) in enumerate(zip(names, units, strict=True)):
-        total = members.setdefault(g, {}).setdefault(c, [0.0, 0.0])
-        total[0] += d[i]
-        total[1] += 1.0
     rng = np.random.default_rng(seed)
-    boot = np.zeros(resamples)
-    means = []
-    for by_cluster in members.values():
-        sums, counts = np.array(list(by_cluster.values())).T
-        means.append(sums.sum() / counts.sum())
-        draw = rng.integers(0, sums.size, size=(resamples, sums.size))
-        boot += sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
-    point = float(np.mean(means))
-    boot /= len(members)
+    group_of = {g: j for j, g in enumerate(dict.fromkeys(names))}
+    point = float(np.mean([d[[i for i, n in enumerate(names) if n == g]].mean() for g in group_of]))
+    if clusters is None:
+        # Queries are independent draws: resample each gallery's queries on their own.
+        boot = np.zeros(resamples)
+        n_units = d.size
+        for g in group_of:
+            sub = d[[i for i, n in enumerate(names) if n == g]]
+            boot += sub[rng.integers(0, sub.size, size=(resamples, sub.size))].mean(axis=1)
+        boot /= len(group_of)
+    else:
+        units = list(clusters)
+        if len(units) != d.size:
+            raise ValueError(f"clusters has {len(units)} entries for {d.size} queries (one per query)")
+        # A concept is drawn once for all galleries: its queries in every gallery come with it.
+        unit_of = {u: j for j, u in enumerate(dict.fromkeys(units))}
+        n_units = len(unit_of)
+        sums = np.zeros((len(group_of), n_units))
+        counts = np.zeros((len(group_of), n_units))
+        for i, (g, u) in enumerate(zip(names, units, strict=True)):
+            sums[group_of[g], unit_of[u]] += d[i]
+            counts[group_of[g], unit_of[u]] += 1.0
+        draw = rng.integers(0, n_units, size=(resamples, n_units))
+        per_group = np.full((len(group_of), resamples), np.nan)
+        for j in range(len(group_of)):
+            den = counts[j][draw].sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_group[j] = np.where(den > 0, sums[j][draw].sum(axis=1) / den, np.nan)
+        boot = np.nanmean(per_group, axis=0)  # a draw without any query of a gallery leaves it out
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(boot, [tail, 1.0 - tail])
     return PairedDifference(
@@ -126,7 +137,7 @@ def paired_bootstrap(
         level=level,
         share_not_above=float(np.mean(boot <= 0.0)),
         n_queries=int(d.size),
-        n_clusters=sum(len(by_cluster) for by_cluster in members.values()),
+        n_clusters=n_units,
     )
 
 

@@ -181,3 +181,21 @@ def test_compare_experiments_resamples_the_queries_concepts():
     assert found == expected and (found.n_queries, found.n_clusters) == (30, 10)
     # Every concept holds exactly one more hit for ref: the difference is 1/3 in every resample.
     assert (found.low, found.high) == pytest.approx((1 / 3, 1 / 3))
+
+
+def test_a_concept_is_drawn_once_for_every_gallery_it_appears_in():
+    rng = np.random.default_rng(6)
+    a, b = (rng.random(60) < 0.5).astype(float), (rng.random(60) < 0.4).astype(float)
+    concepts = [f"c{i}" for i in range(60)]
+    one = paired_bootstrap(a, b, clusters=concepts, resamples=3000, seed=1)
+    # The same 60 concepts in two galleries (two styles), succeeding and failing alike in both: drawn
+    # together, the two galleries' recalls move together, so the interval is the one gallery's.
+    both = paired_bootstrap(
+        np.tile(a, 2), np.tile(b, 2), ["x"] * 60 + ["y"] * 60, concepts * 2, resamples=3000, seed=1
+    )
+    assert (both.difference, both.low, both.high) == pytest.approx((one.difference, one.low, one.high))
+    assert both.n_clusters == 60
+    # Resampling each gallery on its own (queries, no concepts) would treat them as independent
+    # evidence and narrow the interval by about sqrt(2).
+    apart = paired_bootstrap(np.tile(a, 2), np.tile(b, 2), ["x"] * 60 + ["y"] * 60, resamples=3000, seed=1)
+    assert (one.high - one.low) / (apart.high - apart.low) == pytest.approx(np.sqrt(2), rel=0.15)
