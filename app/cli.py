@@ -282,13 +282,13 @@ def cmd_sql(args) -> int:
 
 def cmd_compare(args) -> int:
     from evaluation.significance import compare_experiments, differences_markdown
-    from pipelines.lake import Lake, sql_in
+    from pipelines.evaluate import stored_ranks
+    from pipelines.lake import Lake
 
-    lake = Lake(_lake_root(args))
     names = list(dict.fromkeys([args.reference, *args.others]))
     if len(names) < 2:
         raise UserError("give the reference and at least one other experiment")
-    rows = lake.read("ranks", filter=sql_in("experiment", names)).to_pylist() if lake.exists("ranks") else []
+    rows = stored_ranks(Lake(_lake_root(args)), names)
     missing = [n for n in names if n not in {r["experiment"] for r in rows}]
     if missing:
         raise UserError(

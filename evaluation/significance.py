@@ -100,13 +100,14 @@ def paired_bootstrap(
         raise ValueError(f"groups has {len(names)} entries for {d.size} queries (one per query)")
     rng = np.random.default_rng(seed)
     group_of = {g: j for j, g in enumerate(dict.fromkeys(names))}
-    point = float(np.mean([d[[i for i, n in enumerate(names) if n == g]].mean() for g in group_of]))
+    member_rows = [np.flatnonzero(np.asarray(names) == g) for g in group_of]
+    point = float(np.mean([d[rows].mean() for rows in member_rows]))
     if clusters is None:
         # Queries are independent draws: resample each gallery's queries on their own.
         boot = np.zeros(resamples)
         n_units = d.size
-        for g in group_of:
-            sub = d[[i for i, n in enumerate(names) if n == g]]
+        for rows in member_rows:
+            sub = d[rows]
             boot += sub[rng.integers(0, sub.size, size=(resamples, sub.size))].mean(axis=1)
         boot /= len(group_of)
     else:

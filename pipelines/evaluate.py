@@ -401,14 +401,21 @@ def rank_columns(
 
 def rank_table(exp: ExperimentSpec, columns: Mapping[str, list], key: str) -> pa.Table:
     """The `ranks` rows of an evaluation from `rank_columns`' (merged) columns."""
-    n = len(columns.get("rank", []))
+    n = len(columns["rank"])
     data = {
-        **{name: columns.get(name, []) for name in schemas.RANKS.names if name in columns},
+        **columns,
         "experiment": [exp.name] * n,
         "inputs_hash": [key] * n,
         "created_at": [datetime.now(UTC)] * n,
     }
     return pa.table({f.name: pa.array(data[f.name], f.type) for f in schemas.RANKS}, schema=schemas.RANKS)
+
+
+def stored_ranks(lake: Lake, experiments: list[str]) -> list[dict]:
+    """The `ranks` rows of these experiments (none before the first evaluation)."""
+    if not lake.exists("ranks"):
+        return []
+    return lake.read("ranks", filter=sql_in("experiment", experiments)).to_pylist()
 
 
 def metric_table(exp: ExperimentSpec, rows: list[dict], key: str, fingerprints: tuple[str, str]) -> pa.Table:
@@ -486,8 +493,9 @@ def evaluate_experiment(
             scored, detail = score(model, split, groups[name], exp.hubness)
             if first is None:
                 first = (split, detail)
+            by_gallery = detail[-1]  # each gallery's results, whose ranks the `ranks` table keeps
             for gallery, values in scored.items():
-                results = detail[4][gallery]
+                results = by_gallery[gallery]
                 gallery = POOLED if gallery == POOLED else f"per_{exp.group_by}"
                 per_seed[(name, gallery, TEST)].append(values)
                 rows += seed_rows(name, gallery, seed, values, run_id)
@@ -636,9 +644,7 @@ def paired_differences(
     experiments have stored ranks or they share no queries."""
     from evaluation.ablation import val_selection
 
-    if not lake.exists("ranks"):
-        return ""
-    ranks = lake.read("ranks", filter=sql_in("experiment", experiments)).to_pylist()
+    ranks = stored_ranks(lake, experiments)
     ranked = {r["experiment"] for r in ranks}
     if len(ranked) < 2:
         return ""
